@@ -1,0 +1,311 @@
+"""One typed, validated run configuration: TOML file + ``section.key=value`` overrides.
+
+Every field has a type and an allowed range in its metadata; ``validate`` checks them all
+and raises ``ConfigError`` with one line naming the field, the value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A config value a user can fix; the message is one line."""
+
+
+def _f(default, *, lo=None, hi=None, choices=None, lo_open=False, doc=""):
+    """A config field with its allowed range (``lo``/``hi`` inclusive unless ``lo_open``)."""
+    meta = {"lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open, "doc": doc}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+POLICIES = ("fixed", "on_demand", "time_adaptive", "doubly_adaptive", "energy_optimal")
+BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+DEVICE_CLASSES = ("mcu", "rpi4", "jetson_nano", "jetson_orin", "phone", "gateway")
+
+
+@dataclass
+class DataConfig:
+    name: str = _f("digits", choices=("digits", "parquet"), doc="built-in digits or a Parquet table")
+    path: str = _f("", doc="Parquet file when name = 'parquet'")
+    image_column: str = _f("image")
+    label_column: str = _f("label")
+    image_size: int = _f(16, lo=8, hi=256)
+    alpha: float = _f(0.5, lo=0.0, lo_open=True, hi=1e6, doc="Dirichlet concentration (small = non-IID)")
+    min_samples: int = _f(8, lo=1, hi=100000, doc="fewest samples any client holds")
+
+
+@dataclass
+class ClientsConfig:
+    count: int = _f(20, lo=1, hi=1_000_000)
+    per_round: float = _f(0.5, lo=0.0, lo_open=True, hi=1.0, doc="fraction selected each round")
+    pools: int = _f(0, lo=0, hi=10_000, doc="ClientPool actors; 0 = one per CPU (or GPU)")
+
+
+@dataclass
+class ModelConfig:
+    preset: str = _f("small", choices=("tiny", "small", "base"))
+    timesteps: int = _f(1000, lo=10, hi=4000)
+    beta_schedule: str = _f("linear", choices=("linear", "squaredcos_cap_v2", "scaled_linear"))
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = _f(10, lo=1, hi=100_000)
+    batch_size: int = _f(32, lo=1, hi=65536)
+    lr: float = _f(1e-3, lo=0.0, lo_open=True, hi=10.0)
+    grad_clip: float = _f(1.0, lo=0.0, hi=1e6, doc="0 = no clipping")
+    scale_work_by_device: bool = _f(True, doc="local steps scale with the device class")
+
+
+@dataclass
+class QuantConfig:
+    policy: str = _f("fixed", choices=POLICIES)
+    bits: int = _f(32, choices=BITS, doc="fixed bits; start bits for adaptive policies")
+    min_bits: int = _f(2, choices=BITS)
+    max_bits: int = _f(8, choices=BITS)
+    block_size: int = _f(256, lo=8, hi=1 << 20)
+    error_feedback: bool = _f(True)
+    downlink_bits: int = _f(32, choices=BITS, doc="bits of the broadcast global model")
+    convergence_window: int = _f(3, lo=1, hi=1000, doc="rounds a loss plateau must last (DAdaQuant)")
+    ref_bits: int = _f(8, choices=BITS, doc="energy_optimal: variance no worse than this fixed width")
+    variance_slack: float = _f(1.0, lo=0.0, lo_open=True, hi=1e6)
+
+
+@dataclass
+class ServerConfig:
+    lr: float = _f(1.0, lo=0.0, lo_open=True, hi=100.0, doc="server learning rate")
+    momentum: float = _f(0.0, lo=0.0, hi=0.999, doc="FedAvgM momentum (0 = FedAvg)")
+    round_timeout_s: float = _f(600.0, lo=0.0, lo_open=True, hi=1e9)
+    checkpoint_every: int = _f(0, lo=0, hi=1_000_000, doc="rounds between checkpoints (0 = end)")
+    max_update_norm: float = _f(0.0, lo=0.0, hi=1e12, doc="clip client updates to this L2 norm")
+
+
+@dataclass
+class DevicesConfig:
+    profiles: str = _f("", doc="user profile table (Parquet/CSV); empty = seeded population")
+    class_mix: dict = _f({}, doc="device class -> weight; empty = default mix")
+    deadline_s: float = _f(math.inf, lo=0.0, lo_open=True, doc="round deadline (simulated)")
+    bandwidth_hz: float = _f(20e6, lo=1.0, hi=1e12)
+    noise_dbm_per_hz: float = _f(-174.0, lo=-300.0, hi=0.0)
+    downlink_rate_bps: float = _f(50e6, lo=1.0, hi=1e13)
+    cell_m: float = _f(500.0, lo=1.0, hi=1e6)
+    tx_power_cap_w: float = _f(math.inf, lo=0.0, lo_open=True, doc="cap on every device's tx power")
+    cpu_scale: float = _f(1.0, lo=0.0, lo_open=True, hi=1.0, doc="fraction of max CPU frequency")
+
+
+@dataclass
+class EvalConfig:
+    every: int = _f(0, lo=0, hi=1_000_000, doc="rounds between evaluations (0 = last round only)")
+    samples: int = _f(500, lo=10, hi=1_000_000)
+    sampler: str = _f("ddim", choices=("ddim", "ddpm"))
+    steps: int = _f(50, lo=1, hi=4000, doc="sampling steps (DDIM)")
+    baseline: bool = _f(True, doc="also measure the untrained model (FID ceiling)")
+    grid: int = _f(64, lo=0, hi=1024, doc="samples in the PNG grid")
+
+
+@dataclass
+class RayConfig:
+    address: str = _f("", doc="'' = embedded local Ray; 'auto' or HOST:PORT joins a cluster")
+    num_cpus_per_pool: float = _f(1.0, lo=0.0, hi=1024.0)
+    num_gpus_per_pool: float = _f(0.0, lo=0.0, hi=64.0)
+    torch_threads: int = _f(1, lo=1, hi=1024, doc="torch threads per pool actor")
+    max_restarts: int = _f(3, lo=-1, hi=1000, doc="pool actor restarts (-1 = unlimited)")
+    batched_clients: str = _f("auto", choices=("auto", "on", "off"), doc="vmap clients (GPU)")
+
+
+@dataclass
+class Config:
+    seed: int = _f(0, lo=0, hi=2**31 - 1)
+    rounds: int = _f(30, lo=1, hi=1_000_000)
+    out_dir: str = _f("runs")
+    name: str = _f("", doc="run directory name; empty = timestamp")
+    data: DataConfig = field(default_factory=DataConfig)
+    clients: ClientsConfig = field(default_factory=ClientsConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    devices: DevicesConfig = field(default_factory=DevicesConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _sections() -> dict[str, type]:
+    return {
+        f.name: f.default_factory
+        for f in dataclasses.fields(Config)
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)
+    }
+
+
+def _type_name(t) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string",
+            dict: "a table"}[t]
+
+
+def _coerce(path: str, value: Any, typ: type) -> Any:
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if typ is bool and not isinstance(value, bool):
+        raise ConfigError(f"{path} = {value!r}: must be true or false")
+    if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{path} = {value!r}: must be an integer")
+    if not isinstance(value, typ):
+        raise ConfigError(f"{path} = {value!r}: must be {_type_name(typ)}")
+    return value
+
+
+def _check_range(path: str, value: Any, meta: dict) -> None:
+    choices, lo, hi = meta.get("choices"), meta.get("lo"), meta.get("hi")
+    if choices is not None and value not in choices:
+        allowed = ", ".join(repr(c) if isinstance(c, str) else str(c) for c in choices)
+        raise ConfigError(f"{path} = {value!r}: must be one of {allowed}")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if isinstance(value, float) and math.isnan(value):
+            raise ConfigError(f"{path} = nan: must be a number")
+        bad_lo = lo is not None and (value <= lo if meta.get("lo_open") else value < lo)
+        bad_hi = hi is not None and value > hi
+        if bad_lo or bad_hi:
+            lo_s = "-inf" if lo is None else f"{lo:g}"
+            hi_s = "inf" if hi is None else f"{hi:g}"
+            br = "(" if meta.get("lo_open") else "["
+            raise ConfigError(f"{path} = {value!r}: must be in {br}{lo_s}, {hi_s}]")
+
+
+def _field_types(cls) -> dict[str, tuple[type, dict]]:
+    hints = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}
+    return {f.name: (hints.get(f.type, f.type), dict(f.metadata)) for f in dataclasses.fields(cls)}
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    """Build and validate a Config from nested dicts (unknown keys are errors)."""
+    sections = _sections()
+    top = {k: v for k, v in _field_types(Config).items() if k not in sections}
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in sections:
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} = {value!r}: must be a table [{key}]")
+            kwargs[key] = _section(key, sections[key], value)
+        elif key in top:
+            typ, meta = top[key]
+            value = _coerce(key, value, typ)
+            _check_range(key, value, meta)
+            kwargs[key] = value
+        else:
+            known = ", ".join(sorted([*top, *sections]))
+            raise ConfigError(f"unknown config key {key!r} (known: {known})")
+    cfg = Config(**kwargs)
+    _check_cross(cfg)
+    return cfg
+
+
+def _section(name: str, cls, raw: dict) -> Any:
+    types = _field_types(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        path = f"{name}.{key}"
+        if key not in types:
+            raise ConfigError(f"unknown config key {path!r} (known in [{name}]: "
+                              f"{', '.join(types)})")
+        typ, meta = types[key]
+        value = _coerce(path, value, typ)
+        _check_range(path, value, meta)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _check_cross(cfg: Config) -> None:
+    """Constraints between fields."""
+    q = cfg.quant
+    if q.min_bits > q.max_bits:
+        raise ConfigError(f"quant.min_bits = {q.min_bits}: must be <= quant.max_bits ({q.max_bits})")
+    if cfg.data.name == "parquet" and not cfg.data.path:
+        raise ConfigError("data.path = '': must name a Parquet file when data.name = 'parquet'")
+    for k, w in cfg.devices.class_mix.items():
+        if k not in DEVICE_CLASSES:
+            raise ConfigError(f"devices.class_mix.{k}: unknown device class (known: "
+                              f"{', '.join(DEVICE_CLASSES)})")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
+            raise ConfigError(f"devices.class_mix.{k} = {w!r}: must be a number >= 0")
+    if cfg.devices.class_mix and sum(cfg.devices.class_mix.values()) <= 0:
+        raise ConfigError("devices.class_mix: weights must not all be 0")
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value`` -> (["section", "key"], value); the value is read as TOML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    key, _, raw = text.partition("=")
+    key = key.strip()
+    if not key or any(not p for p in key.split(".")):
+        raise ConfigError(f"--set {text!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()  # a bare word is a string: --set quant.policy=fixed
+    return key.split("."), value
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML file (optional), apply ``section.key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p}: no such file")
+        try:
+            raw = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p}: not valid TOML ({e})") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {k} is not a section")
+        node[keys[-1]] = value
+    return from_dict(raw)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v)} to TOML")
+
+
+def to_toml(cfg: Config) -> str:
+    """The resolved config as TOML that ``load`` reads back to an equal Config."""
+    d = cfg.to_dict()
+    sections = _sections()
+    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if k not in sections]
+    for name in sections:
+        lines.append(f"\n[{name}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in d[name].items()]
+    return "\n".join(lines) + "\n"
+
+
+def save(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(to_toml(cfg))
