@@ -1,0 +1,76 @@
+"""Streaming weighted aggregation of decoded client updates, and the server optimizer."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class StreamingAggregator:
+    """Weighted sum of updates, accumulated as they arrive.
+
+    Memory is one float64 vector per *slot* (a pool), never one per client. Summing
+    within a slot in a fixed order and then over slots in slot order makes the result
+    independent of which pool answered first, so a run is repeatable bit for bit.
+    """
+
+    def __init__(self, num_params: int, num_slots: int):
+        self.num_params = num_params
+        self.sums = [None] * num_slots
+        self.weights = np.zeros(num_slots)
+        self.count = 0
+
+    def add(self, slot: int, delta: np.ndarray, weight: float) -> None:
+        if self.sums[slot] is None:
+            self.sums[slot] = np.zeros(self.num_params, dtype=np.float64)
+        # in-place multiply-add without a float64 temporary of the whole delta
+        np.add(self.sums[slot], delta.astype(np.float64, copy=False) * weight,
+               out=self.sums[slot])
+        self.weights[slot] += weight
+        self.count += 1
+
+    def total_weight(self) -> float:
+        return float(self.weights.sum())
+
+    def mean(self) -> np.ndarray | None:
+        """Weighted mean of everything added (float32), or None if nothing was."""
+        total = self.total_weight()
+        if self.count == 0 or total <= 0:
+            return None
+        acc = np.zeros(self.num_params, dtype=np.float64)
+        for s in self.sums:
+            if s is not None:
+                acc += s
+        return (acc / total).astype(np.float32)
+
+
+class ServerOptimizer:
+    """FedAvg (momentum 0) or FedAvgM: v <- beta v + mean_delta; w <- w + lr v."""
+
+    def __init__(self, lr: float = 1.0, momentum: float = 0.0):
+        self.lr = lr
+        self.momentum = momentum
+        self.velocity: np.ndarray | None = None
+
+    def step(self, weights: np.ndarray, mean_delta: np.ndarray) -> np.ndarray:
+        if self.momentum > 0:
+            if self.velocity is None:
+                self.velocity = np.zeros_like(mean_delta)
+            self.velocity = self.momentum * self.velocity + mean_delta
+            mean_delta = self.velocity
+        return (weights + self.lr * mean_delta).astype(np.float32)
+
+    def state_dict(self) -> dict:
+        return {"velocity": self.velocity}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.velocity = state["velocity"]
+
+
+def clip_to_norm(delta: np.ndarray, max_norm: float) -> tuple[np.ndarray, bool]:
+    """Scale ``delta`` down to L2 norm ``max_norm`` (0 = off); return it and whether it was clipped."""
+    if max_norm <= 0:
+        return delta, False
+    norm = float(np.linalg.norm(delta))
+    if norm <= max_norm:
+        return delta, False
+    return delta * np.float32(max_norm / norm), True

@@ -1,0 +1,130 @@
+"""The diffusers DDPM: UNet presets, flat parameter vectors, sampling, saving as a pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+
+# Presets for 1-channel images up to 32x32. "small" is ~1.06M parameters at 16x16.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8),
+    "small": dict(block_out_channels=(32, 64, 64), layers_per_block=1, norm_num_groups=8),
+    "base": dict(block_out_channels=(64, 128, 128), layers_per_block=2, norm_num_groups=16),
+}
+
+
+def build_unet(preset: str, image_size: int, channels: int = 1, seed: int = 0) -> UNet2DModel:
+    """A diffusers UNet2DModel of the named size, initialised from ``seed``."""
+    p = PRESETS[preset]
+    n = len(p["block_out_channels"])
+    torch.manual_seed(seed)
+    return UNet2DModel(
+        sample_size=image_size,
+        in_channels=channels,
+        out_channels=channels,
+        block_out_channels=p["block_out_channels"],
+        layers_per_block=p["layers_per_block"],
+        norm_num_groups=p["norm_num_groups"],
+        down_block_types=("DownBlock2D",) * n,
+        up_block_types=("UpBlock2D",) * n,
+    )
+
+
+def build_scheduler(timesteps: int = 1000, beta_schedule: str = "linear") -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=timesteps, beta_schedule=beta_schedule)
+
+
+def param_layout(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the parameters, in the order of the flat vector."""
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+
+
+def get_flat(model: torch.nn.Module) -> np.ndarray:
+    """All parameters as one float32 vector (a copy)."""
+    return torch.nn.utils.parameters_to_vector(model.parameters()).detach().cpu().numpy().copy()
+
+
+@torch.no_grad()
+def set_flat(model: torch.nn.Module, flat: np.ndarray) -> None:
+    """Load a flat float32 vector into the parameters (in place)."""
+    vec = torch.as_tensor(np.asarray(flat, dtype=np.float32))
+    offset = 0
+    for p in model.parameters():
+        n = p.numel()
+        p.copy_(vec[offset:offset + n].view_as(p))
+        offset += n
+    if offset != vec.numel():
+        raise ValueError(f"flat vector has {vec.numel()} values, model has {offset}")
+
+
+@torch.no_grad()
+def sample(
+    unet: UNet2DModel,
+    scheduler: DDPMScheduler,
+    n: int,
+    *,
+    sampler: str = "ddim",
+    steps: int = 50,
+    seed: int = 0,
+    x_T: torch.Tensor | None = None,
+    batch_size: int = 500,
+) -> np.ndarray:
+    """Generate ``n`` images in [-1, 1] (N x C x H x W float32).
+
+    ``x_T`` gives the initial noise (e.g. a triggered input); otherwise it is drawn from
+    N(0, I) with ``seed``. DDIM uses ``steps`` steps (eta = 0); DDPM uses all timesteps.
+    """
+    device = next(unet.parameters()).device
+    shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    if x_T is None:
+        x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    if sampler == "ddim":
+        sched = DDIMScheduler.from_config(scheduler.config)
+        sched.set_timesteps(steps)
+    else:
+        sched = DDPMScheduler.from_config(scheduler.config)
+        sched.set_timesteps(scheduler.config.num_train_timesteps)
+    gen = torch.Generator().manual_seed(seed + 1)
+    was_training = unet.training
+    unet.eval()
+    out = []
+    for start in range(0, n, batch_size):
+        x = x_T[start:start + batch_size].to(device)
+        for t in sched.timesteps:
+            eps = unet(x, t).sample
+            x = sched.step(eps, t, x, generator=gen).prev_sample
+        out.append(x.clamp(-1, 1).cpu())
+    unet.train(was_training)
+    return torch.cat(out).numpy()
+
+
+def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path) -> None:
+    """Save as a diffusers DDPMPipeline: ``DDPMPipeline.from_pretrained(path)`` loads it."""
+    DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(path))
+
+
+def image_grid(images: np.ndarray, nrow: int | None = None) -> np.ndarray:
+    """N x C x H x W in [-1, 1] -> one uint8 grid image (H' x W' or H' x W' x 3)."""
+    n, c, h, w = images.shape
+    nrow = nrow or int(np.ceil(np.sqrt(n)))
+    ncol = int(np.ceil(n / nrow))
+    grid = np.zeros((c, ncol * (h + 1) + 1, nrow * (w + 1) + 1), dtype=np.float32)
+    for i, im in enumerate(images):
+        r, col = divmod(i, nrow)
+        grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = (
+            (im + 1) / 2
+        )
+    grid = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
+    return grid[0] if c == 1 else grid.transpose(1, 2, 0)
+
+
+def save_grid(images: np.ndarray, path: str | Path, scale: int = 4) -> None:
+    """Write a PNG grid of the images, upscaled ``scale`` times (nearest) for viewing."""
+    from PIL import Image
+
+    g = image_grid(images)
+    g = np.kron(g, np.ones((scale, scale) + (() if g.ndim == 2 else (1,)), dtype=np.uint8))
+    Image.fromarray(g).save(path)

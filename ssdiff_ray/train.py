@@ -1,0 +1,81 @@
+"""Local DDPM training of one client: the epsilon-prediction loss and the update (delta)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ssdiff_ray.model import get_flat, set_flat
+
+
+def client_seed(seed: int, client_id: int, round_: int) -> int:
+    """A 63-bit seed per (run seed, client, round): same inputs -> same local randomness,
+    whichever pool or restart trains the client."""
+    h = hashlib.blake2b(f"{seed}/{client_id}/{round_}".encode(), digest_size=8).digest()
+    return int.from_bytes(h, "little") >> 1
+
+
+def ddpm_loss(
+    unet: torch.nn.Module,
+    x0: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    gen: torch.Generator,
+    poison=None,
+) -> torch.Tensor:
+    """DDPM epsilon-prediction loss: || eps - eps_theta(sqrt(ab) x0 + sqrt(1-ab) eps, t) ||^2.
+
+    ``poison`` (attacks) may rewrite the noisy input and the regression target of part of
+    the batch: ``poison(x0, xt, eps, t, gen) -> (xt, target)``.
+    """
+    n = x0.shape[0]
+    t = torch.randint(0, len(alphas_cumprod), (n,), generator=gen)
+    eps = torch.randn(x0.shape, generator=gen)
+    ab = alphas_cumprod[t].view(n, 1, 1, 1)
+    xt = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    target = eps
+    if poison is not None:
+        xt, target = poison(x0, xt, eps, t, gen)
+    dev = next(unet.parameters()).device
+    pred = unet(xt.to(dev), t.to(dev)).sample
+    return F.mse_loss(pred, target.to(dev))
+
+
+class LocalTrainer:
+    """One model and one optimizer, reused for every client a pool trains (no re-creation)."""
+
+    def __init__(self, unet: torch.nn.Module, alphas_cumprod: torch.Tensor, lr: float,
+                 grad_clip: float = 1.0):
+        self.unet = unet
+        self.alphas_cumprod = alphas_cumprod.float()
+        self.grad_clip = grad_clip
+        self.opt = torch.optim.Adam(unet.parameters(), lr=lr)
+
+    def train(
+        self,
+        global_flat: np.ndarray,
+        images: np.ndarray,
+        steps: int,
+        batch_size: int,
+        seed: int,
+        poison=None,
+    ) -> tuple[np.ndarray, float]:
+        """Train from the global weights for ``steps`` steps; return (delta, mean loss)."""
+        set_flat(self.unet, global_flat)
+        self.opt.state.clear()  # fresh Adam moments per client: each starts from the global model
+        self.unet.train()
+        gen = torch.Generator().manual_seed(seed)
+        data = torch.from_numpy(images)
+        total = 0.0
+        for _ in range(steps):
+            idx = torch.randint(0, len(data), (min(batch_size, len(data)),), generator=gen)
+            loss = ddpm_loss(self.unet, data[idx], self.alphas_cumprod, gen, poison)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.grad_clip)
+            self.opt.step()
+            total += loss.item()
+        return get_flat(self.unet) - global_flat, total / steps
