@@ -2,7 +2,8 @@
 
 Setting: the seeded default population, the "small" UNet preset (1.06 M parameters, 3.66e8
 training FLOPs per sample-step at 16x16), batch 32, 10 nominal local steps scaled by device
-class, 200 kHz of uplink per client (20 MHz / 100), a 30 s deadline, ref_bits 4. Also reports the predicted round
+class, 200 kHz of uplink per client (20 MHz / 100), a 30 s deadline, ref_bits 4.
+Also reports the predicted round
 energy against the best fixed bit-width that meets the same deadline and variance budget.
 
     python benchmarks/solver_time.py [--clients 100 1000 10000] [--repeat R] [--quick]

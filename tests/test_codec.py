@@ -427,7 +427,7 @@ def test_error_feedback_keeps_running_sums_together(bits):
     sum_plain = np.zeros(d, np.float64)
     residual = None
     drift = []
-    for t in range(rounds):
+    for _ in range(rounds):
         u = bias + rng.standard_normal(d).astype(np.float32)
         payload, residual = quantize_with_feedback(u, residual, bits, block, rng)
         y = decode(payload)

@@ -1,0 +1,110 @@
+"""Virtual clients: many per process, each with its own shard, randomness and residual.
+
+``ClientGroup`` is what a ClientPool actor holds; it runs without Ray so tests and the
+no-framework floor benchmark call it directly.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ssdiff_ray import codec
+from ssdiff_ray.config import Config
+from ssdiff_ray.data import read_shard
+from ssdiff_ray.model import build_scheduler, build_unet, param_layout
+from ssdiff_ray.train import LocalTrainer, client_seed
+
+
+def shard_path(shard_dir: str | Path, client_id: int) -> Path:
+    return Path(shard_dir) / f"client_{client_id:06d}.parquet"
+
+
+class ClientGroup:
+    """The clients one pool hosts. One model + optimizer serve them all in turn."""
+
+    def __init__(self, cfg: Config, shard_dir: str | Path, device: str = "cpu"):
+        self.cfg = cfg
+        self.shard_dir = Path(shard_dir)
+        self.device = device
+        unet = build_unet(cfg.model.preset, cfg.data.image_size, seed=cfg.seed).to(device)
+        sched = build_scheduler(cfg.model.timesteps, cfg.model.beta_schedule)
+        self.layout = codec.layout_id(param_layout(unet))
+        self.trainer = LocalTrainer(unet, sched.alphas_cumprod, cfg.train.lr, cfg.train.grad_clip)
+        self.shards: dict[int, np.ndarray] = {}   # loaded on first use
+        self.residuals: dict[int, np.ndarray] = {}  # error feedback, only after a first upload
+        self.attack = None  # set by the pool for malicious clients (security issue)
+
+    def images(self, client_id: int) -> np.ndarray:
+        if client_id not in self.shards:
+            self.shards[client_id] = read_shard(shard_path(self.shard_dir, client_id))[0]
+        return self.shards[client_id]
+
+    def train_round(
+        self,
+        global_flat: np.ndarray,
+        round_: int,
+        client_ids: np.ndarray,
+        bits: np.ndarray,
+        steps: np.ndarray,
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Train, encode and pack every listed client; one result for the whole group.
+
+        Returns (meta, blob): ``meta`` holds per-client arrays (loss, update_norm,
+        uplink_bytes, offsets into ``blob``, timings); ``blob`` is all payloads
+        back to back as one uint8 array, so Ray moves it without copying per client.
+        """
+        cfg = self.cfg
+        n = len(client_ids)
+        loss = np.zeros(n)
+        norm = np.zeros(n)
+        train_s = np.zeros(n)
+        encode_s = np.zeros(n)
+        payloads = []
+        for i, cid in enumerate(client_ids):
+            cid = int(cid)
+            seed = client_seed(cfg.seed, cid, round_)
+            t0 = time.perf_counter()
+            poison = self.attack.poison_for(cid) if self.attack is not None else None
+            delta, loss[i] = self.trainer.train(global_flat, self.images(cid), int(steps[i]),
+                                                cfg.train.batch_size, seed, poison)
+            if self.attack is not None:
+                delta = self.attack.scale_update(cid, delta)
+            t1 = time.perf_counter()
+            norm[i] = float(np.linalg.norm(delta))
+            rng = np.random.default_rng(seed)
+            # EF diverges at 1 bit (the quantizer's error exceeds ||v||^2), so skip it there.
+            if cfg.quant.error_feedback and 2 <= int(bits[i]) < 32:
+                payload, self.residuals[cid] = codec.quantize_with_feedback(
+                    delta, self.residuals.get(cid), int(bits[i]), cfg.quant.block_size, rng,
+                    self.layout)
+            else:
+                payload = codec.encode(delta, int(bits[i]), cfg.quant.block_size, rng, self.layout)
+            payloads.append(payload)
+            train_s[i], encode_s[i] = t1 - t0, time.perf_counter() - t1
+        sizes = np.array([len(p) for p in payloads], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        blob = np.frombuffer(b"".join(payloads), dtype=np.uint8)
+        meta = dict(client_id=np.asarray(client_ids, dtype=np.int64), loss=loss,
+                    update_norm=norm, uplink_bytes=sizes, offsets=offsets,
+                    train_s=train_s, encode_s=encode_s)
+        return meta, blob
+
+    def state_dict(self) -> dict:
+        """What must survive a restart: the error-feedback residuals."""
+        return {"residuals": dict(self.residuals)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.residuals = dict(state.get("residuals", {}))
+
+
+def set_threads(n: int) -> None:
+    """One pool = ``n`` torch threads; more threads than cores across pools only thrashes."""
+    torch.set_num_threads(n)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass  # already set in this process

@@ -1,0 +1,106 @@
+"""Planning one round on the driver, vectorised: who trains, at which bits, at what cost.
+
+Selection, the policy's decision and the simulated channel/energy costs all happen here
+before any client trains, so a predicted straggler is never trained (its energy still
+counts) and the loop never waits for it in wall time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ssdiff_ray import codec, energy
+from ssdiff_ray.config import Config
+from ssdiff_ray.policies import BitPolicy, RoundContext
+from ssdiff_ray.runtime import Prepared
+
+
+@dataclass
+class RoundPlan:
+    round: int
+    client_ids: np.ndarray
+    bits: np.ndarray
+    local_steps: np.ndarray
+    num_samples: np.ndarray
+    tx_power_w: np.ndarray
+    cpu_hz: np.ndarray
+    costs: dict[str, np.ndarray]  # energy.round_costs output, per client
+    straggler: np.ndarray         # bool: misses the deadline, not trained
+
+
+def channel_config(cfg: Config) -> energy.ChannelConfig:
+    d = cfg.devices
+    return energy.ChannelConfig(bandwidth_hz=d.bandwidth_hz, noise_dbm_per_hz=d.noise_dbm_per_hz,
+                                downlink_rate_bps=d.downlink_rate_bps, cell_m=d.cell_m)
+
+
+class RoundPlanner:
+    def __init__(self, cfg: Config, prep: Prepared, policy: BitPolicy, num_params: int,
+                 flops_per_sample_step: float):
+        self.cfg = cfg
+        self.prep = prep
+        self.policy = policy
+        self.num_params = num_params
+        self.flops_per_sample_step = flops_per_sample_step
+        self.channel = channel_config(cfg)
+        self.per_round = max(1, int(round(cfg.clients.per_round * cfg.clients.count)))
+        self.last_loss = np.full(cfg.clients.count, np.nan)
+        self.last_norm = np.full(cfg.clients.count, np.nan)
+        self.download_bytes = codec.encoded_size(num_params, cfg.quant.downlink_bits,
+                                                 cfg.quant.block_size)
+
+    def select(self, round_: int) -> np.ndarray:
+        rng = np.random.default_rng([self.cfg.seed, round_, 1])
+        n = self.cfg.clients.count
+        return np.sort(rng.choice(n, size=min(self.per_round, n), replace=False)).astype(np.int64)
+
+    def plan(self, round_: int, loss_history: list[float]) -> RoundPlan:
+        cfg = self.cfg
+        ids = self.select(round_)
+        prof = self.prep.population.iloc[ids]
+        cap = cfg.devices.tx_power_cap_w
+        if np.isfinite(cap):  # the policy must plan with the power the device will really have
+            tx_max = np.minimum(prof["tx_power_w_max"].to_numpy(), cap)
+            prof = prof.assign(tx_power_w_max=tx_max,
+                               tx_power_w_min=np.minimum(prof["tx_power_w_min"].to_numpy(), tx_max))
+        steps = self.prep.local_steps[ids]
+        batch = np.minimum(cfg.train.batch_size, self.prep.num_samples[ids])
+        flops = self.flops_per_sample_step * batch * steps
+        rng = np.random.default_rng([cfg.seed, round_, 2])
+        gain = energy.channel_gain(prof["distance_m"].to_numpy(), prof["shadowing_db"].to_numpy(),
+                                   rng)
+        bandwidth = np.full(len(ids), cfg.devices.bandwidth_hz / len(ids))
+        ctx = RoundContext(
+            round=round_, client_ids=ids, profiles=prof, num_params=self.num_params,
+            block_size=cfg.quant.block_size, num_samples=self.prep.num_samples[ids],
+            local_flops=flops, channel_gain=gain, bandwidth_hz=bandwidth,
+            deadline_s=cfg.devices.deadline_s, last_loss=self.last_loss[ids],
+            loss_history=list(loss_history), update_norm=self.last_norm[ids],
+            download_bytes=self.download_bytes)
+        decision = self.policy.choose(ctx)
+        tx_max = prof["tx_power_w_max"].to_numpy()
+        tx_min = prof["tx_power_w_min"].to_numpy()
+        tx = tx_max if decision.tx_power_w is None else np.clip(decision.tx_power_w, tx_min, tx_max)
+        f_max = prof["cpu_hz_max"].to_numpy()
+        f_min = prof["cpu_hz_min"].to_numpy()
+        cpu = (np.maximum(f_min, cfg.devices.cpu_scale * f_max) if decision.cpu_hz is None
+               else np.clip(decision.cpu_hz, f_min, f_max))
+        bits = decision.bits.astype(np.int64)
+        upload = np.array([codec.encoded_size(self.num_params, int(b), cfg.quant.block_size)
+                           for b in bits], dtype=np.int64) if len(np.unique(bits)) > 1 else \
+            np.full(len(ids), codec.encoded_size(self.num_params, int(bits[0]),
+                                                 cfg.quant.block_size), dtype=np.int64)
+        costs = energy.round_costs(prof, flops, upload, self.download_bytes, tx, cpu, gain,
+                                   bandwidth, self.channel)
+        costs["upload_bytes"] = upload
+        straggler = energy.stragglers(costs["total_s"], cfg.devices.deadline_s)
+        return RoundPlan(round_, ids, bits, steps, self.prep.num_samples[ids], tx, cpu, costs,
+                         straggler)
+
+    def observe(self, client_ids: np.ndarray, loss: np.ndarray, norm: np.ndarray) -> None:
+        """Remember what trained clients reported, for the policies of later rounds."""
+        ok = np.isfinite(loss)
+        self.last_loss[client_ids[ok]] = loss[ok]
+        self.last_norm[client_ids[ok]] = norm[ok]
