@@ -75,7 +75,7 @@ class QuantConfig:
     error_feedback: bool = _f(True)
     downlink_bits: int = _f(32, choices=BITS, doc="bits of the broadcast global model")
     convergence_window: int = _f(3, lo=1, hi=1000, doc="rounds a loss plateau must last (DAdaQuant)")
-    ref_bits: int = _f(8, choices=BITS, doc="energy_optimal: variance no worse than this fixed width")
+    ref_bits: int = _f(6, choices=BITS, doc="energy_optimal: variance no worse than this fixed width")
     variance_slack: float = _f(1.0, lo=0.0, lo_open=True, hi=1e6)
 
 
