@@ -64,7 +64,8 @@ class Federation:
             for i in range(self.num_pools)
         ]
         self.num_params = ray.get(self.server.num_params.remote())
-        self.planner = RoundPlanner(cfg, prep, policy, self.num_params, flops_per_sample_step)
+        self.planner = RoundPlanner(cfg, prep, policy, self.num_params, flops_per_sample_step,
+                                    self.num_pools)
         self.ledger = Ledger(prep.run_dir)
         self.loss_history: list[float] = []
         self.suspect: set[int] = set()   # pools that failed and may be restarting

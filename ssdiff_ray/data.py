@@ -154,7 +154,7 @@ def read_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     table = pq.read_table(path)
     side = int(table.schema.metadata[b"image_side"])
     col = table.column("image").combine_chunks()
-    flat = col.values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+    flat = np.array(col.values.to_numpy(zero_copy_only=False), dtype=np.float32)  # writable
     images = flat.reshape(len(table), 1, side, side)
     labels = table.column("label").to_numpy()
     return images, labels

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,10 @@ def get_flat(model: torch.nn.Module) -> np.ndarray:
 @torch.no_grad()
 def set_flat(model: torch.nn.Module, flat: np.ndarray) -> None:
     """Load a flat float32 vector into the parameters (in place)."""
-    vec = torch.as_tensor(np.asarray(flat, dtype=np.float32))
+    with warnings.catch_warnings():
+        # Ray hands over read-only arrays; we only read them (copy_ into the parameters).
+        warnings.simplefilter("ignore", UserWarning)
+        vec = torch.as_tensor(np.asarray(flat, dtype=np.float32))
     offset = 0
     for p in model.parameters():
         n = p.numel()

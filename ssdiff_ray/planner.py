@@ -38,8 +38,9 @@ def channel_config(cfg: Config) -> energy.ChannelConfig:
 
 class RoundPlanner:
     def __init__(self, cfg: Config, prep: Prepared, policy: BitPolicy, num_params: int,
-                 flops_per_sample_step: float):
+                 flops_per_sample_step: float, num_pools: int = 1):
         self.cfg = cfg
+        self.num_pools = num_pools
         self.prep = prep
         self.policy = policy
         self.num_params = num_params
@@ -52,9 +53,25 @@ class RoundPlanner:
                                                  cfg.quant.block_size)
 
     def select(self, round_: int) -> np.ndarray:
+        """Uniform sample of ``per_round`` clients, stratified over the pools.
+
+        Client ``i`` lives in pool ``i % num_pools`` (its state stays there), so each pool
+        gets an equal share of the round's clients and no pool idles while another works.
+        """
         rng = np.random.default_rng([self.cfg.seed, round_, 1])
-        n = self.cfg.clients.count
-        return np.sort(rng.choice(n, size=min(self.per_round, n), replace=False)).astype(np.int64)
+        n, p = self.cfg.clients.count, self.num_pools
+        k = min(self.per_round, n)
+        sizes = np.array([len(range(s, n, p)) for s in range(p)])
+        share = np.minimum(np.full(p, k // p), sizes)
+        extra = k - share.sum()  # the remainder goes to randomly chosen pools with room
+        for s in rng.permutation(p):
+            if extra == 0:
+                break
+            take = min(extra, sizes[s] - share[s])
+            share[s] += take
+            extra -= take
+        picks = [s + p * rng.choice(sizes[s], size=share[s], replace=False) for s in range(p)]
+        return np.sort(np.concatenate(picks)).astype(np.int64)
 
     def plan(self, round_: int, loss_history: list[float]) -> RoundPlan:
         cfg = self.cfg

@@ -1,0 +1,66 @@
+"""Parameter-server core without Ray: decode, reject malformed payloads, weighted FedAvg."""
+
+import numpy as np
+
+from ssdiff_ray import codec, config
+from ssdiff_ray.clients import ClientGroup
+from ssdiff_ray.data import dirichlet_split, load_digits, write_shards
+from ssdiff_ray.server import ServerState
+
+TINY = ["model.preset=tiny", "model.timesteps=50", "train.batch_size=4", "quant.block_size=64"]
+
+
+def _pack(payloads):
+    sizes = np.array([len(p) for p in payloads])
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    return {"client_id": np.arange(len(payloads)), "offsets": offsets}, \
+        np.frombuffer(b"".join(payloads), dtype=np.uint8)
+
+
+def test_accumulate_rejects_malformed_and_averages_the_rest():
+    cfg = config.load(None, TINY)
+    s = ServerState(cfg, num_slots=2)
+    d = s.num_params
+    rng = np.random.default_rng(0)
+    deltas = [rng.normal(scale=1e-3, size=d).astype(np.float32) for _ in range(4)]
+    good = [codec.encode(x, 32, 64, rng, s.layout) for x in deltas]
+    truncated = good[1][:-10]
+    wrong_layout = codec.encode(deltas[2], 32, 64, rng, s.layout ^ 1)
+    # encode refuses NaN input, so forge a payload whose first value is NaN
+    forged = bytearray(good[3])
+    forged[codec.HEADER_SIZE:codec.HEADER_SIZE + 4] = np.float32(np.nan).tobytes()
+    w0 = s.weights.copy()
+    s.begin_round()
+    meta, blob = _pack([good[0], truncated, wrong_layout, bytes(forged)])
+    v = s.accumulate(0, meta, blob, np.array([1.0, 2.0, 3.0, 4.0]))
+    assert list(v["rejected_reason"]) == ["", "truncated", "layout_mismatch",
+                                          v["rejected_reason"][3]]
+    assert v["rejected_reason"][3] in ("checksum_mismatch", "non_finite")
+    meta, blob = _pack([good[2]])
+    s.accumulate(1, meta, blob, np.array([3.0]))
+    stats = s.finish_round()
+    assert stats["aggregated"] == 2
+    expected = w0 + (1.0 * deltas[0] + 3.0 * deltas[2]) / 4.0
+    np.testing.assert_allclose(s.weights, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_client_group_payloads_decode_to_their_updates(tmp_path):
+    cfg = config.load(None, [*TINY, "quant.error_feedback=true"])
+    x, y = load_digits(16)
+    split = dirichlet_split(y, 3, 0.5, 0)
+    write_shards(x, y, split, tmp_path)
+    group = ClientGroup(cfg, tmp_path)
+    server = ServerState(cfg, 1)
+    flat = server.weights
+    meta, blob = group.train_round(flat, 1, np.array([0, 1, 2]), np.array([32, 4, 2]),
+                                   np.array([2, 2, 2]))
+    assert (meta["uplink_bytes"] == [codec.encoded_size(len(flat), b, 64) for b in (32, 4, 2)]).all()
+    assert meta["uplink_bytes"][1] < meta["uplink_bytes"][0] / 7  # 4 bits + a scale per 64
+    assert np.isfinite(meta["loss"]).all() and (meta["update_norm"] > 0).all()
+    # error feedback: residual kept for the quantized clients only
+    assert set(group.residuals) == {1, 2}
+    # the 32-bit payload is the exact update; same seed -> same update again
+    d0 = codec.decode(blob[meta["offsets"][0]:meta["offsets"][1]].tobytes(), group.layout, len(flat))
+    meta2, blob2 = group.train_round(flat, 1, np.array([0]), np.array([32]), np.array([2]))
+    assert np.array_equal(blob2, blob[:meta["offsets"][1]])
+    assert abs(np.linalg.norm(d0) - meta["update_norm"][0]) < 1e-5 * meta["update_norm"][0] + 1e-9
