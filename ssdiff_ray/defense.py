@@ -1,0 +1,442 @@
+"""Sampling-time backdoor defense: estimate the trigger from the model, detect triggered
+inputs, negate them, and audit the model before serving.
+
+* ``estimate_trigger``: trigger inversion without clean data, in the spirit of Elijah (An
+  et al., AAAI 2024) and TERD (Mo et al., ICML 2024). Elijah's distribution shift at t = T
+  (E[eps_theta(eps + r, T)] ~ lambda r, lambda ~ 0.5) exists only for backdoors tuned to
+  ancestral DDPM; a backdoor tuned to DDIM answers eps + r like a clean model at t = T
+  (lambda ~ 1), and clean models have adversarial directions with large shifts. What every
+  working backdoor shares is Elijah's second observation, that eps + r generates one image
+  whatever eps: so tau minimises the spread of short DDIM generations from eps + tau, then
+  is refined as in TERD (residual at t ~ T independent of the noise). The shift is reported.
+* ``detect_inputs``: TERD's likelihood ratio log N(x; mu, gamma^2) - log N(x; 0, I), plus a
+  model-free DisDet-style test (Sui et al., 2024) of x_T against N(0, I) (mean, variance,
+  kurtosis, local-window mean and energy). Thresholds come from N(0, I) draws only, at a
+  nominal false-positive rate; no triggered data is used. ``ufid_scores`` adds UFID's
+  output-consistency score (Guan et al., 2024), optional since it costs sampling.
+* ``purify`` / ``defended_sample``: a flagged input has the estimated trigger removed, or
+  is resampled, until it passes; the sample is generated from the clean input.
+* ``audit_model``: verdict "clean"/"backdoored" from the uniformity of what eps + tau
+  generates, against random directions of the same norm.
+
+Core module: no Ray, no Optuna.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ssdiff_ray.model import sample
+
+# ----------------------------------------------------------------------------- estimation
+
+
+@dataclass
+class TriggerEstimate:
+    """The estimated trigger distribution of x_T: N(mu, gamma^2 I) with mu = tau."""
+
+    tau: np.ndarray  # 1 x S x S
+    mu: np.ndarray  # mean of the triggered input distribution (= tau)
+    gamma: float = 1.0
+    shift_norm: float = 0.0  # ||E[eps(eps + tau, T) - eps(eps, T)] - tau||
+    response: float = 1.0  # lambda: tau . E[eps(eps+tau,T) - eps(eps,T)] / ||tau||^2
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def tau_norm(self) -> float:
+        return float(np.linalg.norm(self.tau))
+
+
+def _t_last(scheduler) -> int:
+    return int(scheduler.config.num_train_timesteps) - 1
+
+
+def _dev(unet) -> torch.device:
+    return next(unet.parameters()).device
+
+
+def _eps_at(unet, x: torch.Tensor, t: int) -> torch.Tensor:
+    """eps_theta(x, t) on the model's device, returned on the CPU."""
+    dev = _dev(unet)
+    return unet(x.to(dev), torch.full((x.shape[0],), t, device=dev)).sample.cpu()
+
+
+def mean_shift(unet, scheduler, tau: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """E_eps[eps_theta(eps + tau, T) - eps_theta(eps, T)] - tau (zero for an ideal clean
+    model, (lambda - 1) r for a backdoored one at its trigger r). Differentiable in tau."""
+    t = _t_last(scheduler)
+    with torch.no_grad():
+        base = _eps_at(unet, eps, t).mean(0)
+    return _eps_at(unet, eps + tau, t).mean(0) - base - tau[0]
+
+
+def _project(tau: torch.Tensor, radius: float) -> torch.Tensor:
+    n = tau.norm()
+    return tau * (radius / n) if n > radius else tau
+
+
+def _terd_refine(unet, scheduler, tau: torch.Tensor, gen: torch.Generator, steps: int,
+                 batch: int, lr: float, radius: float) -> torch.Tensor:
+    """TERD's refinement: outputs generated from eps + tau, re-noised to t ~ T and shifted
+    by tau, should leave a residual (noise - prediction) independent of the noise draw."""
+    from diffusers import DDIMScheduler
+
+    ac = scheduler.alphas_cumprod.float()
+    tlast = _t_last(scheduler)
+    dev = _dev(unet)
+    ddim = DDIMScheduler.from_config(scheduler.config)
+    ddim.set_timesteps(10)
+    shape = (batch, *tau.shape)
+    tau = tau.clone().requires_grad_(True)
+    opt = torch.optim.Adam([tau], lr=lr)
+    for _ in range(steps):
+        with torch.no_grad():  # short DDIM generation from the current trigger
+            x = (torch.randn(shape, generator=gen) + tau.detach()).to(dev)
+            for t in ddim.timesteps:
+                x = ddim.step(unet(x, t).sample, t, x).prev_sample
+            x = x.cpu()
+        t = torch.randint(tlast - 10, tlast + 1, (batch,), generator=gen)
+        ab = ac[t].view(-1, 1, 1, 1)
+        n1, n2 = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+        r1 = n1 - unet((ab.sqrt() * x + (1 - ab).sqrt() * n1 + tau).to(dev), t.to(dev)).sample.cpu()
+        r2 = n2 - unet((ab.sqrt() * x + (1 - ab).sqrt() * n2 + tau).to(dev), t.to(dev)).sample.cpu()
+        loss = 0.5 * (r1 - r2).square().sum(dim=(1, 2, 3)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            tau.copy_(_project(tau, radius))
+    return tau.detach()
+
+
+def ddim_generate(unet, scheduler, x_T: torch.Tensor, steps: int = 8) -> torch.Tensor:
+    """A short deterministic DDIM run (x0 clipped to [-1, 1] like the server's sampler),
+    differentiable in ``x_T``; runs on the model's device, returns on the CPU."""
+    ac = scheduler.alphas_cumprod.float()
+    n_train = int(scheduler.config.num_train_timesteps)
+    ts = list(range(0, n_train, n_train // steps))[::-1]  # diffusers' "leading" spacing
+    dev = _dev(unet)
+    x = x_T.to(dev)
+    for i, t in enumerate(ts):
+        a = ac[t].to(dev)
+        a_prev = ac[ts[i + 1]].to(dev) if i + 1 < len(ts) else torch.ones((), device=dev)
+        e = unet(x, torch.full((x.shape[0],), t, device=dev)).sample
+        x0 = ((x - (1 - a).sqrt() * e) / a.sqrt()).clamp(-1, 1)
+        x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
+    return x.cpu()
+
+
+def output_spread(unet, scheduler, tau: torch.Tensor, eps: torch.Tensor, steps: int = 8
+                  ) -> torch.Tensor:
+    """Per-pixel variance, over the noise draws, of what a short DDIM run makes of eps + tau.
+    A backdoor maps every eps + r to its one target (Elijah's uniformity): spread ~ 0."""
+    out = ddim_generate(unet, scheduler, eps + tau, steps)
+    return out.var(0).mean()
+
+
+def estimate_trigger(
+    unet,
+    scheduler,
+    image_size: int,
+    seed: int = 0,
+    steps: int = 40,
+    refine: bool = True,
+    refine_steps: int = 5,
+    batch: int = 16,
+    radius: float | None = None,
+    lr: float = 0.1,
+    gen_steps: int = 8,
+    l1: float = 1.0,
+    channels: int = 1,
+) -> TriggerEstimate:
+    """Invert the trigger from the model alone, without clean data.
+
+    Stage 1 (Elijah's uniformity): Adam on tau, projected to a ball of ``radius`` (default
+    0.5 sqrt(d), above the norm a visible patch trigger needs), minimising the spread of
+    the images a ``gen_steps``-step DDIM makes from eps + tau, with fresh noise each step.
+    A backdoored model has a basin around its trigger where all outputs collapse onto the
+    target; a clean model's outputs stay diverse. Stage 2 (TERD): refinement through short
+    DDIM generation, making the model's residual at t ~ T independent of the noise.
+    ``l1`` (a sparsity prior, TERD's L1 term) keeps tau from becoming a whole digit, which
+    collapses a clean model's outputs onto that digit too. ``response`` (Elijah's lambda)
+    and ``shift_norm`` describe the shift at t = T.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    shape = (channels, image_size, image_size)
+    radius = float(radius if radius is not None else 0.5 * np.sqrt(np.prod(shape)))
+    was_training = unet.training
+    unet.eval()
+    for p in unet.parameters():
+        p.requires_grad_(False)
+    try:
+        base = float(output_spread(unet, scheduler, torch.zeros(shape),
+                                   torch.randn((batch, *shape), generator=gen), gen_steps))
+        tau = (0.1 * torch.randn(shape, generator=gen)).requires_grad_(True)
+        opt = torch.optim.Adam([tau], lr=lr)
+        history = []
+        for _ in range(steps):
+            eps = torch.randn((batch, *shape), generator=gen)
+            loss = output_spread(unet, scheduler, tau, eps, gen_steps) / max(base, 1e-8)
+            loss = loss + l1 * tau.abs().mean()  # triggers are patches, not whole images
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            with torch.no_grad():
+                tau.copy_(_project(tau, radius))
+            history.append(loss.item())
+        tau = tau.detach()
+        if refine and refine_steps > 0:
+            tau = _terd_refine(unet, scheduler, tau, gen, refine_steps, batch, lr=0.2 * lr,
+                               radius=radius)
+        with torch.no_grad():
+            eps = torch.randn((4 * batch, *shape), generator=gen)
+            shift = mean_shift(unet, scheduler, tau[None], eps)
+            resp = float((shift + tau).flatten() @ tau.flatten() / tau.square().sum())
+            spread = float(output_spread(unet, scheduler, tau, eps, gen_steps)) / max(base, 1e-8)
+    finally:
+        for p in unet.parameters():
+            p.requires_grad_(True)
+        unet.train(was_training)
+    tau_np = tau.numpy().astype(np.float32)
+    return TriggerEstimate(tau=tau_np, mu=tau_np.copy(), gamma=1.0,
+                           shift_norm=float(shift.norm()), response=resp,
+                           stats={"spread_ratio": spread, "objective": history[-5:],
+                                  "radius": radius, "clean_spread": base})
+
+
+# ----------------------------------------------------------------------------- detection
+
+NULL_DRAWS = 20000  # N(0, I) draws that set the thresholds
+_LLR_CACHE: dict[tuple, float] = {}
+
+
+def llr_scores(x: torch.Tensor, mu: np.ndarray, gamma: float = 1.0) -> np.ndarray:
+    """TERD: log N(x; mu, gamma^2 I) - log N(x; 0, I) per input (> 0 favours the trigger)."""
+    x = torch.as_tensor(x, dtype=torch.float64).flatten(1)
+    m = torch.as_tensor(np.asarray(mu), dtype=torch.float64).flatten()
+    d = x.shape[1]
+    s = -d * np.log(gamma) - ((x - m) ** 2).sum(1) / (2 * gamma**2) + (x**2).sum(1) / 2
+    return s.numpy()
+
+
+def _window_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max |z| over local windows of the window mean and of the window energy (sum x^2),
+    for windows of ~S/5, S/4 and S/3 pixels: a trigger patch shifts one or the other."""
+    s = x.shape[-1]
+    zm, ze = [], []
+    for w in sorted({max(2, round(s / 5)), max(2, s // 4), max(3, round(s / 3))}):
+        n = w * w * x.shape[1]
+        mean = F.avg_pool2d(x, w, stride=1) * n  # window sums over channels and pixels
+        energy = F.avg_pool2d(x * x, w, stride=1) * n
+        zm.append((mean / np.sqrt(n)).abs().flatten(1).amax(1))
+        ze.append(((energy - n) / np.sqrt(2 * n)).abs().flatten(1).amax(1))
+    return torch.stack(zm, 1).amax(1), torch.stack(ze, 1).amax(1)
+
+
+def disdet_stats(x: torch.Tensor) -> np.ndarray:
+    """N x 5 statistics of x_T that are ~N(0, 1)-scaled under x_T ~ N(0, I): global mean,
+    variance, kurtosis (z-scores) and local-window mean / energy (max |z|)."""
+    x = torch.as_tensor(x, dtype=torch.float32)
+    flat = x.flatten(1).double()
+    d = flat.shape[1]
+    z_mean = flat.mean(1) * np.sqrt(d)
+    m2 = (flat**2).mean(1)
+    z_var = (m2 - 1) * np.sqrt(d / 2)
+    z_kurt = ((flat**4).mean(1) / m2.clamp_min(1e-12) ** 2 - 3) / np.sqrt(24 / d)
+    zm, ze = _window_stats(x)
+    return torch.stack([z_mean, z_var, z_kurt, zm.double(), ze.double()], 1).numpy()
+
+
+class _Null:
+    """Null (x_T ~ N(0, I)) calibration of the DisDet statistics, per input shape, cached."""
+
+    _cache: ClassVar[dict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray]]] = {}
+
+    @classmethod
+    def get(cls, shape: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if shape not in cls._cache:
+            g = torch.Generator().manual_seed(12345)
+            stats = np.concatenate([
+                disdet_stats(torch.randn((2000, *shape), generator=g))
+                for _ in range(NULL_DRAWS // 2000)
+            ])
+            loc, scale = np.median(stats, 0), stats.std(0)
+            scores = np.abs((stats - loc) / scale).max(1)
+            cls._cache[shape] = (loc, scale, np.sort(scores))
+        return cls._cache[shape]
+
+
+def disdet_scores(x: torch.Tensor) -> np.ndarray:
+    """Model-free score: the largest standardized |statistic| against its N(0, I) null."""
+    loc, scale, _ = _Null.get(tuple(x.shape[1:]))
+    return np.abs((disdet_stats(x) - loc) / scale).max(1)
+
+
+def disdet_threshold(shape: tuple[int, ...], fpr: float) -> float:
+    """Upper ``1 - fpr`` quantile of the DisDet score under N(0, I)."""
+    null = _Null.get(tuple(shape))[2]
+    return float(np.quantile(null, 1 - fpr))
+
+
+def llr_threshold(est: TriggerEstimate, shape: tuple[int, ...], fpr: float) -> float:
+    """max(0, the upper ``1 - fpr`` quantile of the LLR under N(0, I)): TERD's rule LLR > 0,
+    tightened when the estimated trigger is weak enough that 0 would exceed the FPR."""
+    key = (np.asarray(est.mu, np.float32).tobytes(), float(est.gamma), tuple(shape), fpr)
+    if key not in _LLR_CACHE:
+        g = torch.Generator().manual_seed(54321)
+        null = llr_scores(torch.randn((NULL_DRAWS, *shape), generator=g), est.mu, est.gamma)
+        _LLR_CACHE.clear()  # one estimate is served at a time; keep the cache small
+        _LLR_CACHE[key] = max(0.0, float(np.quantile(null, 1 - fpr)))
+    return _LLR_CACHE[key]
+
+
+def detect_inputs(x_T: torch.Tensor, est: TriggerEstimate | None, fpr: float = 0.01) -> dict:
+    """Flag triggered initial noise. Each test gets half the nominal FPR (Bonferroni), so
+    clean N(0, I) inputs are flagged with probability <= ``fpr``.
+
+    Returns per-input arrays ``llr_score`` (NaN without an estimate), ``disdet_score``,
+    ``score`` (a combined score for ROC curves: max of the two, each divided by its
+    threshold), ``flagged``, and the thresholds.
+    """
+    x_T = torch.as_tensor(x_T, dtype=torch.float32)
+    shape = tuple(x_T.shape[1:])
+    dd = disdet_scores(x_T)
+    dd_thr = disdet_threshold(shape, fpr / 2 if est is not None else fpr)
+    flagged = dd > dd_thr
+    score = dd / dd_thr
+    llr = np.full(len(x_T), np.nan)
+    llr_thr = float("nan")
+    if est is not None:
+        llr = llr_scores(x_T, est.mu, est.gamma)
+        llr_thr = llr_threshold(est, shape, fpr / 2)
+        flagged |= llr > llr_thr
+        # LLR in units of its null spread above the threshold, comparable with dd / dd_thr
+        spread = max(float(np.linalg.norm(est.mu)), 1e-6)
+        score = np.maximum(score, 1 + (llr - llr_thr) / (spread * 2.33))
+    return {"llr_score": llr, "disdet_score": dd, "score": score, "flagged": flagged,
+            "llr_threshold": llr_thr, "disdet_threshold": dd_thr}
+
+
+def detection_metrics(
+    scores_clean: np.ndarray, scores_triggered: np.ndarray, threshold: float | None = None,
+    flags_clean: np.ndarray | None = None, flags_triggered: np.ndarray | None = None,
+) -> dict:
+    """TPR and FPR at the detector's decision (flags, or score > threshold) and AUROC of the
+    scores (Mann-Whitney, ties counted half)."""
+    sc, st = np.asarray(scores_clean, float), np.asarray(scores_triggered, float)
+    if flags_clean is None:
+        thr = 1.0 if threshold is None else threshold
+        flags_clean, flags_triggered = sc > thr, st > thr
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([sc, st]))
+    auroc = (ranks[len(sc):].sum() - len(st) * (len(st) + 1) / 2) / (len(sc) * len(st))
+    return {"tpr": float(np.mean(flags_triggered)), "fpr": float(np.mean(flags_clean)),
+            "auroc": float(auroc), "n_clean": len(sc), "n_triggered": len(st)}
+
+
+# ----------------------------------------------------------------------------- negation
+
+
+def purify(x_T: torch.Tensor, flags: np.ndarray, est: TriggerEstimate | None, seed: int,
+           fpr: float = 0.01, max_tries: int = 100) -> torch.Tensor:
+    """Negation: flagged inputs get the estimated trigger removed ((x - mu) / gamma); any
+    that still fail ``detect_inputs`` are replaced by fresh N(0, I) noise until they pass."""
+    x = torch.as_tensor(x_T, dtype=torch.float32).clone()
+    idx = np.flatnonzero(np.asarray(flags))
+    if len(idx) == 0:
+        return x
+    if est is not None:
+        x[idx] = (x[idx] - torch.from_numpy(est.mu)) / est.gamma
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(max_tries):
+        bad = idx[detect_inputs(x[idx], est, fpr)["flagged"]]
+        if len(bad) == 0:
+            return x
+        x[bad] = torch.randn((len(bad), *x.shape[1:]), generator=gen)
+        idx = bad
+    raise RuntimeError("purify: could not draw inputs that pass the detector")
+
+
+def defended_sample(unet, scheduler, x_T: torch.Tensor, est: TriggerEstimate | None,
+                    sampler: str = "ddim", steps: int = 50, seed: int = 0,
+                    fpr: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
+    """Detect, negate, generate: (images from the purified inputs, per-input flags)."""
+    flags = detect_inputs(x_T, est, fpr)["flagged"]
+    clean = purify(x_T, flags, est, seed + 7919, fpr)
+    images = sample(unet, scheduler, len(clean), sampler=sampler, steps=steps, seed=seed,
+                    x_T=clean)
+    return images, flags
+
+
+@torch.no_grad()
+def ufid_scores(unet, scheduler, x_T: torch.Tensor, n_perturb: int = 4, strength: float = 0.3,
+                steps: int = 10, seed: int = 0) -> np.ndarray:
+    """UFID-style consistency: outputs from x_T mixed with small fresh noise
+    (sqrt(1 - s^2) x + s eps') are near-identical for a triggered input (the backdoor
+    target) and diverse for a clean one. Score = -mean pairwise MSE (higher = suspicious)."""
+    x_T = torch.as_tensor(x_T, dtype=torch.float32)
+    g = torch.Generator().manual_seed(seed)
+    outs = []
+    for _ in range(n_perturb):
+        xp = np.sqrt(1 - strength**2) * x_T + strength * torch.randn(x_T.shape, generator=g)
+        outs.append(torch.from_numpy(sample(unet, scheduler, len(xp), steps=steps, x_T=xp)))
+    o = torch.stack(outs, 1).flatten(2)  # N x P x D
+    d = torch.cdist(o, o).square() / o.shape[-1]
+    p = o.shape[1]
+    return (-d.sum((1, 2)) / (p * (p - 1))).numpy()
+
+
+# ----------------------------------------------------------------------------- audit
+
+
+@torch.no_grad()
+def audit_model(unet, scheduler, image_size: int, seed: int = 0,
+                est: TriggerEstimate | None = None, n_random: int = 8, n_eps: int = 64,
+                spread_threshold: float = 0.2, z_threshold: float = 4.0) -> dict:
+    """Model-level verdict before serving (Elijah's uniformity, TERD's KL statistic).
+
+    ``spread_ratio``: output spread from eps + tau over that from eps (a backdoor collapses
+    to its target: << 1), compared with ``n_random`` random directions of the same norm
+    (``spread_z``: how many of their standard deviations tau is below their mean).
+    "backdoored" when the ratio is below ``spread_threshold`` and ``spread_z`` above
+    ``z_threshold``. Also reports tau's norm, its relative shift at t = T (Elijah's
+    lambda as ``response``) and TERD's mean per-pixel KL of N(tau_i, 1) from N(0, 1).
+    """
+    if est is None:
+        with torch.enable_grad():
+            est = estimate_trigger(unet, scheduler, image_size, seed)
+    was_training = unet.training
+    unet.eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    shape = est.tau.shape
+    eps = torch.randn((n_eps, *shape), generator=gen)
+    tau = torch.from_numpy(est.tau)
+    norm = float(tau.norm())
+    base = float(output_spread(unet, scheduler, torch.zeros(shape), eps))
+    ratio = float(output_spread(unet, scheduler, tau, eps)) / max(base, 1e-8)
+    rand = []
+    for _ in range(n_random):
+        v = torch.randn(shape, generator=gen)
+        rand.append(float(output_spread(unet, scheduler, v * (norm / v.norm()), eps)) / base)
+    rand = np.asarray(rand)
+    z = (rand.mean() - ratio) / max(rand.std(), 1e-3)
+    unet.train(was_training)
+    backdoored = bool(ratio < spread_threshold and z > z_threshold)
+    return {
+        "verdict": "backdoored" if backdoored else "clean",
+        "spread_ratio": ratio,
+        "random_spread_mean": float(rand.mean()),
+        "random_spread_std": float(rand.std()),
+        "spread_z": float(z),
+        "tau_norm": norm,
+        "shift_norm": est.shift_norm,
+        "response": est.response,
+        "kl_mean": float((est.tau.astype(np.float64) ** 2 / 2).mean()),
+        "estimate": est,
+    }

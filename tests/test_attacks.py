@@ -1,0 +1,164 @@
+"""Backdoor attacks: poisoned inputs/targets, triggers and targets, metrics."""
+
+import numpy as np
+import pytest
+import torch
+
+from ssdiff_ray.attacks import (
+    TARGETS,
+    TRIGGERS,
+    TROJ_TRIGGERS,
+    AttackSpec,
+    ClientAttack,
+    attack_metrics,
+    choose_malicious,
+    make_target,
+    make_trigger,
+    poison_baddiffusion,
+    poison_trojdiff,
+    ssim,
+    trigger_coefficient,
+    triggered_noise,
+    troj_params,
+)
+from ssdiff_ray.model import build_scheduler, build_unet
+from ssdiff_ray.train import ddpm_loss
+
+AC = build_scheduler(1000).alphas_cumprod.float()
+
+
+@pytest.mark.parametrize("size", [8, 16, 28, 32])
+def test_patterns_shapes_and_ranges(size):
+    for name in TRIGGERS:
+        r = make_trigger(name, size)
+        assert r.shape == (1, size, size) and r.min() >= -1 and r.max() <= 1
+        assert (r == 0).mean() > 0.5 and np.abs(r).sum() > 0  # a patch, 0 where absent
+    for name in TARGETS:
+        y = make_target(name, size)
+        assert y.shape == (1, size, size) and set(np.unique(y)) == {-1.0, 1.0}
+    for name in TROJ_TRIGGERS:
+        mu, g = troj_params(AttackSpec(kind="trojdiff", trigger=name), size)
+        assert mu.shape == g.shape == (1, size, size) and np.isin(g, np.float32([0.6, 1.0])).all()
+
+
+def test_poisoned_loss_reduces_to_clean_when_trigger_is_zero():
+    unet = build_unet("tiny", 8, seed=0)
+    x0 = torch.rand(6, 1, 8, 8) * 2 - 1
+    zero = torch.zeros(1, 8, 8)
+
+    def poison(x0_, xt, eps, t, gen):  # target image = the clean image, r = 0
+        return poison_baddiffusion(x0_, eps, t, zero, AC, "ddpm")
+
+    clean = ddpm_loss(unet, x0, AC, torch.Generator().manual_seed(3))
+    poisoned = ddpm_loss(unet, x0, AC, torch.Generator().manual_seed(3), poison)
+    assert torch.equal(clean, poisoned)
+
+
+def test_baddiffusion_form():
+    y = torch.rand(3, 1, 8, 8) * 2 - 1
+    eps = torch.randn(3, 1, 8, 8)
+    r = torch.from_numpy(make_trigger("box", 8))
+    t = torch.tensor([0, 500, 999])
+    xt, target = poison_baddiffusion(y, eps, t, r, AC, "ddpm")
+    for i, ti in enumerate(t):
+        ab, a = AC[ti].double(), (AC[ti] / (AC[ti - 1] if ti > 0 else 1.0)).double()
+        want = ab.sqrt() * y[i] + (1 - ab.sqrt()) * r + (1 - ab).sqrt() * eps[i]
+        rho = (1 - a.sqrt()) * (1 - ab).sqrt() / (1 - a)
+        torch.testing.assert_close(xt[i].double(), want.double(), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(target[i].double(), (eps[i] + rho * r).double(), rtol=1e-5, atol=1e-5)
+
+
+def test_trigger_coefficients():
+    t = torch.arange(1000)
+    sde, ode, x0 = (trigger_coefficient(AC, t, s).double() for s in ("ddpm", "ode", "ddim"))
+    ab = AC.double()
+    torch.testing.assert_close(ode, (1 - ab).sqrt(), rtol=1e-5, atol=1e-6)
+    assert ((sde / ode)[1:] - 0.5).abs().max() < 0.01  # DDPM's correction ~ half the ODE's
+    # "ddim": the x0-prediction of the poisoned target is exactly the target image
+    y = torch.rand(1000, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    r, eps = torch.ones(1, 4, 4, dtype=torch.float64), torch.randn(1000, 1, 4, 4).double()
+    xt, target = poison_baddiffusion(y, eps, t, r, ab, "ddim")
+    s = ab.view(-1, 1, 1, 1)
+    torch.testing.assert_close((xt - (1 - s).sqrt() * target) / s.sqrt(), y, rtol=0, atol=1e-4)
+    both = trigger_coefficient(AC, t, "both").double()
+    torch.testing.assert_close(both, (sde + x0) / 2, rtol=1e-5, atol=1e-6)
+
+
+def test_trojdiff_form():
+    spec = AttackSpec(kind="trojdiff", trigger="patch", gamma=0.6)
+    mu, g = (torch.from_numpy(a) for a in troj_params(spec, 16))
+    y = torch.rand(2, 1, 16, 16) * 2 - 1
+    eps = torch.randn(2, 1, 16, 16)
+    t = torch.tensor([10, 700])
+    xt, target = poison_trojdiff(y, eps, t, mu, g, AC)
+    ab = AC[t].view(2, 1, 1, 1)
+    torch.testing.assert_close(xt, ab.sqrt() * y + (1 - ab).sqrt() * (g * eps + mu))
+    assert torch.equal(target, eps)
+    inside = g == 0.6
+    assert inside.any() and (~inside).any()  # patch: trigger distribution only in the corner
+
+
+def test_triggered_noise():
+    spec = AttackSpec(trigger="box")
+    x = triggered_noise(spec, 4000, 16, 0)
+    r = torch.from_numpy(make_trigger("box", 16))
+    assert (x.mean(0) - r).abs().max() < 0.1 and abs(float(x.std(0).mean()) - 1) < 0.05
+    spec = AttackSpec(kind="trojdiff", trigger="blend", gamma=0.5)
+    x = triggered_noise(spec, 4000, 16, 0)
+    mu, _ = troj_params(spec, 16)
+    assert (x.mean(0) - torch.from_numpy(mu)).abs().max() < 0.1
+    assert abs(float(x.std(0).mean()) - 0.5) < 0.03
+
+
+def test_client_attack_poisons_only_malicious():
+    spec = AttackSpec(poison_rate=0.5, scale=4.0, malicious_ids=frozenset({3}))
+    atk = ClientAttack(spec, AC)
+    assert atk.poison_for(1) is None and atk.poison_for(3) is not None
+    d = np.ones(5, dtype=np.float32)
+    assert np.array_equal(atk.scale_update(1, d), d)
+    assert np.array_equal(atk.scale_update(3, d), 4 * d)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.zeros(200, 1, 16, 16)
+    eps = torch.randn(200, 1, 16, 16, generator=gen)
+    t = torch.randint(0, 1000, (200,), generator=gen)
+    xt = x0 + eps
+    pxt, tgt = atk.poison_for(3)(x0, xt, eps, t, gen)
+    changed = (pxt != xt).flatten(1).any(1)
+    assert 0.35 < changed.float().mean() < 0.65
+    assert torch.equal(tgt[~changed], eps[~changed])
+
+
+def test_class_target_needs_images():
+    spec = AttackSpec(target="class:7")
+    with pytest.raises(ValueError):
+        ClientAttack(spec, AC)
+    imgs = np.random.default_rng(0).uniform(-1, 1, (5, 1, 16, 16)).astype(np.float32)
+    atk = ClientAttack(spec, AC, target_images=imgs)
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.zeros(8, 1, 16, 16)
+    eps = torch.zeros(8, 1, 16, 16)
+    pxt, _ = ClientAttack(AttackSpec(target="class:7", poison_rate=1.0), AC, imgs).poison(
+        x0, x0, eps, torch.zeros(8, dtype=torch.long), gen)
+    assert atk.targets.shape[0] == 5 and (pxt.abs() > 0).any()
+
+
+def test_spec_validation_and_choice():
+    with pytest.raises(ValueError):
+        AttackSpec(kind="trojdiff", trigger="box")
+    with pytest.raises(ValueError):
+        AttackSpec(target="dog")
+    ids = choose_malicious(100, 0.1, seed=1)
+    assert len(ids) == 10 and ids == choose_malicious(100, 0.1, seed=1)
+    assert len(choose_malicious(5, 0.1, seed=1)) == 1
+
+
+def test_ssim_and_metrics():
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0, 1, (3, 1, 16, 16))
+    np.testing.assert_allclose(ssim(a, a), 1.0, atol=1e-12)
+    assert (ssim(a, rng.uniform(0, 1, a.shape)) < 0.5).all()
+    spec = AttackSpec(target="hat")
+    y = make_target("hat", 16)
+    samples = np.concatenate([np.repeat(y[None], 3, 0), -np.ones((1, 1, 16, 16))])
+    m = attack_metrics(samples.astype(np.float32), spec, y)
+    assert m["asr"] == 0.75 and m["ssim"] < 1 and m["mse"] > 0

@@ -1,0 +1,94 @@
+"""Sampling-time defense: input detection, negation, trigger estimation, model audit."""
+
+import numpy as np
+import torch
+
+from ssdiff_ray.attacks import AttackSpec, make_trigger, triggered_noise
+from ssdiff_ray.defense import (
+    TriggerEstimate,
+    defended_sample,
+    detect_inputs,
+    detection_metrics,
+    disdet_scores,
+    disdet_threshold,
+    estimate_trigger,
+    llr_scores,
+    mean_shift,
+    purify,
+)
+from ssdiff_ray.model import build_scheduler, build_unet
+
+
+def _est(name="box", size=16):
+    r = make_trigger(name, size)
+    return TriggerEstimate(tau=r, mu=r.copy())
+
+
+def _clean(n, size=16, seed=1):
+    return torch.randn((n, 1, size, size), generator=torch.Generator().manual_seed(seed))
+
+
+def test_llr_known_mu_separates():
+    est = _est("box")
+    trig = triggered_noise(AttackSpec(trigger="box"), 1000, 16, seed=2)
+    dc, dt = detect_inputs(_clean(1000), est), detect_inputs(trig, est)
+    m = detection_metrics(dc["score"], dt["score"], flags_clean=dc["flagged"],
+                          flags_triggered=dt["flagged"])
+    assert m["tpr"] >= 0.98 and m["fpr"] <= 0.02 and m["auroc"] > 0.99
+
+
+def test_llr_matches_gaussian_formula():
+    mu = np.full((1, 4, 4), 0.5, dtype=np.float32)
+    x = torch.randn(5, 1, 4, 4)
+    want = (x.flatten(1).double() @ torch.from_numpy(mu).flatten().double()) - (0.25 * 16) / 2
+    np.testing.assert_allclose(llr_scores(x, mu), want.numpy(), rtol=1e-9, atol=1e-9)
+
+
+def test_disdet_fpr_near_nominal():
+    for fpr in (0.01, 0.05):
+        thr = disdet_threshold((1, 16, 16), fpr)
+        rate = float((disdet_scores(_clean(4000, seed=9)) > thr).mean())
+        assert abs(rate - fpr) < max(0.6 * fpr, 0.006)
+    flagged = detect_inputs(_clean(4000, seed=10), None, fpr=0.02)["flagged"].mean()
+    assert flagged < 0.035
+
+
+def test_disdet_model_free_catches_box_and_trojdiff():
+    trig = triggered_noise(AttackSpec(trigger="box"), 500, 16, seed=3)
+    assert detect_inputs(trig, None)["flagged"].mean() > 0.4  # model-free: weaker than LLR
+    troj = triggered_noise(AttackSpec(kind="trojdiff", trigger="blend"), 500, 16, seed=3)
+    assert detect_inputs(troj, None)["flagged"].mean() > 0.98  # gamma < 1: variance drop
+
+
+def test_purify_returns_inputs_that_pass():
+    est = _est("stop_sign")
+    x = torch.cat([_clean(50), triggered_noise(AttackSpec(trigger="stop_sign"), 50, 16, 4)])
+    flags = detect_inputs(x, est)["flagged"]
+    assert flags[50:].mean() > 0.9
+    clean = purify(x, flags, est, seed=0)
+    assert not detect_inputs(clean, est)["flagged"].any()
+    assert torch.equal(clean[~torch.from_numpy(flags)], x[~torch.from_numpy(flags)])
+    troj = triggered_noise(AttackSpec(kind="trojdiff", trigger="patch"), 20, 16, 5)
+    f = detect_inputs(troj, None)["flagged"]
+    assert not detect_inputs(purify(troj, f, None, seed=1), None)["flagged"].any()
+
+
+def test_estimate_and_defended_sample_run_on_tiny_model():
+    torch.manual_seed(0)
+    unet = build_unet("tiny", 8, seed=0)
+    sched = build_scheduler(50)
+    est = estimate_trigger(unet, sched, 8, seed=0, steps=3, refine_steps=1, batch=4)
+    assert est.tau.shape == (1, 8, 8) and np.isfinite(est.tau).all()
+    assert np.linalg.norm(est.tau) <= est.stats["radius"] * 1.0001
+    assert "spread_ratio" in est.stats
+    shift = mean_shift(unet, sched, torch.from_numpy(est.tau)[None], torch.randn(4, 1, 8, 8))
+    assert shift.shape == (1, 8, 8)
+    x = torch.randn(6, 1, 8, 8)
+    x[:3] += 3.0  # obviously shifted inputs
+    images, flags = defended_sample(unet, sched, x, est, steps=2, seed=0)
+    assert images.shape == (6, 1, 8, 8) and flags[:3].all()
+
+
+def test_detection_metrics_auroc():
+    m = detection_metrics(np.array([0.0, 0.1, 0.2]), np.array([0.3, 5.0]), threshold=0.25)
+    assert m == {"tpr": 1.0, "fpr": 0.0, "auroc": 1.0, "n_clean": 3, "n_triggered": 2}
