@@ -68,6 +68,10 @@ class Federation:
                                     self.num_pools)
         self.ledger = Ledger(prep.run_dir)
         self.loss_history: list[float] = []
+        from ssdiff_ray.security import attack_spec
+
+        spec = attack_spec(cfg)
+        self.malicious_ids = np.array(sorted(spec.malicious_ids) if spec else [], dtype=np.int64)
         self.suspect: set[int] = set()   # pools that failed and may be restarting
         self.pool_pid: dict[int, int] = {}
         self.last_round = 0
@@ -135,6 +139,15 @@ class Federation:
         out["drop_reason"][rejected & (out["drop_reason"] == "")] = "rejected"
         stats = ray.get(self.server.finish_round.remote())
         stats.update(decode_s=decode_s, aggregate_s=aggregate_s)
+        pos = {int(c): i for i, c in enumerate(plan.client_ids)}
+        for cid, reason in stats["screened"].items():
+            i = pos[int(cid)]
+            out["screened"][i] = True
+            if reason.startswith("dropped:"):
+                out["rejected_reason"][i] = reason[len("dropped:"):]
+                out["drop_reason"][i] = "screened"
+            elif not out["rejected_reason"][i]:
+                out["rejected_reason"][i] = ""  # clipped but kept
         wall_s = time.perf_counter() - t0
         return self._record(plan, out, stats, downlink_bytes, wall_s, t_train - t0, failures)
 
@@ -166,6 +179,7 @@ class Federation:
             "straggler": plan.straggler, "screened": out["screened"],
             "rejected_reason": out["rejected_reason"].astype(str),
             "state_reset": out["state_reset"],
+            "malicious": np.isin(plan.client_ids, self.malicious_ids),
             "train_s": out["train_s"], "encode_s": out["encode_s"],
             "compute_s": costs["compute_s"], "upload_s": costs["upload_s"],
             "download_s": costs["download_s"], "compute_energy_j": costs["compute_energy_j"],

@@ -89,6 +89,33 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_sample(args) -> int:
+    from ssdiff_ray.serve import RunModelError, sample_run
+
+    try:
+        res = sample_run(args.run_dir, args.n, args.trigger, args.defend, args.seed, args.out)
+    except RunModelError as e:
+        raise UserError(str(e)) from None
+    print(f"{res['n']} samples ({'triggered: ' + res['trigger'] if res['trigger'] else 'clean'}"
+          f" inputs, defense {'on' if res['defended'] else 'off'}): {res['flagged']} flagged")
+    print(f"grid: {res['png']}\nrecord: {res['record']}")
+    return 0
+
+
+def cmd_audit(args) -> int:
+    from ssdiff_ray.serve import RunModelError, audit_run
+
+    try:
+        res = audit_run(args.run_dir, args.seed)
+    except RunModelError as e:
+        raise UserError(str(e)) from None
+    print(f"verdict: {res.get('verdict')}")
+    for k, v in res.items():
+        if k != "verdict" and not isinstance(v, list):
+            print(f"  {k}: {v:.4g}" if isinstance(v, float) else f"  {k}: {v}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssdiff", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -111,6 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_dirs", nargs="+")
     cmp_.add_argument("--out", default="compare.png", help="PNG to write")
     cmp_.set_defaults(func=cmd_compare)
+
+    smp = sub.add_parser("sample", help="sample a run's model, with the backdoor defense")
+    smp.add_argument("run_dir")
+    smp.add_argument("--n", type=int, default=64)
+    smp.add_argument("--trigger", choices=("box", "stop_sign", "glasses", "blend", "patch"),
+                     help="start from triggered noise (to test the defense)")
+    smp.add_argument("--defend", action=argparse.BooleanOptionalAction, default=True)
+    smp.add_argument("--seed", type=int, default=0)
+    smp.add_argument("--out", help="PNG path (default RUN_DIR/sample_<trigger>.png)")
+    smp.set_defaults(func=cmd_sample)
+
+    aud = sub.add_parser("audit", help="does the run's model look backdoored?")
+    aud.add_argument("run_dir")
+    aud.add_argument("--seed", type=int, default=0)
+    aud.set_defaults(func=cmd_audit)
 
     return p
 

@@ -16,6 +16,7 @@ from ssdiff_ray import codec
 from ssdiff_ray.config import Config
 from ssdiff_ray.data import read_shard
 from ssdiff_ray.model import build_scheduler, build_unet, param_layout
+from ssdiff_ray.security import client_attack
 from ssdiff_ray.train import LocalTrainer, client_seed
 
 
@@ -36,7 +37,8 @@ class ClientGroup:
         self.trainer = LocalTrainer(unet, sched.alphas_cumprod, cfg.train.lr, cfg.train.grad_clip)
         self.shards: dict[int, np.ndarray] = {}   # loaded on first use
         self.residuals: dict[int, np.ndarray] = {}  # error feedback, only after a first upload
-        self.attack = None  # set by the pool for malicious clients (security issue)
+        # Malicious clients of an [attack] config poison their batches (None: all benign).
+        self.attack = client_attack(cfg, sched.alphas_cumprod)
 
     def images(self, client_id: int) -> np.ndarray:
         if client_id not in self.shards:

@@ -86,6 +86,9 @@ class ServerConfig:
     round_timeout_s: float = _f(600.0, lo=0.0, lo_open=True, hi=1e9)
     checkpoint_every: int = _f(0, lo=0, hi=1_000_000, doc="rounds between checkpoints (0 = end)")
     max_update_norm: float = _f(0.0, lo=0.0, hi=1e12, doc="clip client updates to this L2 norm")
+    screening: str = _f("none", choices=("none", "norm", "krum", "flame"),
+                        doc="outlier screening of each round's updates")
+    norm_factor: float = _f(3.0, lo=1.0, hi=1e6, doc="norm screening: x weighted median norm")
 
 
 @dataclass
@@ -122,6 +125,26 @@ class RayConfig:
 
 
 @dataclass
+class AttackConfig:
+    kind: str = _f("none", choices=("none", "baddiffusion", "trojdiff"))
+    trigger: str = _f("box", choices=("box", "stop_sign", "glasses", "blend", "patch"),
+                      doc="baddiffusion: box/stop_sign/glasses; trojdiff: blend/patch")
+    target: str = _f("hat", doc="hat, cross, corner, or class:K")
+    malicious_fraction: float = _f(0.1, lo=0.0, hi=1.0)
+    poison_rate: float = _f(0.1, lo=0.0, hi=1.0, doc="fraction of each poisoned batch")
+    scale: float = _f(1.0, lo=0.0, lo_open=True, hi=1e6, doc="model replacement factor")
+    gamma: float = _f(0.6, lo=0.0, lo_open=True, hi=10.0, doc="TrojDiff trigger noise scale")
+    eval_samples: int = _f(200, lo=10, hi=1_000_000, doc="triggered samples per evaluation")
+
+
+@dataclass
+class DefenseConfig:
+    enabled: bool = _f(True, doc="detect and negate triggered inputs when evaluating")
+    fpr: float = _f(0.01, lo=0.0, lo_open=True, hi=0.5, doc="detector false-positive target")
+    estimate_trigger: bool = _f(True, doc="invert the trigger from the model (slower)")
+
+
+@dataclass
 class Config:
     seed: int = _f(0, lo=0, hi=2**31 - 1)
     rounds: int = _f(30, lo=1, hi=1_000_000)
@@ -136,6 +159,8 @@ class Config:
     devices: DevicesConfig = field(default_factory=DevicesConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,6 +264,16 @@ def _check_cross(cfg: Config) -> None:
                               f"{', '.join(DEVICE_CLASSES)})")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
             raise ConfigError(f"devices.class_mix.{k} = {w!r}: must be a number >= 0")
+    a = cfg.attack
+    if a.kind != "none":
+        troj = a.trigger in ("blend", "patch")
+        if troj != (a.kind == "trojdiff"):
+            allowed = "blend, patch" if a.kind == "trojdiff" else "box, stop_sign, glasses"
+            raise ConfigError(f"attack.trigger = {a.trigger!r}: {a.kind} takes {allowed}")
+        ok = a.target in ("hat", "cross", "corner") or (
+            a.target.startswith("class:") and a.target[6:].isdigit())
+        if not ok:
+            raise ConfigError(f"attack.target = {a.target!r}: must be hat, cross, corner or class:K")
     if cfg.devices.class_mix and sum(cfg.devices.class_mix.values()) <= 0:
         raise ConfigError("devices.class_mix: weights must not all be 0")
 

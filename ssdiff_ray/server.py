@@ -58,6 +58,13 @@ class ServerState:
     # --- uplink ---------------------------------------------------------------------------
     def begin_round(self) -> None:
         self.agg = StreamingAggregator(self.num_params, self.num_slots)
+        self.buffer: list[tuple[int, np.ndarray, float]] = []
+
+    @property
+    def buffered(self) -> bool:
+        """Outlier screening compares a round's updates with each other, so it must see them
+        all before aggregating; without it, updates stream into the sum as they arrive."""
+        return self.cfg.server.screening != "none"
 
     def accumulate(self, slot: int, meta: dict, blob: np.ndarray, weights: np.ndarray) -> dict:
         """Decode, screen and add one pool's payloads; return per-client verdicts.
@@ -82,16 +89,40 @@ class ServerState:
                 continue
             t1 = time.perf_counter()
             delta, screened[i] = clip_to_norm(delta, self.cfg.server.max_update_norm)
-            self.agg.add(slot, delta, float(weights[i]))
+            if self.buffered:
+                self.buffer.append((int(meta["client_id"][i]), delta, float(weights[i])))
+            else:
+                self.agg.add(slot, delta, float(weights[i]))
             decode_s += t1 - t0
             aggregate_s += time.perf_counter() - t1
         return {"rejected_reason": rejected, "screened": screened, "decode_s": decode_s,
                 "aggregate_s": aggregate_s}
 
+    def _screen_buffer(self) -> dict[int, str]:
+        """Screen the buffered updates; add the kept ones; return {client_id: reason}."""
+        from ssdiff_ray.screening import screen_updates
+
+        if not self.buffer:
+            return {}
+        self.buffer.sort(key=lambda b: b[0])  # arrival order must not change the result
+        ids = [b[0] for b in self.buffer]
+        deltas = np.stack([b[1] for b in self.buffer])
+        weights = np.array([b[2] for b in self.buffer])
+        params = {"norm_factor": self.cfg.server.norm_factor} \
+            if self.cfg.server.screening == "norm" else {}
+        keep, reasons = screen_updates(deltas, weights, self.cfg.server.screening, **params)
+        for i in np.flatnonzero(keep):
+            self.agg.add(0, deltas[i], float(weights[i]))
+        self.buffer = []
+        # "dropped:" marks an update left out of the sum; others were clipped and kept
+        return {cid: ("" if k else "dropped:") + (r or "screened")
+                for cid, k, r in zip(ids, keep, reasons) if r or not k}
+
     def finish_round(self) -> dict:
         """Apply the weighted mean of this round's accepted updates (FedAvg / FedAvgM)."""
+        screened = self._screen_buffer() if self.buffered else {}
         mean = self.agg.mean()
-        stats = {"aggregated": self.agg.count, "update_norm": 0.0}
+        stats = {"aggregated": self.agg.count, "update_norm": 0.0, "screened": screened}
         if mean is not None:
             stats["update_norm"] = float(np.linalg.norm(mean))
             self.weights = self.optimizer.step(self.weights, mean)
@@ -120,7 +151,13 @@ class ServerState:
         weights = get_flat(build_unet(self.cfg.model.preset, self.cfg.data.image_size,
                                       seed=self.cfg.seed)) if untrained else None
         images = self.generate(self.cfg.eval.samples, seed, weights)
-        metrics = self._evaluator().evaluate(images)
+        evaluator = self._evaluator()
+        metrics = evaluator.evaluate(images)
+        if self.cfg.attack.kind != "none" and not untrained:
+            from ssdiff_ray.security import evaluate_attack
+
+            metrics.update(evaluate_attack(self.cfg, self.unet, self.scheduler,
+                                           evaluator.classifier, images, evaluator, seed))
         return metrics, images[: self.cfg.eval.grid]
 
     def fid_floor(self) -> float:
