@@ -83,6 +83,8 @@ class QuantConfig:
 class ServerConfig:
     lr: float = _f(1.0, lo=0.0, lo_open=True, hi=100.0, doc="server learning rate")
     momentum: float = _f(0.0, lo=0.0, hi=0.999, doc="FedAvgM momentum (0 = FedAvg)")
+    ema_decay: float = _f(0.0, lo=0.0, hi=0.9999,
+                          doc="EMA of the global weights over rounds, used to sample and saved (0 = off)")
     round_timeout_s: float = _f(600.0, lo=0.0, lo_open=True, hi=1e9)
     checkpoint_every: int = _f(0, lo=0, hi=1_000_000, doc="rounds between checkpoints (0 = end)")
     max_update_norm: float = _f(0.0, lo=0.0, hi=1e12, doc="clip client updates to this L2 norm")
@@ -122,6 +124,10 @@ class RayConfig:
     torch_threads: int = _f(1, lo=1, hi=1024, doc="torch threads per pool actor")
     max_restarts: int = _f(3, lo=-1, hi=1000, doc="pool actor restarts (-1 = unlimited)")
     batched_clients: str = _f("auto", choices=("auto", "on", "off"), doc="vmap clients (GPU)")
+    server_resource: str = _f("", doc="custom Ray resource that pins the parameter server to a "
+                              "node (e.g. 'ps'); '' = the driver's node")
+    pool_resources: dict = _f({}, doc="custom Ray resources every pool asks for, e.g. "
+                              "{ aiot_jetson = 1 } to place pools on Jetson nodes")
 
 
 @dataclass
@@ -274,6 +280,12 @@ def _check_cross(cfg: Config) -> None:
             a.target.startswith("class:") and a.target[6:].isdigit())
         if not ok:
             raise ConfigError(f"attack.target = {a.target!r}: must be hat, cross, corner or class:K")
+    for k, v in cfg.ray.pool_resources.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1e6:
+            raise ConfigError(f"ray.pool_resources.{k} = {v!r}: must be a number in (0, 1e6]")
+        if k in ("CPU", "GPU", "memory", "object_store_memory"):
+            raise ConfigError(f"ray.pool_resources.{k}: built-in resource, use ray.num_cpus_per_pool"
+                              " / ray.num_gpus_per_pool")
     if cfg.devices.class_mix and sum(cfg.devices.class_mix.values()) <= 0:
         raise ConfigError("devices.class_mix: weights must not all be 0")
 

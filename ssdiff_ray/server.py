@@ -33,6 +33,9 @@ class ServerState:
         self.weights = get_flat(self.unet)
         self.num_params = len(self.weights)
         self.optimizer = ServerOptimizer(cfg.server.lr, cfg.server.momentum)
+        # Diffusion models sample better from an average of recent weights than from the
+        # last round's, which leans towards the few (non-IID) clients that round selected.
+        self.ema: np.ndarray | None = None
         self.num_slots = num_slots
         # What the clients hold: equals ``weights`` unless the downlink is quantized.
         self.client_view = self.weights.copy()
@@ -126,6 +129,10 @@ class ServerState:
         if mean is not None:
             stats["update_norm"] = float(np.linalg.norm(mean))
             self.weights = self.optimizer.step(self.weights, mean)
+            d = self.cfg.server.ema_decay
+            if d > 0:
+                self.ema = self.weights.copy() if self.ema is None else \
+                    (d * self.ema + (1 - d) * self.weights).astype(np.float32)
         self.agg = None
         return stats
 
@@ -139,9 +146,13 @@ class ServerState:
             self.evaluator = QualityEvaluator(images, labels)
         return self.evaluator
 
+    def sampling_weights(self) -> np.ndarray:
+        """The weights that sample and get saved: the EMA when enabled, else the global model."""
+        return self.ema if self.ema is not None else self.weights
+
     def generate(self, n: int, seed: int, weights: np.ndarray | None = None,
                  x_T: torch.Tensor | None = None) -> np.ndarray:
-        set_flat(self.unet, self.weights if weights is None else weights)
+        set_flat(self.unet, self.sampling_weights() if weights is None else weights)
         e = self.cfg.eval
         return sample(self.unet, self.scheduler, n, sampler=e.sampler, steps=e.steps, seed=seed,
                       x_T=x_T)
@@ -165,11 +176,12 @@ class ServerState:
 
     # --- checkpoints ----------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"weights": self.weights, "optimizer": self.optimizer.state_dict(),
+        return {"weights": self.weights, "ema": self.ema, "optimizer": self.optimizer.state_dict(),
                 "client_view": self.client_view, "downlink_residual": self.downlink_residual}
 
     def load_state_dict(self, state: dict) -> None:
         self.weights = state["weights"]
+        self.ema = state.get("ema")
         self.optimizer.load_state_dict(state["optimizer"])
         self.client_view = state["client_view"]
         self.downlink_residual = state["downlink_residual"]
@@ -177,6 +189,6 @@ class ServerState:
     def save_model(self, path) -> None:
         from ssdiff_ray.model import save_pipeline
 
-        set_flat(self.unet, self.weights)
+        set_flat(self.unet, self.sampling_weights())
         save_pipeline(self.unet.cpu(), self.scheduler, path)
         self.unet.to(self.device)

@@ -64,3 +64,25 @@ def test_client_group_payloads_decode_to_their_updates(tmp_path):
     meta2, blob2 = group.train_round(flat, 1, np.array([0]), np.array([32]), np.array([2]))
     assert np.array_equal(blob2, blob[:meta["offsets"][1]])
     assert abs(np.linalg.norm(d0) - meta["update_norm"][0]) < 1e-5 * meta["update_norm"][0] + 1e-9
+
+
+def test_ema_of_global_weights_is_what_samples_and_checkpoints():
+    cfg = config.load(None, [*TINY, "server.ema_decay=0.5"])
+    s = ServerState(cfg, num_slots=1)
+    rng = np.random.default_rng(1)
+    w0 = s.weights.copy()
+    history = []
+    for _ in range(3):
+        delta = rng.normal(scale=1e-2, size=s.num_params).astype(np.float32)
+        s.begin_round()
+        meta, blob = _pack([codec.encode(delta, 32, 64, rng, s.layout)])
+        s.accumulate(0, meta, blob, np.array([1.0]))
+        s.finish_round()
+        history.append(s.weights.copy())
+    # ema starts at the first round's weights, then ema <- 0.5 ema + 0.5 w
+    expected = 0.5 * (0.5 * history[0] + 0.5 * history[1]) + 0.5 * history[2]
+    np.testing.assert_allclose(s.sampling_weights(), expected, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(s.sampling_weights(), s.weights) and not np.allclose(w0, s.weights)
+    restored = ServerState(cfg, num_slots=1)
+    restored.load_state_dict(s.state_dict())
+    np.testing.assert_array_equal(restored.sampling_weights(), s.sampling_weights())
