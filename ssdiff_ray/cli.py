@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--seed", type=int, default=0)
     aud.set_defaults(func=cmd_audit)
 
+    from tuning.cli import add_parser as add_tune  # argparse only; optuna/ray load when run
+
+    add_tune(sub)
+
     return p
 
 

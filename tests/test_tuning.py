@@ -1,0 +1,261 @@
+"""ssdiff tune: search-space validation, studies on SQLite and a real PostgreSQL server,
+resume after the study process is killed, pruning on per-round values."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+from conftest import TINY
+
+from ssdiff_ray import cli, config
+from ssdiff_ray.config import ConfigError
+from tuning.space import load_space, overrides, parse_space
+from tuning.study import TuneOptions, open_study, prepare, run_study
+
+BASE = [*TINY, "rounds=1", "eval.samples=20", "eval.grid=0"]
+SPACE = """
+[params]
+"quant.policy" = { choices = ["fixed", "time_adaptive"] }
+"quant.bits" = { choices = [4, 8] }
+"devices.cpu_scale" = { low = 0.3, high = 1.0 }
+"""
+
+
+def _space(tmp_path, text=SPACE) -> str:
+    p = tmp_path / "space.toml"
+    p.write_text(text)
+    return str(p)
+
+
+@pytest.mark.parametrize("entry, needle", [
+    ('"quant.bitz" = { choices = [4] }', "quant.bitz"),
+    ('"quant.bits" = { choices = [3.5] }', "quant.bits"),
+    ('"quant.bits" = { choices = [5, 9] }', "quant.bits"),
+    ('"quant.policy" = { choices = ["fixd"] }', "quant.policy"),
+    ('"clients.per_round" = { low = 0.1, high = 2.0 }', "clients.per_round"),
+    ('"quant.error_feedback" = { low = 0, high = 1 }', "quant.error_feedback"),
+    ('"train.local_steps" = { low = 1.5, high = 4 }', "train.local_steps"),
+    ('"server.lr" = { low = 2.0, high = 1.0 }', "server.lr"),
+    ('"server.lr" = { lo = 0.5, high = 1.0 }', "server.lr"),
+    ('"devices.class_mix" = { choices = [1] }', "devices.class_mix"),
+    ('"nosection.key" = { choices = [1] }', "nosection.key"),
+    ('"out_dir" = { choices = ["a"] }', "out_dir"),
+])
+def test_bad_space_entry_names_it(entry, needle):
+    with pytest.raises(ConfigError) as e:
+        parse_space({"params": dict([_one(entry)])})
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+
+
+def _one(entry: str):
+    import tomllib
+
+    (k, v), = tomllib.loads(entry).items()
+    return k, v
+
+
+def test_default_space_is_valid_and_overrides_load():
+    space = load_space()
+    assert {"quant.policy", "quant.block_size", "quant.error_feedback", "clients.per_round",
+            "train.local_steps", "devices.deadline_s", "devices.tx_power_cap_w",
+            "devices.cpu_scale", "server.lr"} <= set(space.names)
+    trial = optuna.trial.FixedTrial({p.name: (p.choices[-1] if p.kind == "categorical" else p.high)
+                                     for p in space.params})
+    params = space.suggest(trial)
+    cfg = config.load(None, overrides(params))
+    assert cfg.quant.policy == "energy_optimal" and cfg.server.lr == 2.0
+
+
+def test_cli_rejects_bad_space_before_anything_starts(tmp_path, capsys):
+    bad = _space(tmp_path, '[params]\n"quant.bits" = { choices = ["eight"] }\n')
+    out = tmp_path / "study"
+    rc = cli.main(["tune", "--space", bad, "--out", str(out), "--trials", "2"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("ssdiff: error:") and "quant.bits" in err
+    assert len(err.splitlines()) == 1
+    assert not out.exists()   # no storage, no trial
+    rc = cli.main(["tune", "--objectives", "energy,asr", "--out", str(out)])
+    assert rc == 2 and "asr" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="quant.bits"):
+        prepare(TuneOptions(space=_space(tmp_path), reference=["quant.bits=6"]))
+
+
+def _study_checks(res: dict, out: Path, storage: str, n: int) -> None:
+    study = optuna.load_study(study_name="s", storage=storage)
+    states = [t.state.name for t in study.get_trials()]
+    assert states.count("COMPLETE") == n, states
+    df = pd.read_parquet(out / "trials.parquet")
+    assert {"energy", "fid", "param.quant.policy", "param.devices.cpu_scale", "run_dir"} <= set(df.columns)
+    assert (df[df.state == "COMPLETE"]["energy"] > 0).all()
+    ref = df[df["reference"]]
+    assert len(ref) == 1 and ref.iloc[0]["param.quant.bits"] == 8 \
+        and ref.iloc[0]["param.quant.policy"] == "fixed"
+    front = pd.read_parquet(out / "pareto.parquet")
+    assert 1 <= len(front) <= n
+    assert (out / "pareto.png").is_file() and (out / "best.toml").is_file()
+    # Every exported config is the trial's resolved config, ready for `ssdiff run`.
+    for p in res["configs"]:
+        num = int(Path(p).stem.split("_")[1])
+        t = study.trials[num]
+        exported = config.load(p)
+        ran = config.load(Path(t.user_attrs["run_dir"]) / "config.toml")
+        assert exported.to_dict() | {"out_dir": "", "name": ""} == ran.to_dict() | {"out_dir": "", "name": ""}
+        assert exported.quant.policy == t.params["quant.policy"]
+
+
+@pytest.mark.slow
+def test_three_trials_on_sqlite(ray_local, tmp_path):
+    out = tmp_path / "tune"
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    opts = TuneOptions(overrides=BASE, space=_space(tmp_path), trials=3, parallel=2, storage=storage,
+                       study="s", out=str(out), reference=["quant.policy=fixed", "quant.bits=8"],
+                       startup_trials=2)
+    res = run_study(opts, progress=False)
+    assert res["complete"] == 3 and res["failed"] == 0
+    _study_checks(res, out, storage, 3)
+    # Rerunning the finished study does no more work.
+    res2 = run_study(opts, progress=False)
+    assert res2["trials"] == 3
+
+
+def _pg_binaries() -> tuple[str, str] | None:
+    for name in ("initdb",):
+        found = shutil.which(name)
+        if found:
+            d = Path(found).parent
+            return str(d / "initdb"), str(d / "pg_ctl")
+    cands = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
+                   key=lambda p: int(Path(p).parts[-3]) if Path(p).parts[-3].isdigit() else 0)
+    if cands:
+        return cands[-1], str(Path(cands[-1]).with_name("pg_ctl"))
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def postgres():
+    """A real PostgreSQL server on loopback in a temp dir, stopped afterwards."""
+    import tempfile
+
+    bins = _pg_binaries()
+    if bins is None:
+        pytest.skip("no PostgreSQL server binaries (initdb/pg_ctl) on PATH or in /usr/lib/postgresql")
+    initdb, pg_ctl = bins
+    # Directly under the system temp dir: pytest's own is private to the current user.
+    root = Path(tempfile.mkdtemp(prefix="ssdiff-pg-"))
+    data = root / "data"
+    # initdb refuses to run as root: run the server as an unprivileged user then.
+    as_user: list[str] = []
+    if os.getuid() == 0:
+        as_user = ["runuser", "-u", "nobody", "--"]
+        shutil.chown(root, "nobody")
+        os.chmod(root, 0o700)
+    port = _free_port()
+    r = subprocess.run([*as_user, initdb, "-D", str(data), "-U", "postgres", "--auth=trust",
+                        "-E", "UTF8"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    opts = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+    subprocess.run([*as_user, pg_ctl, "-D", str(data), "-l", str(root / "log"), "-o", opts,
+                    "-w", "start"], check=True, capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*as_user, pg_ctl, "-D", str(data), "-m", "fast", "-w", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_three_trials_on_postgres(ray_local, tmp_path, postgres):
+    out = tmp_path / "tune"
+    opts = TuneOptions(overrides=BASE, space=_space(tmp_path), trials=3, parallel=2, storage=postgres,
+                       study="s", out=str(out), reference=["quant.policy=fixed", "quant.bits=8"],
+                       startup_trials=2)
+    res = run_study(opts, progress=False)
+    assert res["complete"] == 3 and res["storage"].startswith("postgresql")
+    _study_checks(res, out, postgres, 3)
+
+
+@pytest.mark.slow
+def test_resume_after_killing_the_study_process(tmp_path):
+    db = tmp_path / "study.db"
+    storage = f"sqlite:///{db}"
+    cmd = [sys.executable, "-m", "ssdiff_ray.cli", "tune", "--space", _space(tmp_path),
+           "--trials", "3", "--parallel", "1", "--storage", storage, "--study", "s",
+           "--out", str(tmp_path / "tune"), "--quiet", "--startup-trials", "3",
+           *[a for s in [*BASE, "rounds=2"] for a in ("--set", s)]]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    killed = None
+    try:
+        deadline = time.time() + 600
+        while time.time() < deadline and proc.poll() is None:
+            time.sleep(1.0)
+            if not db.exists():
+                continue
+            try:
+                trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+            except (KeyError, Exception):  # noqa: BLE001 - study not created yet / locked
+                continue
+            states = [t.state.name for t in trials]
+            if states.count("COMPLETE") >= 1 and "RUNNING" in states:
+                killed = next(t for t in trials if t.state.name == "RUNNING")
+                time.sleep(3)  # inside the second run
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+    finally:
+        if proc.poll() is None and killed is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert killed is not None, proc.stderr.read().decode()[-2000:]
+    states = [t.state.name for t in optuna.load_study(study_name="s", storage=storage).get_trials()]
+    assert states.count("RUNNING") == 1 and states.count("COMPLETE") < 3
+    # The same command resumes: the interrupted trial fails and is retried.
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "interrupted" in r.stdout
+    trials = optuna.load_study(study_name="s", storage=storage).get_trials()
+    states = [t.state.name for t in trials]
+    assert states.count("COMPLETE") == 3 and states.count("FAIL") == 1 and "RUNNING" not in states
+    failed = next(t for t in trials if t.state.name == "FAIL")
+    assert failed.number == killed.number and "interrupted" in failed.user_attrs["error"]
+    retry = [t for t in trials if t.user_attrs.get("retry_of") == killed.number]
+    assert len(retry) == 1 and retry[0].state.name == "COMPLETE" and retry[0].params == killed.params
+
+
+@pytest.mark.slow
+def test_bad_intermediate_values_are_pruned(ray_local, tmp_path):
+    space = _space(tmp_path, '[params]\n"train.local_steps" = { choices = [1, 6] }\n')
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    opts = TuneOptions(overrides=[*BASE, "rounds=2", "eval.every=1"], space=space, trials=2,
+                       parallel=1, storage=storage, study="s", out=str(tmp_path / "tune"),
+                       objectives=["energy"], pruner="median", pruner_startup=1, sampler="random")
+    study = open_study(prepare(opts))
+    # A cheap trial first, then one whose energy after round 1 is far above it.
+    study.enqueue_trial({"train.local_steps": 1})
+    study.enqueue_trial({"train.local_steps": 6})
+    res = run_study(opts, progress=False)
+    assert res["complete"] == 1 and res["pruned"] == 1
+    good, bad = optuna.load_study(study_name="s", storage=storage).trials
+    assert good.state.name == "COMPLETE" and sorted(good.intermediate_values) == [1, 2]
+    assert bad.state.name == "PRUNED" and sorted(bad.intermediate_values) == [1]
+    assert bad.intermediate_values[1] > good.intermediate_values[1]
+    assert len(bad.user_attrs["rounds"]) == 1   # the run stopped after round 1
+    assert res["best"]["number"] == good.number

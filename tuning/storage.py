@@ -1,0 +1,57 @@
+"""Optuna storages by URL: SQLite file (default), any SQLAlchemy URL (PostgreSQL), journal file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ssdiff_ray.config import ConfigError
+
+
+def absolute_url(url: str) -> str:
+    """File URLs made absolute, so Ray workers (other cwd) open the same file."""
+    for prefix in ("sqlite:///", "journal://"):
+        if url.startswith(prefix):
+            path = url[len(prefix):]
+            if path and path != ":memory:":
+                return prefix + str(Path(path).expanduser().resolve())
+    return url
+
+
+def open_storage(url: str):
+    """The Optuna storage behind ``url``; errors are one line naming the URL."""
+    import optuna
+
+    if url.startswith("journal://"):
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        path = Path(url[len("journal://"):])
+        if not path.name:
+            raise ConfigError(f"--storage {url!r}: journal:///PATH needs a file path")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return JournalStorage(JournalFileBackend(str(path)))
+    if "://" not in url:
+        raise ConfigError(f"--storage {url!r}: expected sqlite:///FILE, "
+                          f"postgresql+psycopg://USER@HOST:PORT/DB or journal:///FILE")
+    kwargs = {}
+    if url.startswith("sqlite:///"):
+        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        # Trials in Ray workers write (pruning reports) while the driver writes: wait on locks.
+        kwargs = {"engine_kwargs": {"connect_args": {"timeout": 60}}}
+    elif url.startswith("postgresql"):
+        kwargs = {"engine_kwargs": {"pool_pre_ping": True}}
+    try:
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except Exception as e:  # noqa: BLE001 - driver/connection errors of many kinds
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(f"--storage {_redact(url)}: cannot open ({first})") from None
+
+
+def _redact(url: str) -> str:
+    """Hide a password in ``scheme://user:pw@host``."""
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        cred, host = rest.split("@", 1)
+        if ":" in cred:
+            cred = cred.split(":", 1)[0] + ":***"
+        return f"{scheme}://{cred}@{host}"
+    return url

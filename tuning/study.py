@@ -1,0 +1,406 @@
+"""The driver of ``ssdiff tune``: an Optuna study whose trials are whole federated runs.
+
+Ask/tell on the driver, P trials at once as Ray tasks (``tuning.trial``). The study lives
+in the storage, so the same command resumes it: trials left RUNNING by a dead driver are
+marked FAIL and their parameters enqueued again, until N trials have finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ssdiff_ray import config as config_mod
+from ssdiff_ray.config import Config, ConfigError
+from tuning.space import Space, load_space, overrides
+from tuning.storage import absolute_url, open_storage
+from tuning.trial import OBJECTIVES, make_pruner
+
+OWNER = "ssdiff:owner"          # system attr: {"host", "pid", "ctime"} of the driver running it
+HEARTBEAT = "ssdiff:heartbeat"  # system attr: time.time() of the driver's last sign of life
+
+
+@dataclass
+class TuneOptions:
+    config: str | None = None
+    overrides: list[str] = field(default_factory=list)
+    space: str | None = None
+    trials: int = 20
+    parallel: int = 1
+    storage: str | None = None          # default sqlite:///OUT/study.db
+    study: str = "ssdiff"
+    out: str | None = None              # default <base out_dir>/tune-<study>
+    objectives: list[str] = field(default_factory=lambda: ["energy", "fid"])
+    constraints: list[str] = field(default_factory=list)   # "fid<=200"
+    sampler: str = "tpe"                # tpe | nsga2 | random
+    pruner: str = "auto"                # auto | median | hyperband | none
+    pruner_startup: int = 2
+    startup_trials: int | None = None   # sampler's random start (default: trials // 3)
+    seed: int | None = None             # sampler seed (default: the base config's seed)
+    reference: list[str] = field(default_factory=list)  # KEY=VALUE: one trial enqueued first
+    address: str | None = None
+    stale_after_s: float = 300.0
+    heartbeat_s: float = 30.0
+    max_failures: int = 5               # consecutive failed trials before giving up
+
+
+def parse_constraint(text: str, objectives_ok=OBJECTIVES) -> tuple[str, str, float]:
+    m = re.fullmatch(r"\s*(\w+)\s*(<=|>=)\s*([-+0-9.eE]+|inf)\s*", text)
+    if not m or m.group(1) not in objectives_ok:
+        raise ConfigError(f"--constraint {text!r}: expected METRIC<=VALUE or METRIC>=VALUE with "
+                          f"METRIC one of {', '.join(objectives_ok)}")
+    try:
+        bound = float(m.group(3))
+    except ValueError:
+        raise ConfigError(f"--constraint {text!r}: {m.group(3)!r} is not a number") from None
+    return m.group(1), m.group(2), bound
+
+
+@dataclass
+class Prepared:
+    opts: TuneOptions
+    base: Config
+    space: Space
+    out: Path
+    storage_url: str
+    constraints: list[tuple[str, str, float]]
+    reference: dict[str, Any] | None
+    pruner: str
+
+
+def prepare(opts: TuneOptions) -> Prepared:
+    """Validate everything a user gave before any storage, Ray or trial starts."""
+    base = config_mod.load(opts.config, opts.overrides)
+    space = load_space(opts.space)
+    if opts.trials < 1:
+        raise ConfigError(f"--trials {opts.trials}: must be >= 1")
+    if opts.parallel < 1:
+        raise ConfigError(f"--parallel {opts.parallel}: must be >= 1")
+    if not opts.objectives or len(set(opts.objectives)) != len(opts.objectives):
+        raise ConfigError(f"--objectives {','.join(opts.objectives)}: give distinct objectives")
+    for o in opts.objectives:
+        if o not in OBJECTIVES:
+            raise ConfigError(f"--objectives: unknown objective {o!r} (known: {', '.join(OBJECTIVES)})")
+        if o.startswith("asr") and base.attack.kind == "none":
+            raise ConfigError(f"--objectives {o}: needs an attack (attack.kind != 'none')")
+        if o == "asr_defended" and not base.defense.enabled:
+            raise ConfigError("--objectives asr_defended: needs defense.enabled = true")
+    if opts.sampler not in ("tpe", "nsga2", "random"):
+        raise ConfigError(f"--sampler {opts.sampler!r}: must be tpe, nsga2 or random")
+    if opts.pruner not in ("auto", "median", "hyperband", "none"):
+        raise ConfigError(f"--pruner {opts.pruner!r}: must be auto, median, hyperband or none")
+    pruner = opts.pruner
+    if len(opts.objectives) > 1:
+        if pruner in ("median", "hyperband"):
+            raise ConfigError(f"--pruner {pruner}: pruning needs a single objective "
+                              f"(--objectives {opts.objectives[0]})")
+        pruner = "none"
+    elif pruner == "auto":
+        pruner = "median"
+    constraints = [parse_constraint(c) for c in opts.constraints]
+    for name, _, _ in constraints:
+        if name.startswith("asr") and base.attack.kind == "none":
+            raise ConfigError(f"--constraint {name}: needs an attack (attack.kind != 'none')")
+    out = Path(opts.out or Path(base.out_dir) / f"tune-{opts.study}").resolve()
+    url = absolute_url(opts.storage or f"sqlite:///{out / 'study.db'}")
+    reference = None
+    if opts.reference:
+        # The reference is the base config itself with a few fields changed (e.g. fixed
+        # 8-bit): every searched field takes the base's value unless given here.
+        given = [".".join(config_mod.parse_override(t)[0]) for t in opts.reference]
+        ref_cfg = config_mod.load(opts.config, [*opts.overrides, *opts.reference]).to_dict()
+        reference = {}
+        for p in space.params:
+            node: Any = ref_cfg
+            for k in p.name.split("."):
+                node = node[k]
+            if p.kind == "categorical" and not p.contains(node):
+                raise ConfigError(f"--reference: {p.name} = {node!r} is not among the search "
+                                  f"space's choices {list(p.choices)}")
+            reference[p.name] = node
+        for k in given:
+            if k not in reference:
+                raise ConfigError(f"--reference {k}: not a searched field of the space")
+    return Prepared(opts, base, space, out, url, constraints, reference, pruner)
+
+
+def trial_config(prep: Prepared, params: dict, number: int, cpus: float, gpus: float) -> Config:
+    """Base config + trial parameters (validated as ``--set`` overrides) + trial resources.
+
+    Pools are fixed per trial (``clients.pools``; one per ``cpus / P`` if the base leaves it
+    to Ray) and each asks for ``cpus / (P * pools)`` CPUs at most, so the pools of P
+    concurrent trials fit in the cluster together and none waits for another's CPU.
+    """
+    o = prep.opts
+    sets = [*o.overrides, *overrides(params), f"out_dir={json.dumps(str(prep.out / 'trials'))}",
+            f"name=\"t{number:04d}\""]
+    cfg = config_mod.load(o.config, sets)
+    pools = cfg.clients.pools or max(1, int(cpus // o.parallel))
+    pools = min(pools, cfg.clients.count)
+    cpp = min(cfg.ray.num_cpus_per_pool, cpus / (o.parallel * pools))
+    res = [f"clients.pools={pools}", f"ray.num_cpus_per_pool={cpp!r}"]
+    if cfg.ray.num_gpus_per_pool > 0 and gpus > 0:
+        res.append(f"ray.num_gpus_per_pool={min(cfg.ray.num_gpus_per_pool, gpus / (o.parallel * pools))!r}")
+    return config_mod.load(o.config, [*sets, *res])
+
+
+def _owner() -> dict:
+    import psutil
+
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "ctime": psutil.Process().create_time()}
+
+
+def _alive(owner: dict) -> bool:
+    import psutil
+
+    try:
+        return abs(psutil.Process(owner["pid"]).create_time() - owner["ctime"]) < 1e-3
+    except (psutil.Error, KeyError, TypeError):
+        return False
+
+
+def recover_interrupted(study, stale_after_s: float) -> list[int]:
+    """Trials left RUNNING by a driver that is gone: mark FAIL, enqueue their params again.
+
+    Gone = a dead process on this host, or no heartbeat for ``stale_after_s`` (other hosts).
+    Returns the numbers of the trials recovered.
+    """
+    from optuna.trial import TrialState
+
+    host, now, done = socket.gethostname(), time.time(), []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.system_attrs.get(OWNER)
+        beat = t.system_attrs.get(HEARTBEAT, 0.0)
+        local_dead = owner is not None and owner.get("host") == host and not _alive(owner)
+        if not (local_dead or now - beat > stale_after_s):
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted (driver died)")
+        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        params = t.params or t.system_attrs.get("fixed_params", {})
+        if params:
+            attrs = {"retry_of": t.number}
+            if t.user_attrs.get("reference"):
+                attrs["reference"] = True
+            study.enqueue_trial(params, user_attrs=attrs)
+        done.append(t.number)
+    return done
+
+
+def _finished(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
+
+
+def make_sampler(prep: Prepared):
+    import optuna
+
+    o = prep.opts
+    seed = prep.base.seed if o.seed is None else o.seed
+    startup = o.startup_trials if o.startup_trials is not None else max(2, o.trials // 3)
+    if o.sampler == "nsga2":
+        return optuna.samplers.NSGAIISampler(population_size=max(2, startup), seed=seed)
+    if o.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    return optuna.samplers.TPESampler(n_startup_trials=startup, seed=seed, multivariate=True)
+
+
+def open_study(prep: Prepared):
+    import optuna
+
+    o = prep.opts
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = open_storage(prep.storage_url)
+    study = optuna.create_study(
+        storage=storage, study_name=o.study, sampler=make_sampler(prep),
+        pruner=make_pruner(prep.pruner, prep.base.rounds, o.pruner_startup),
+        directions=["minimize"] * len(o.objectives), load_if_exists=True)
+    names = study.metric_names
+    if names is None:
+        study.set_metric_names(list(o.objectives))
+    elif list(names) != list(o.objectives):
+        raise ConfigError(f"--study {o.study}: exists with objectives {','.join(names)}, "
+                          f"not {','.join(o.objectives)} (use another --study name)")
+    return study
+
+
+def _values(prep: Prepared, summary: dict) -> list[float]:
+    return [float(summary.get(OBJECTIVES[o][0], math.nan) if summary.get(OBJECTIVES[o][0])
+                  is not None else math.nan) for o in prep.opts.objectives]
+
+
+def best_text(study, objectives: list[str]) -> str:
+    """A short description of the current best (or Pareto front) for the progress bar."""
+    from tuning.export import knee
+
+    try:
+        front = study.best_trials
+    except Exception:  # noqa: BLE001 - no complete trial yet
+        return ""
+    if not front:
+        return ""
+    t = knee(front) if len(objectives) > 1 else front[0]
+    vals = " ".join(f"{o}={v:.4g}" for o, v in zip(objectives, t.values))
+    return (f"front={len(front)} " if len(objectives) > 1 else "") + f"#{t.number} {vals}"
+
+
+def run_study(opts: TuneOptions, progress: bool = True, log=print) -> dict:
+    """Run (or resume) the study until ``opts.trials`` trials have finished; export results."""
+    import warnings
+
+    import optuna
+
+    with warnings.catch_warnings():
+        # Optuna's experimental/deprecation notes, and the out-of-range note for a reference
+        # trial that keeps the base's value (e.g. deadline inf), are noise to a user here.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.filterwarnings("ignore", message="Fixed parameter")
+        warnings.filterwarnings("ignore", message="PedAnovaImportanceEvaluator")
+        warnings.filterwarnings("ignore", message="invalid value encountered")
+        return _run_study(opts, progress, log)
+
+
+def _run_study(opts: TuneOptions, progress: bool, log) -> dict:
+    import ray
+    from optuna.trial import TrialState
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+    from tqdm import tqdm
+
+    from ssdiff_ray.api import init_ray
+    from tuning.export import export
+    from tuning.trial import run_trial
+
+    prep = prepare(opts)
+    prep.out.mkdir(parents=True, exist_ok=True)
+    study = open_study(prep)
+    recovered = recover_interrupted(study, opts.stale_after_s)
+    if recovered:
+        log(f"resumed: trials {', '.join(map(str, recovered))} were interrupted; retrying them")
+    if prep.reference is not None:
+        has_ref = any(t.user_attrs.get("reference") for t in study.get_trials(deepcopy=False)
+                      if t.state != TrialState.FAIL)
+        if not has_ref:
+            study.enqueue_trial(prep.reference, user_attrs={"reference": True})
+    started = init_ray(opts.address)
+    running: dict = {}
+    try:
+        cluster = ray.cluster_resources()
+        cpus, gpus = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        bar = tqdm(total=opts.trials, initial=min(_finished(study), opts.trials),
+                   disable=not progress, unit="trial", desc=f"study {opts.study}", dynamic_ncols=True)
+        failures, last_beat, last_error = 0, time.time(), ""
+        owner = _owner()
+        while True:
+            done = _finished(study)
+            bar.n = min(done, opts.trials)
+            bar.set_postfix_str(best_text(study, opts.objectives), refresh=True)
+            while len(running) < opts.parallel and done + len(running) < opts.trials:
+                trial = study.ask()
+                params = prep.space.suggest(trial)
+                study._storage.set_trial_system_attr(trial._trial_id, OWNER, owner)
+                study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT, time.time())
+                try:
+                    cfg = trial_config(prep, params, trial.number, cpus, gpus)
+                except ConfigError as e:
+                    # A combination the schema forbids (e.g. min_bits > max_bits): skip it.
+                    trial.set_user_attr("error", str(e))
+                    study.tell(trial, state=TrialState.FAIL)
+                    failures += 1
+                    last_error = str(e)
+                    if failures >= opts.max_failures:
+                        raise ConfigError(f"{failures} trials failed in a row; last: {e}") from None
+                    continue
+                trial.set_user_attr("config", config_mod.to_toml(cfg))
+                trial.set_user_attr("run_dir", str(Path(cfg.out_dir) / cfg.name))
+                info = {"objectives": opts.objectives, "prune": prep.pruner != "none",
+                        "pruner": prep.pruner, "pruner_startup": opts.pruner_startup,
+                        "storage": prep.storage_url, "study": opts.study, "trial_id": trial._trial_id}
+                ref = run_trial.options(scheduling_strategy=here).remote(cfg, info)
+                running[ref] = (trial, time.perf_counter())
+            if not running:
+                break
+            ready, _ = ray.wait(list(running), num_returns=1, timeout=opts.heartbeat_s)
+            if time.time() - last_beat >= opts.heartbeat_s:
+                for trial, _ in running.values():
+                    study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT, time.time())
+                last_beat = time.time()
+            for ref in ready:
+                trial, t0 = running.pop(ref)
+                try:
+                    res = ray.get(ref)
+                except Exception as e:  # noqa: BLE001 - worker died, OOM, ...
+                    res = {"status": "error", "error": f"{type(e).__name__}: "
+                           f"{(str(e).splitlines() or [''])[0]}"}
+                ok = _tell(prep, study, trial, res, time.perf_counter() - t0)
+                if ok:
+                    failures = 0
+                else:
+                    failures += 1
+                    last_error = res.get("error", "objective is not a number")
+                    bar.write(f"trial {trial.number} failed: {last_error.splitlines()[0]}")
+                    if failures >= opts.max_failures:
+                        raise ConfigError(f"{failures} trials failed in a row; last: "
+                                          f"{last_error.splitlines()[0]}")
+        bar.n = min(_finished(study), opts.trials)
+        bar.set_postfix_str(best_text(study, opts.objectives), refresh=True)
+        bar.close()
+    except BaseException:
+        # Ctrl-C or an error: what was running is lost; mark it failed and queue it again
+        # so the same command retries it.
+        for ref, (trial, _) in running.items():
+            ray.cancel(ref, force=True)
+            trial.set_user_attr("error", "interrupted")
+            study.tell(trial, state=TrialState.FAIL)
+            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **(
+                {"reference": True} if trial.user_attrs.get("reference") else {})})
+        raise
+    finally:
+        if started:
+            ray.shutdown()
+    result = export(study, prep)
+    result.update(study=opts.study, storage=prep.storage_url, out=str(prep.out))
+    return result
+
+
+def _tell(prep: Prepared, study, trial, res: dict, trial_s: float) -> bool:
+    """Record a trial's result; True if it completed or was pruned."""
+    from optuna.trial import TrialState
+
+    trial.set_user_attr("trial_s", trial_s)
+    if "run_s" in res:
+        trial.set_user_attr("run_s", res["run_s"])
+    if res.get("rounds"):
+        trial.set_user_attr("rounds", res["rounds"])
+    if res["status"] == "pruned":
+        study.tell(trial, state=TrialState.PRUNED)
+        return True
+    if res["status"] != "ok":
+        trial.set_user_attr("error", res["error"])
+        study.tell(trial, state=TrialState.FAIL)
+        return False
+    s = res["summary"]
+    for k in ("fid", "energy_j", "uplink_bytes", "asr", "asr_defended", "wall_s", "stragglers",
+              "final_loss"):
+        if s.get(k) is not None:
+            trial.set_user_attr(k, s[k])
+    values = _values(prep, s)
+    if not all(math.isfinite(v) for v in values):
+        trial.set_user_attr("error", "objective is not a number")
+        study.tell(trial, state=TrialState.FAIL)
+        return False
+    for name, op, bound in prep.constraints:
+        v = s.get(OBJECTIVES[name][0])
+        v = math.inf if v is None else float(v)
+        trial.set_constraint(f"{name}{op}{bound:g}", v - bound if op == "<=" else bound - v)
+    study.tell(trial, values if len(values) > 1 else values[0])
+    return True
