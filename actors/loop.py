@@ -27,6 +27,7 @@ from ssdiff_ray.planner import RoundPlan, RoundPlanner
 from ssdiff_ray.runtime import Prepared
 
 CHECKPOINT = "checkpoint.pkl"
+CHUNK_BYTES = 64 << 20  # payload bytes per train_round call (see run_round)
 
 
 def pool_count(cfg: Config, num_clients: int) -> int:
@@ -94,27 +95,36 @@ class Federation:
             "state_reset": np.zeros(n, bool),
         }
         pool_of = plan.client_ids % self.num_pools
-        pending = {}
+        # Each pool's clients go in chunks of at most CHUNK_BYTES of payloads: the server
+        # decodes and aggregates one chunk while the pools train the next (not all of it
+        # after training), and the object store holds a few chunks, not a round's payloads.
+        per_chunk = max(1, CHUNK_BYTES // max(1, int(plan.costs["upload_bytes"].max(initial=1))))
+        queued: dict[int, list] = {}
         for slot in range(self.num_pools):
-            idx = np.flatnonzero((pool_of == slot) & ~plan.straggler)
-            if len(idx) == 0:
-                continue
-            meta_ref, blob_ref = self.pools[slot].train_round.options(num_returns=2).remote(
-                weights_ref, r, plan.client_ids[idx], plan.bits[idx], plan.local_steps[idx])
-            pending[meta_ref] = (slot, idx, blob_ref)
+            idx_all = np.flatnonzero((pool_of == slot) & ~plan.straggler)
+            for s in range(0, len(idx_all), per_chunk):
+                idx = idx_all[s:s + per_chunk]
+                meta_ref, blob_ref = self.pools[slot].train_round.options(num_returns=2).remote(
+                    weights_ref, r, plan.client_ids[idx], plan.bits[idx], plan.local_steps[idx])
+                queued.setdefault(slot, []).append((meta_ref, (slot, idx, blob_ref)))
+        # Only each pool's next chunk is waited on, so a pool's chunks reach the server in
+        # order and the aggregate stays independent of timing.
+        pending = dict(q.pop(0) for q in queued.values())
         deadline = t0 + cfg.server.round_timeout_s
-        verdicts, failures = [], 0
+        verdicts, failed = [], set()
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1,
                                 timeout=max(0.0, deadline - time.perf_counter()))
             if not ready:
                 break
             slot, idx, blob_ref = pending.pop(ready[0])
+            if queued[slot]:
+                pending.update([queued[slot].pop(0)])
             try:
                 meta = ray.get(ready[0])
             except RayError:
                 out["drop_reason"][idx] = "pool_failed"
-                failures += 1
+                failed.add(slot)
                 self.suspect.add(slot)
                 continue
             for k in ("loss", "update_norm", "uplink_bytes", "train_s", "encode_s"):
@@ -125,8 +135,9 @@ class Federation:
             weights = plan.num_samples[idx].astype(np.float64)
             verdicts.append((idx, self.server.accumulate.remote(slot, ready[0], blob_ref,
                                                                 weights)))
-        for _slot, idx, _ in pending.values():  # past the round timeout
-            out["drop_reason"][idx] = "timeout"
+        for _slot, idx, _ in [*pending.values(), *(c for q in queued.values() for _, c in q)]:
+            out["drop_reason"][idx] = "timeout"  # past the round timeout
+        failures = len(failed)
         t_train = time.perf_counter()
         decode_s = aggregate_s = 0.0
         for idx, ref in verdicts:
