@@ -42,6 +42,17 @@ def pool_count(cfg: Config, num_clients: int) -> int:
     return max(1, min(n, num_clients))
 
 
+def server_placement(cfg: Config) -> dict:
+    """Pin the parameter server: to a node offering ``ray.server_resource``, else to the
+    driver's node (the head, for a submitted job), never wherever a pool left room."""
+    if cfg.ray.server_resource:
+        return {"resources": {cfg.ray.server_resource: 0.001}}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+
 class Federation:
     """One federated run: actors, planner and ledger, driven round by round."""
 
@@ -55,11 +66,12 @@ class Federation:
                    ray.available_resources().get("CPU", 1) / self.num_pools)
         # The server is idle while pools train, so it asks for no CPU of its own; it
         # borrows the cores for evaluation, when the pools are idle.
-        self.server = ParameterServer.options(num_cpus=0, num_gpus=0.0).remote(
-            cfg, self.num_pools, "cpu")
+        self.server = ParameterServer.options(num_cpus=0, num_gpus=0.0, **server_placement(cfg)
+                                              ).remote(cfg, self.num_pools, "cpu")
         self.pools = [
             ClientPool.options(
                 num_cpus=cpus, num_gpus=cfg.ray.num_gpus_per_pool if gpu else 0,
+                resources=dict(cfg.ray.pool_resources) or None,
                 max_restarts=cfg.ray.max_restarts, scheduling_strategy="SPREAD",
             ).remote(i, cfg, str(prep.shard_dir), device)
             for i in range(self.num_pools)
@@ -257,8 +269,15 @@ class Federation:
         with open(run_dir / CHECKPOINT, "rb") as f:
             state = pickle.load(f)
         ray.get(self.server.load_state_dict.remote(state["server"]))
-        if len(state["pools"]) == len(self.pools):
-            ray.get([p.load_state_dict.remote(s) for p, s in zip(self.pools, state["pools"])])
+        # Client i lives in pool i % num_pools; the cluster may give a resumed run a different
+        # pool count, so hand each client's residual to the pool that now hosts it.
+        residuals: dict = {}
+        for s in state["pools"]:
+            residuals.update(s.get("residuals", {}))
+        n = len(self.pools)
+        ray.get([p.load_state_dict.remote(
+            {"residuals": {c: v for c, v in residuals.items() if int(c) % n == i}})
+            for i, p in enumerate(self.pools)])
         self.loss_history = list(state["loss_history"])
         self.planner.last_loss = state["planner"]["last_loss"]
         self.planner.last_norm = state["planner"]["last_norm"]
@@ -283,4 +302,4 @@ class Federation:
                 pass
 
 
-__all__ = ["Federation", "pool_count"]
+__all__ = ["Federation", "pool_count", "server_placement"]

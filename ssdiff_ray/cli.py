@@ -116,6 +116,85 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def _jobs_call(fn, *a, **kw):
+    from ssdiff_ray.jobs import JobError
+
+    try:
+        return fn(*a, **kw)
+    except JobError as e:
+        raise UserError(str(e)) from None
+
+
+def cmd_submit(args) -> int:
+    from ssdiff_ray import jobs
+
+    c, jid = _jobs_call(jobs.submit, args.address, args.command, working_dir=args.working_dir,
+                        env_file=args.runtime_env, pip=args.pip, job_id=args.job_id,
+                        num_cpus=args.entrypoint_cpus)
+    print(f"submitted {jid} to {jobs.job_address(args.address)}", file=sys.stderr)
+    if not args.follow:
+        print(jid)
+        return 0
+    status = jobs.follow(c, jid)
+    print(f"job {jid}: {status}", file=sys.stderr)
+    return jobs.EXIT.get(status, 1)
+
+
+def cmd_jobs(args) -> int:
+    from ssdiff_ray import jobs
+
+    rows = _jobs_call(jobs.list_jobs, args.address)
+    if not rows:
+        print("no jobs")
+    for r in rows:
+        print(f"{r['job']:<32} {r['status']:<10} {r['start']:<19}  {r['entrypoint']}")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    from ssdiff_ray import jobs
+
+    stopped = _jobs_call(jobs.stop, args.address, args.job)
+    print(f"{args.job}: {'stopping' if stopped else 'already finished'}")
+    return 0
+
+
+def cmd_stress(args) -> int:
+    from ssdiff_ray import api, config
+
+    try:
+        counts = [int(c) for c in args.clients.split(",") if c.strip()]
+    except ValueError:
+        raise UserError(f"--clients {args.clients!r}: expected counts like 100,250,500") from None
+    if not counts or min(counts) < 1:
+        raise UserError(f"--clients {args.clients!r}: expected positive counts like 100,250,500")
+    config.load(None, [f"model.preset={args.preset}", f"clients.per_round={args.per_round}",
+                       *args.set])  # bad values stop here, before Ray starts
+    started = api.init_ray(args.address)
+    try:
+        from actors.stress import run_stress
+
+        res = run_stress(counts, Path(args.out), preset=args.preset, rounds=args.rounds,
+                         per_round=args.per_round, extra=args.set)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    per = res["per_count"]
+    cols = ["clients", "selected", "wall_s", "overhead_ms_per_client", "driver_rss_mib",
+            "server_rss_mib", "pools_rss_mib", "object_store_mib"]
+    print(per[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    f = res["fits"]
+    t, m = f["wall_s_vs_selected"], f["total_rss_mib_vs_clients"]
+    print(f"fit: round wall = {t['intercept']:.3f} s + {1e3 * t['slope']:.2f} ms x selected "
+          f"(R^2 {t['r2']:.3f})")
+    print(f"fit: total RSS = {m['intercept']:.0f} MiB + {1024 * m['slope']:.1f} KiB x clients "
+          f"(R^2 {m['r2']:.3f}, quadratic share {m.get('quadratic_share', 0):.3f})")
+    print("files: " + ", ".join(res["files"]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssdiff", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -153,6 +232,41 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("run_dir")
     aud.add_argument("--seed", type=int, default=0)
     aud.set_defaults(func=cmd_audit)
+
+    addr_help = "Ray Jobs API (dashboard) URL, e.g. http://HEAD:8265 (default: RAY_JOB_ADDRESS)"
+    sb = sub.add_parser("submit", help="submit run / tune / stress as a Ray job to a cluster",
+                        usage="ssdiff submit [--address URL] [--follow] [options] -- run|tune|stress ...")
+    sb.add_argument("--address", help=addr_help)
+    sb.add_argument("--follow", action="store_true",
+                    help="stream the job's logs until it ends; exit with its status")
+    sb.add_argument("--working-dir", help="upload this directory as the job's working dir "
+                    "(default: the package is installed on the nodes)")
+    sb.add_argument("--runtime-env", metavar="YAML", help="runtime_env file (cluster/runtime_env.yaml)")
+    sb.add_argument("--pip", action="append", default=[], help="pip package for the job (repeatable)")
+    sb.add_argument("--job-id", help="submission id (default: generated)")
+    sb.add_argument("--entrypoint-cpus", type=float, default=None,
+                    help="CPUs reserved for the driver (default 0)")
+    sb.add_argument("command", nargs=argparse.REMAINDER, help="the ssdiff command to run")
+    sb.set_defaults(func=cmd_submit)
+
+    jb = sub.add_parser("jobs", help="list the cluster's Ray jobs")
+    jb.add_argument("--address", help=addr_help)
+    jb.set_defaults(func=cmd_jobs)
+
+    st = sub.add_parser("stop", help="stop a Ray job")
+    st.add_argument("job")
+    st.add_argument("--address", help=addr_help)
+    st.set_defaults(func=cmd_stop)
+
+    ss = sub.add_parser("stress", help="round time and memory against the client count")
+    ss.add_argument("--clients", default="100,250,500,1000,2000", help="comma-separated counts")
+    ss.add_argument("--preset", default="tiny", choices=("tiny", "small", "base"))
+    ss.add_argument("--rounds", type=int, default=3, help="rounds per count (first one warms up)")
+    ss.add_argument("--per-round", type=float, default=0.1, help="fraction selected per round")
+    ss.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    ss.add_argument("--address", default=None, help="Ray cluster to join (default: embedded)")
+    ss.add_argument("--out", default="stress", help="directory for Parquet, PNG and runs")
+    ss.set_defaults(func=cmd_stress)
 
     from tuning.cli import add_parser as add_tune  # argparse only; optuna/ray load when run
 

@@ -1,0 +1,106 @@
+"""Kill the driver mid-run, resume with ``ssdiff run --resume``: same ledgers, same model.
+
+Every run here is a real ``ssdiff run`` subprocess with its own embedded Ray, so killing
+the driver kills a whole Ray session the way a crash of a login node would.
+"""
+
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pandas as pd
+import psutil
+import pytest
+from safetensors.numpy import load_file
+
+from tests.conftest import TINY
+
+pytestmark = pytest.mark.slow
+
+# Quantized uplinks with error feedback, FedAvgM momentum and an adaptive policy: every
+# piece of state a resume must carry over (residuals, velocity, loss history) is in play.
+RESUME = [*TINY, "rounds=5", "server.checkpoint_every=1", "quant.policy=doubly_adaptive",
+          "quant.bits=4", "quant.min_bits=2", "quant.max_bits=8", "server.momentum=0.9",
+          "train.local_steps=6", "eval.samples=10"]
+TIMING = ["train_s", "encode_s"]
+
+
+def _ssdiff(*args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "ssdiff_ray.cli", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _checkpoint_round(run_dir) -> int:
+    try:
+        with open(run_dir / "checkpoint.pkl", "rb") as f:
+            return pickle.load(f)["round"]
+    except (FileNotFoundError, EOFError, pickle.UnpicklingError):
+        return 0
+
+
+def _kill_tree(proc) -> None:
+    """SIGKILL the driver and everything it started (its embedded Ray too)."""
+    procs = [psutil.Process(proc.pid)]
+    try:
+        procs += procs[0].children(recursive=True)
+    except psutil.NoSuchProcess:
+        pass
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def _weights(run_dir) -> dict:
+    return load_file(str(run_dir / "model" / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def test_driver_killed_mid_run_resumes_exactly(tmp_path):
+    sets = [f"--set={s}" for s in [*RESUME, f"out_dir={tmp_path}"]]
+    ref = _ssdiff("run", *sets, "--set=name=ref", "--quiet")
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out
+
+    run_dir = tmp_path / "cut"
+    cut = _ssdiff("run", *sets, "--set=name=cut", "--quiet", start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while _checkpoint_round(run_dir) < 2 and cut.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        killed_after = _checkpoint_round(run_dir)
+        assert cut.poll() is None, cut.communicate()[0][-3000:]
+        _kill_tree(cut)
+    finally:
+        if cut.poll() is None:
+            _kill_tree(cut)
+        cut.communicate()
+    assert 2 <= killed_after < 5
+    assert not (run_dir / "model").exists()
+
+    res = _ssdiff("run", "--resume", str(run_dir), "--quiet")
+    out, _ = res.communicate(timeout=600)
+    assert res.returncode == 0, out
+
+    ref_dir = tmp_path / "ref"
+    for name in ("clients.parquet", "rounds.parquet"):
+        a = pd.read_parquet(ref_dir / name)
+        b = pd.read_parquet(run_dir / name)
+        if name == "clients.parquet":
+            assert not b.duplicated(["round", "client_id"]).any()
+            assert len(b) == 5 * 6
+            a, b = a.drop(columns=TIMING), b.drop(columns=TIMING)
+        else:
+            assert list(b["round"]) == [1, 2, 3, 4, 5]
+            keep = ["round", "clients_selected", "clients_aggregated", "uplink_bytes", "loss",
+                    "update_norm", "mean_bits", "energy_j", "fid"]
+            a, b = a[keep], b[keep]
+        pd.testing.assert_frame_equal(a, b)
+    wa, wb = _weights(ref_dir), _weights(run_dir)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert np.array_equal(wa[k], wb[k]), k
