@@ -44,6 +44,7 @@ class PeakRSS:
 
         self.root = psutil.Process(pid)
         self.peak = 0
+        self.cpu_s = 0.0  # this sampler's own CPU, which must not count as the run's
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -64,7 +65,9 @@ class PeakRSS:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            t = time.thread_time()
             self.peak = max(self.peak, self._sample())
+            self.cpu_s += time.thread_time() - t
             self._stop.wait(0.02)
 
     def __enter__(self):
@@ -198,7 +201,8 @@ def measure(name: str, count: int, per_round: float, steps: int, rounds: int, se
         *sets])
     cpu = []  # the run's CPU seconds at the end of each round (driver + all Ray processes)
     with PeakRSS(os.getpid()) as run_mem:
-        summary = api.run(cfg, progress=False, on_round=lambda *_: cpu.append(tree_cpu_s(os.getpid())))
+        summary = api.run(cfg, progress=False,
+                          on_round=lambda *_: cpu.append(tree_cpu_s(os.getpid()) - run_mem.cpu_s))
     run_dir = summary["run_dir"]
     rounds_df = pd.read_parquet(Path(run_dir) / "rounds.parquet")
     floor_out = Path(tmp) / f"floor-{name}.json"
