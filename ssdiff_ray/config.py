@@ -45,7 +45,7 @@ class DataConfig:
 @dataclass
 class ClientsConfig:
     count: int = _f(20, lo=1, hi=1_000_000)
-    per_round: float = _f(0.5, lo=0.0, lo_open=True, hi=1.0, doc="fraction selected each round")
+    per_round: float = _f(0.1, lo=0.0, lo_open=True, hi=1.0, doc="fraction selected each round")
     pools: int = _f(0, lo=0, hi=10_000, doc="ClientPool actors; 0 = one per CPU (or GPU)")
 
 
@@ -58,9 +58,9 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    local_steps: int = _f(10, lo=1, hi=100_000)
+    local_steps: int = _f(40, lo=1, hi=100_000)
     batch_size: int = _f(32, lo=1, hi=65536)
-    lr: float = _f(1e-3, lo=0.0, lo_open=True, hi=10.0)
+    lr: float = _f(2e-3, lo=0.0, lo_open=True, hi=10.0)
     grad_clip: float = _f(1.0, lo=0.0, hi=1e6, doc="0 = no clipping")
     scale_work_by_device: bool = _f(True, doc="local steps scale with the device class")
 
@@ -83,7 +83,7 @@ class QuantConfig:
 class ServerConfig:
     lr: float = _f(1.0, lo=0.0, lo_open=True, hi=100.0, doc="server learning rate")
     momentum: float = _f(0.0, lo=0.0, hi=0.999, doc="FedAvgM momentum (0 = FedAvg)")
-    ema_decay: float = _f(0.0, lo=0.0, hi=0.9999,
+    ema_decay: float = _f(0.7, lo=0.0, hi=0.9999,
                           doc="EMA of the global weights over rounds, used to sample and saved (0 = off)")
     round_timeout_s: float = _f(600.0, lo=0.0, lo_open=True, hi=1e9)
     checkpoint_every: int = _f(0, lo=0, hi=1_000_000, doc="rounds between checkpoints (0 = end)")
@@ -110,8 +110,8 @@ class DevicesConfig:
 class EvalConfig:
     every: int = _f(0, lo=0, hi=1_000_000, doc="rounds between evaluations (0 = last round only)")
     samples: int = _f(500, lo=10, hi=1_000_000)
-    sampler: str = _f("ddim", choices=("ddim", "ddpm"))
-    steps: int = _f(50, lo=1, hi=4000, doc="sampling steps (DDIM)")
+    sampler: str = _f("dpm", choices=("dpm", "ddim", "ddpm"), doc="DPM-Solver++, DDIM or DDPM")
+    steps: int = _f(10, lo=1, hi=4000, doc="sampling steps (DPM-Solver++ / DDIM)")
     baseline: bool = _f(True, doc="also measure the untrained model (FID ceiling)")
     grid: int = _f(64, lo=0, hi=1024, doc="samples in the PNG grid")
 
@@ -153,7 +153,7 @@ class DefenseConfig:
 @dataclass
 class Config:
     seed: int = _f(0, lo=0, hi=2**31 - 1)
-    rounds: int = _f(30, lo=1, hi=1_000_000)
+    rounds: int = _f(24, lo=1, hi=1_000_000)
     out_dir: str = _f("runs")
     name: str = _f("", doc="run directory name; empty = timestamp")
     data: DataConfig = field(default_factory=DataConfig)

@@ -5,14 +5,13 @@ import math
 import numpy as np
 import pytest
 
-from ssdiff_ray import codec
+from ssdiff_ray import codec, config
 from ssdiff_ray.devices import make_population
 from ssdiff_ray.policies import RoundContext, make_policy
 from ssdiff_ray.policies.doubly_adaptive import DoublyAdaptivePolicy
 from ssdiff_ray.policies.levels import bits_for_levels
 from ssdiff_ray.policies.on_demand import OnDemandPolicy
 from ssdiff_ray.policies.time_adaptive import TimeAdaptivePolicy
-from ssdiff_ray import config
 
 
 def _ctx(n=50, deadline=math.inf, losses=(), samples=None, seed=0, num_params=1_000_000):
