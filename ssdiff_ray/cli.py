@@ -117,7 +117,7 @@ def cmd_audit(args) -> int:
 
 
 def _jobs_call(fn, *a, **kw):
-    from ssdiff_ray.jobs import JobError
+    from actors.jobs import JobError
 
     try:
         return fn(*a, **kw)
@@ -126,7 +126,7 @@ def _jobs_call(fn, *a, **kw):
 
 
 def cmd_submit(args) -> int:
-    from ssdiff_ray import jobs
+    from actors import jobs
 
     c, jid = _jobs_call(jobs.submit, args.address, args.command, working_dir=args.working_dir,
                         env_file=args.runtime_env, pip=args.pip, job_id=args.job_id,
@@ -141,7 +141,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from ssdiff_ray import jobs
+    from actors import jobs
 
     rows = _jobs_call(jobs.list_jobs, args.address)
     if not rows:
@@ -152,7 +152,7 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    from ssdiff_ray import jobs
+    from actors import jobs
 
     stopped = _jobs_call(jobs.stop, args.address, args.job)
     print(f"{args.job}: {'stopping' if stopped else 'already finished'}")

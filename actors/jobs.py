@@ -1,6 +1,6 @@
 """Ray jobs from the command line: ``ssdiff submit`` / ``jobs`` / ``stop``.
 
-Outer shell: Ray's Jobs API is imported inside the functions, so the core never loads it.
+Lives with the Ray layer (actors/); the CLI imports it lazily, so the core never loads Ray.
 Every error a user can cause (an address nobody answers at, an unknown job, a runtime-env
 file that is not YAML) is raised as ``JobError`` with one line.
 """
