@@ -9,13 +9,12 @@ with the same rules as ``ssdiff run`` uses, so a bad entry fails with its name.
 from __future__ import annotations
 
 import math
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ssdiff_ray import config as config_mod
-from ssdiff_ray.config import ConfigError
+from ssdiff_ray.config import ConfigError, read_toml
 
 DEFAULT_SPACE = Path(__file__).with_name("default_space.toml")
 # Fields the tuner sets itself (where each trial's run goes).
@@ -153,13 +152,7 @@ def parse_space(raw: dict, source: str = "<space>") -> Space:
 def load_space(path: str | Path | None = None) -> Space:
     """Read and validate a search-space TOML file (the packaged default when None)."""
     p = Path(path) if path else DEFAULT_SPACE
-    if not p.is_file():
-        raise ConfigError(f"search space {p}: no such file")
-    try:
-        raw = tomllib.loads(p.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"search space {p}: not valid TOML ({e})") from None
-    return parse_space(raw, str(p))
+    return parse_space(read_toml(p, "search space"), str(p))
 
 
 def overrides(params: dict[str, Any]) -> list[str]:
