@@ -74,8 +74,11 @@ class BatchedTrainer:
         return [torch.stack(v).to(dev) for v in (xs, ts, ys)] + [mask.to(dev)]
 
     def train(self, global_flat: np.ndarray, images: list[np.ndarray], steps: int,
-              batch_size: int, seeds: list[int], poisons=None) -> tuple[np.ndarray, np.ndarray]:
+              batch_size: int, seeds: list[int], poisons=None,
+              lr: float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Train every client from the global weights; return (deltas [n x P], mean losses)."""
+        if lr is not None:
+            self.lr = lr
         poisons = poisons or [None] * len(images)
         deltas, losses = [], []
         for s in range(0, len(images), self.max_clients):

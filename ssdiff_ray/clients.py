@@ -18,7 +18,7 @@ from ssdiff_ray.config import Config
 from ssdiff_ray.data import read_shard
 from ssdiff_ray.model import build_scheduler, build_unet, param_layout
 from ssdiff_ray.security import client_attack
-from ssdiff_ray.train import LocalTrainer, client_seed
+from ssdiff_ray.train import LocalTrainer, client_seed, round_lr
 
 
 def shard_path(shard_dir: str | Path, client_id: int) -> Path:
@@ -77,11 +77,13 @@ class ClientGroup:
         seeds = [client_seed(cfg.seed, int(c), round_) for c in client_ids]
         poisons = [self.attack.poison_for(int(c)) if self.attack is not None else None
                    for c in client_ids]
+        t = cfg.train
+        lr = round_lr(t.lr, t.lr_final, t.lr_schedule, round_, cfg.rounds)
         deltas = None
         if use_batched(cfg.ray.batched_clients, self.device, np.asarray(steps)):
             t0 = time.perf_counter()
             deltas, loss[:] = self.batched.train(global_flat, [self.images(int(c)) for c in client_ids],
-                                                 int(steps[0]), cfg.train.batch_size, seeds, poisons)
+                                                 int(steps[0]), cfg.train.batch_size, seeds, poisons, lr)
             train_s[:] = (time.perf_counter() - t0) / n
         for i, cid in enumerate(client_ids):
             cid = int(cid)
@@ -89,7 +91,7 @@ class ClientGroup:
             t0 = time.perf_counter()
             if deltas is None:
                 delta, loss[i] = self.trainer.train(global_flat, self.images(cid), int(steps[i]),
-                                                    cfg.train.batch_size, seed, poisons[i])
+                                                    cfg.train.batch_size, seed, poisons[i], lr)
             else:
                 delta = deltas[i]
             if self.attack is not None:

@@ -58,9 +58,12 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    local_steps: int = _f(40, lo=1, hi=100_000)
+    local_steps: int = _f(34, lo=1, hi=100_000)
     batch_size: int = _f(32, lo=1, hi=65536)
-    lr: float = _f(2e-3, lo=0.0, lo_open=True, hi=10.0)
+    lr: float = _f(3e-3, lo=0.0, lo_open=True, hi=10.0)
+    lr_schedule: str = _f("cosine", choices=("constant", "cosine"),
+                          doc="client lr over rounds: constant, or cosine from lr to lr_final")
+    lr_final: float = _f(2e-4, lo=0.0, hi=10.0, doc="client lr at the last round (cosine)")
     grad_clip: float = _f(1.0, lo=0.0, hi=1e6, doc="0 = no clipping")
     scale_work_by_device: bool = _f(True, doc="local steps scale with the device class")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -43,6 +44,14 @@ def ddpm_loss(
     return F.mse_loss(pred, target.to(dev))
 
 
+def round_lr(lr: float, lr_final: float, schedule: str, round_: int, rounds: int) -> float:
+    """The clients' learning rate at ``round_`` (1-based) of ``rounds``."""
+    if schedule == "constant" or rounds <= 1:
+        return lr
+    frac = (round_ - 1) / (rounds - 1)  # cosine: lr at round 1, lr_final at the last round
+    return lr_final + (lr - lr_final) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
 class LocalTrainer:
     """One model and one optimizer, reused for every client a pool trains (no re-creation)."""
 
@@ -61,9 +70,13 @@ class LocalTrainer:
         batch_size: int,
         seed: int,
         poison=None,
+        lr: float | None = None,
     ) -> tuple[np.ndarray, float]:
         """Train from the global weights for ``steps`` steps; return (delta, mean loss)."""
         set_flat(self.unet, global_flat)
+        if lr is not None:
+            for group in self.opt.param_groups:
+                group["lr"] = lr
         self.opt.state.clear()  # fresh Adam moments per client: each starts from the global model
         self.unet.train()
         gen = torch.Generator().manual_seed(seed)

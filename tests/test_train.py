@@ -1,0 +1,39 @@
+"""The clients' learning-rate schedule over rounds, on the sequential and batched trainers."""
+
+import numpy as np
+import pytest
+import torch
+
+from ssdiff_ray.batched import BatchedTrainer
+from ssdiff_ray.model import build_scheduler, build_unet, get_flat
+from ssdiff_ray.train import LocalTrainer, round_lr
+
+
+def test_round_lr_cosine_ends_at_lr_final():
+    lrs = [round_lr(3e-3, 2e-4, "cosine", r, 24) for r in range(1, 25)]
+    assert lrs[0] == pytest.approx(3e-3) and lrs[-1] == pytest.approx(2e-4)
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))  # strictly decreasing
+    assert lrs[11] == pytest.approx(2e-4 + 2.8e-3 * 0.5 * (1 + np.cos(np.pi * 11 / 23)))
+    assert round_lr(3e-3, 2e-4, "constant", 24, 24) == 3e-3
+    assert round_lr(3e-3, 2e-4, "cosine", 1, 1) == 3e-3  # a one-round run trains at lr
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_trainer_uses_the_round_lr(batched):
+    torch.set_num_threads(1)
+    unet = build_unet("tiny", 16, seed=3)
+    ac = build_scheduler(100).alphas_cumprod
+    start = get_flat(unet)
+    x = np.random.default_rng(0).uniform(-1, 1, (16, 1, 16, 16)).astype(np.float32)
+
+    def delta(lr_ctor, lr_round):
+        if batched:
+            return BatchedTrainer(unet, ac, lr_ctor, 1.0).train(start, [x], 1, 8, [5], None,
+                                                               lr_round)[0][0]
+        return LocalTrainer(unet, ac, lr_ctor, 1.0).train(start, x, 1, 8, 5, None, lr_round)[0]
+
+    # One Adam step moves each weight by about lr: the round's lr, not the constructor's.
+    small, big = delta(1e-3, 1e-4), delta(1e-4, 1e-3)
+    assert np.abs(big).max() == pytest.approx(1e-3, rel=0.05)
+    assert np.abs(small).max() == pytest.approx(1e-4, rel=0.05)
+    np.testing.assert_allclose(delta(1e-3, None), big, rtol=1e-4, atol=1e-9)
