@@ -99,7 +99,7 @@ def tree_cpu_s(pid: int) -> float:
 def _worker(cfg_path: str, shard_dir: str, num_params: int, w_name: str, out_name: str, conn) -> None:
     from ssdiff_ray import config
     from ssdiff_ray.clients import ClientGroup, set_threads
-    from ssdiff_ray.train import client_seed
+    from ssdiff_ray.train import client_seed, round_lr
 
     set_threads(1)
     cfg = config.load(cfg_path)
@@ -113,9 +113,12 @@ def _worker(cfg_path: str, shard_dir: str, num_params: int, w_name: str, out_nam
         round_, ids, steps, num_samples = msg
         out[:] = 0.0
         losses = []
+        t = cfg.train
+        lr = round_lr(t.lr, t.lr_final, t.lr_schedule, round_, cfg.rounds)  # as the pools do
         for cid, k, n in zip(ids, steps, num_samples):
             delta, loss = group.trainer.train(weights, group.images(int(cid)), int(k),
-                                              cfg.train.batch_size, client_seed(cfg.seed, int(cid), round_))
+                                              cfg.train.batch_size, client_seed(cfg.seed, int(cid), round_),
+                                              lr=lr)
             out += delta.astype(np.float64) * float(n)  # weighted sum, in place
             losses.append(loss)
         conn.send(losses)
