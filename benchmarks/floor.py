@@ -4,7 +4,8 @@ In one script run: (a) a federated run through ``api.run`` on an embedded local 
 (b) the floor: the same local work (the run's selected clients per round, read back from
 its clients.parquet; same seeds, steps, batch, model, data) in as many plain worker
 processes as the run had pools (1 torch thread each), then a NumPy weighted average.
-Peak resident memory is the sum over each side's whole process tree, sampled by a thread.
+Peak resident memory is the sum over each side's whole process tree (RSS, and PSS, which
+counts shared pages once), sampled by a thread.
 
     python benchmarks/floor.py                 # workloads A and B, small model
     python benchmarks/floor.py --workload A    # one of them
@@ -37,37 +38,53 @@ QUICK = ["model.preset=tiny", "model.timesteps=100", "train.batch_size=8"]
 
 
 class PeakRSS:
-    """Peak of the summed RSS of a process and all its descendants, sampled every 20 ms."""
+    """Peak of the summed memory of a process and all its descendants, sampled by a thread.
+
+    ``peak`` sums RSS (every 20 ms): pages shared between processes (libtorch's code, Ray's
+    object store mapped by writer and reader) count once per process. ``peak_pss`` sums PSS
+    (every 100 ms; reading smaps costs more): each shared page split between its users, so
+    the sum is the memory the tree really holds.
+    """
 
     def __init__(self, pid: int):
         import psutil
 
         self.root = psutil.Process(pid)
         self.peak = 0
+        self.peak_pss = 0
         self.cpu_s = 0.0  # this sampler's own CPU, which must not count as the run's
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
-    def _sample(self) -> int:
+    def _sample(self, pss: bool) -> None:
         import psutil
 
-        total = 0
         try:
             procs = [self.root, *self.root.children(recursive=True)]
         except psutil.NoSuchProcess:
-            return 0
+            return
+        rss_total = pss_total = 0
         for p in procs:
             try:
-                total += p.memory_info().rss
+                if pss:
+                    m = p.memory_full_info()
+                    pss_total += m.pss
+                else:
+                    m = p.memory_info()
+                rss_total += m.rss
             except psutil.Error:
                 pass
-        return total
+        self.peak = max(self.peak, rss_total)
+        if pss:
+            self.peak_pss = max(self.peak_pss, pss_total)
 
     def _loop(self) -> None:
+        i = 0
         while not self._stop.is_set():
             t = time.thread_time()
-            self.peak = max(self.peak, self._sample())
+            self._sample(pss=i % 5 == 0)
             self.cpu_s += time.thread_time() - t
+            i += 1
             self._stop.wait(0.02)
 
     def __enter__(self):
@@ -77,7 +94,7 @@ class PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
-        self.peak = max(self.peak, self._sample())
+        self._sample(pss=True)
 
 
 def tree_cpu_s(pid: int) -> float:
@@ -231,6 +248,8 @@ def measure(name: str, count: int, per_round: float, steps: int, rounds: int, se
         "run_rounds_s": run_s.tolist(), "floor_rounds_s": floor_s.tolist(),
         "loss_max_abs_diff": float(floor["loss_max_abs_diff"].max()),
         "peak_rss_run_mib": run_mem.peak / 2**20, "peak_rss_floor_mib": floor_mem.peak / 2**20,
+        "peak_pss_run_mib": run_mem.peak_pss / 2**20,
+        "peak_pss_floor_mib": floor_mem.peak_pss / 2**20,
         "load_avg": os.getloadavg(),
     }
 
@@ -264,6 +283,8 @@ def main() -> None:
                   f"{res['warm_run_cpu_s']:.2f}s floor {res['warm_floor_cpu_s']:.2f}s ratio "
                   f"{res['cpu_ratio']:.3f} | peak RSS run "
                   f"{res['peak_rss_run_mib']:.0f} MiB floor {res['peak_rss_floor_mib']:.0f} MiB | "
+                  f"peak PSS run {res['peak_pss_run_mib']:.0f} MiB floor "
+                  f"{res['peak_pss_floor_mib']:.0f} MiB | "
                   f"loss diff {res['loss_max_abs_diff']:.2e} | load {res['load_avg'][0]:.2f}",
                   flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

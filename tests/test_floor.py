@@ -23,6 +23,9 @@ def test_floor_quick(tmp_path):
     assert res["rounds"] == len(res["run_rounds_s"]) == len(res["floor_rounds_s"])
     assert res["warm_run_s"] > 0 and res["warm_floor_s"] > 0 and res["ratio"] > 0
     assert res["peak_rss_run_mib"] > 0 and res["peak_rss_floor_mib"] > 0
+    # PSS splits shared pages between processes: never more than the summed RSS
+    assert 0 < res["peak_pss_run_mib"] <= res["peak_rss_run_mib"]
+    assert 0 < res["peak_pss_floor_mib"] <= res["peak_rss_floor_mib"]
     # the floor trained the same clients with the same seeds: the same losses
     assert res["loss_max_abs_diff"] < 1e-6
 
