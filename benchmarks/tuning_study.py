@@ -5,7 +5,7 @@ enqueued as the reference trial, checks whether the Pareto front holds a trial t
 dominates it (less energy, FID no worse), and re-runs the exported best config with
 `api.run` (what `ssdiff run --config best.toml` does) to compare its objectives.
 
-    python benchmarks/tuning_study.py [--trials 12] [--parallel 2] [--rounds 6] --fresh
+    python benchmarks/tuning_study.py [--trials 12] [--parallel 2] [--rounds 8] --fresh
 
 Writes benchmarks/results/tuning_study.json, tuning_study_trials.parquet and
 tuning_study_pareto.png (the study itself, with its runs, stays in runs/tune-accept/).
@@ -26,8 +26,8 @@ RESULTS = HERE / "results"
 
 def base_overrides(rounds: int, out: Path) -> list[str]:
     return ["model.preset=tiny", "model.timesteps=100", f"rounds={rounds}", "clients.count=10",
-            "clients.per_round=0.5", "train.local_steps=20", "train.batch_size=16",
-            "eval.samples=100", "eval.steps=10", "eval.baseline=false", "eval.grid=16",
+            "clients.per_round=0.5", "train.local_steps=40", "train.batch_size=16",
+            "eval.samples=500", "eval.steps=10", "eval.baseline=false", "eval.grid=16",
             "quant.policy=fixed", "quant.bits=8", f'out_dir="{out}"', "seed=0"]
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--parallel", type=int, default=2)
-    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--fresh", action="store_true", help="delete an earlier study first")
     a = ap.parse_args()
     out = HERE.parent / "runs" / "tune-accept"
