@@ -58,7 +58,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    local_steps: int = _f(34, lo=1, hi=100_000)
+    local_steps: int = _f(30, lo=1, hi=100_000)
     batch_size: int = _f(32, lo=1, hi=65536)
     lr: float = _f(3e-3, lo=0.0, lo_open=True, hi=10.0)
     lr_schedule: str = _f("cosine", choices=("constant", "cosine"),
