@@ -18,13 +18,18 @@ class StreamingAggregator:
         self.sums = [None] * num_slots
         self.weights = np.zeros(num_slots)
         self.count = 0
+        self._scaled: np.ndarray | None = None  # float64 scratch, reused for every update
 
     def add(self, slot: int, delta: np.ndarray, weight: float) -> None:
         if self.sums[slot] is None:
             self.sums[slot] = np.zeros(self.num_params, dtype=np.float64)
-        # in-place multiply-add without a float64 temporary of the whole delta
-        np.add(self.sums[slot], delta.astype(np.float64, copy=False) * weight,
-               out=self.sums[slot])
+        if self._scaled is None:
+            self._scaled = np.empty(self.num_params, dtype=np.float64)
+        # multiply-add through one reused scratch vector: no float64 temporaries per update
+        # (allocating and faulting in 2 x 8 bytes per parameter per client cost more than the
+        # arithmetic at 100 clients per round)
+        np.multiply(delta, np.float64(weight), out=self._scaled)
+        np.add(self.sums[slot], self._scaled, out=self.sums[slot])
         self.weights[slot] += weight
         self.count += 1
 
