@@ -607,6 +607,20 @@ def encode(
     Any float dtype is converted to float32.  Deterministic given ``rng``'s state (one u64 is
     drawn unless bits == 32).  Raises ValueError for bad arguments or non-finite values.
     """
+    x = np.asarray(x)
+    _check_args(bits, block_size)
+    buf = np.empty(encoded_size(x.size, bits, block_size), np.uint8)
+    encode_into(buf, x, bits, block_size, rng, layout)
+    return buf.tobytes()
+
+
+def encode_into(
+    buf: np.ndarray, x: np.ndarray, bits: int, block_size: int, rng: np.random.Generator,
+    layout: int = 0,
+) -> None:
+    """``encode`` written straight into ``buf`` (a uint8 array of exactly
+    ``encoded_size(x.size, bits, block_size)`` bytes, e.g. a slice of a pool's result blob),
+    saving the two copies of returning bytes and copying them into place."""
     _check_args(bits, block_size)
     block_size = int(block_size)
     if not 0 <= layout <= _U64:
@@ -616,7 +630,10 @@ def encode(
         raise ValueError(f"x must be 1-D, got shape {x.shape}")
     d = x.size
     xu = x.view(np.uint32)
-    buf = np.empty(HEADER_SIZE + _body_size(d, bits, block_size), np.uint8)
+    size = HEADER_SIZE + _body_size(d, bits, block_size)
+    if not (isinstance(buf, np.ndarray) and buf.dtype == np.uint8 and buf.ndim == 1
+            and buf.size == size and buf.flags.c_contiguous and buf.flags.writeable):
+        raise ValueError(f"buf must be a writable contiguous uint8 array of {size} bytes")
     body = buf[HEADER_SIZE:]
 
     if bits == 32:
@@ -653,7 +670,6 @@ def encode(
 
     _HEADER.pack_into(buf, 0, _MAGIC, FORMAT_VERSION, bits, 0, block_size, 0, layout, d, 0)
     buf[_SUM_OFFSET:HEADER_SIZE].view("<u8")[0] = _checksum(buf[:_SUM_OFFSET], body)
-    return buf.tobytes()
 
 
 def decode(
@@ -768,8 +784,10 @@ def quantize_with_feedback(
     block_size: int,
     rng: np.random.Generator,
     layout: int = 0,
-) -> tuple[bytes, np.ndarray]:
+    out: np.ndarray | None = None,
+) -> tuple[bytes | np.ndarray, np.ndarray]:
     """Error-feedback (EF-SGD) encode: v = update + residual; returns (encode(v), v - decode).
+    With ``out`` the payload is written there (see ``encode_into``) and ``out`` is returned.
 
     Carrying the residual into the next round keeps the running sum of decoded payloads within
     one residual of the running sum of updates.  That residual stays bounded only while the
@@ -784,5 +802,9 @@ def quantize_with_feedback(
         if residual.shape != v.shape:
             raise ValueError(f"residual shape {residual.shape} != update shape {v.shape}")
         v = v + residual
-    payload = encode(v, bits, block_size, rng, layout)
+    if out is None:
+        payload = encode(v, bits, block_size, rng, layout)
+    else:
+        encode_into(out, v, bits, block_size, rng, layout)
+        payload = out
     return payload, v - decode(payload)

@@ -17,6 +17,7 @@ from ssdiff_ray.codec import (
     PayloadError,
     decode,
     encode,
+    encode_into,
     encoded_size,
     layout_id,
     quantization_variance,
@@ -214,6 +215,28 @@ def test_encoded_size_matches(bits):
                 continue
             p = encode(_x(d), bits, block, rng)
             assert len(p) == encoded_size(d, bits, block), (d, bits, block)
+
+
+@pytest.mark.parametrize("bits", SUPPORTED_BITS)
+def test_encode_into_a_blob_slice_matches_encode(bits, backend):
+    # pools encode each client straight into its slice of one result blob
+    xs = [_x(1000, 1), _x(517, 2)]
+    sizes = [encoded_size(x.size, bits, 64) for x in xs]
+    blob = np.full(sum(sizes) + 3, 0xAB, np.uint8)
+    start = 0
+    for i, x in enumerate(xs):
+        encode_into(blob[start:start + sizes[i]], x, bits, 64, np.random.default_rng(i), layout=5)
+        assert blob[start:start + sizes[i]].tobytes() == encode(x, bits, 64,
+                                                                np.random.default_rng(i), layout=5)
+        start += sizes[i]
+    assert (blob[start:] == 0xAB).all()  # nothing written past the slices
+    payload, residual = quantize_with_feedback(xs[0], None, bits, 64, np.random.default_rng(0),
+                                               out=np.empty(sizes[0], np.uint8))
+    assert np.array_equal(residual, xs[0] - decode(payload))
+    for bad in (np.empty(sizes[0] - 1, np.uint8), np.empty(sizes[0], np.int8),
+                np.empty(sizes[0] * 2, np.uint8)[::2]):
+        with pytest.raises(ValueError, match="buf must be"):
+            encode_into(bad, xs[0], bits, 64, np.random.default_rng(0))
 
 
 def test_compression_ratio_of_a_large_update():
