@@ -61,6 +61,7 @@ class PeakRSS:
         self.peak = 0
         self.peak_pss = 0
         self.cpu_s = 0.0  # this sampler's own CPU, which must not count as the run's
+        self.watched_s = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
@@ -113,12 +114,14 @@ class PeakRSS:
             self._stop.wait(self.RSS_EVERY_S)
 
     def __enter__(self):
+        self._t0 = time.perf_counter()
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
         self._stop.set()
         self._thread.join()
+        self.watched_s = time.perf_counter() - self._t0
         self._refresh_pids()
         self._sample(pss=True)
 
@@ -276,6 +279,9 @@ def measure(name: str, count: int, per_round: float, steps: int, rounds: int, se
         "peak_rss_run_mib": run_mem.peak / 2**20, "peak_rss_floor_mib": floor_mem.peak / 2**20,
         "peak_pss_run_mib": run_mem.peak_pss / 2**20,
         "peak_pss_floor_mib": floor_mem.peak_pss / 2**20,
+        # the memory samplers' own CPU, per second of what they watched (they share the cores)
+        "sampler_cpu_share_run": run_mem.cpu_s / max(run_mem.watched_s, 1e-9),
+        "sampler_cpu_share_floor": floor_mem.cpu_s / max(floor_mem.watched_s, 1e-9),
         "load_avg": os.getloadavg(),
     }
 
@@ -311,7 +317,8 @@ def main() -> None:
                   f"{res['peak_rss_run_mib']:.0f} MiB floor {res['peak_rss_floor_mib']:.0f} MiB | "
                   f"peak PSS run {res['peak_pss_run_mib']:.0f} MiB floor "
                   f"{res['peak_pss_floor_mib']:.0f} MiB | "
-                  f"loss diff {res['loss_max_abs_diff']:.2e} | load {res['load_avg'][0]:.2f}",
+                  f"loss diff {res['loss_max_abs_diff']:.2e} | sampler CPU "
+                  f"{res['sampler_cpu_share_run']:.1%} of a core | load {res['load_avg'][0]:.2f}",
                   flush=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"results": results}, indent=2))
