@@ -114,9 +114,13 @@ def _terd_refine(unet, scheduler, tau: torch.Tensor, gen: torch.Generator, steps
     return tau.detach()
 
 
-def ddim_generate(unet, scheduler, x_T: torch.Tensor, steps: int = 8) -> torch.Tensor:
+def ddim_generate(unet, scheduler, x_T: torch.Tensor, steps: int = 8, clip: bool = True
+                  ) -> torch.Tensor:
     """A short deterministic DDIM run (x0 clipped to [-1, 1] like the server's sampler),
-    differentiable in ``x_T``; runs on the model's device, returns on the CPU."""
+    differentiable in ``x_T``; runs on the model's device, returns on the CPU.
+
+    ``clip=False`` leaves x0 unclipped: trigger estimation needs it, since a backdoor
+    target is exactly +-1 and the gradient through a saturated clamp is zero."""
     ac = scheduler.alphas_cumprod.float()
     n_train = int(scheduler.config.num_train_timesteps)
     ts = list(range(0, n_train, n_train // steps))[::-1]  # diffusers' "leading" spacing
@@ -126,17 +130,37 @@ def ddim_generate(unet, scheduler, x_T: torch.Tensor, steps: int = 8) -> torch.T
         a = ac[t].to(dev)
         a_prev = ac[ts[i + 1]].to(dev) if i + 1 < len(ts) else torch.ones((), device=dev)
         e = unet(x, torch.full((x.shape[0],), t, device=dev)).sample
-        x0 = ((x - (1 - a).sqrt() * e) / a.sqrt()).clamp(-1, 1)
+        x0 = (x - (1 - a).sqrt() * e) / a.sqrt()
+        if clip:
+            x0 = x0.clamp(-1, 1)
         x = a_prev.sqrt() * x0 + (1 - a_prev).sqrt() * e
     return x.cpu()
 
 
-def output_spread(unet, scheduler, tau: torch.Tensor, eps: torch.Tensor, steps: int = 8
-                  ) -> torch.Tensor:
+def output_spread(unet, scheduler, tau: torch.Tensor, eps: torch.Tensor, steps: int = 8,
+                  clip: bool = True) -> torch.Tensor:
     """Per-pixel variance, over the noise draws, of what a short DDIM run makes of eps + tau.
     A backdoor maps every eps + r to its one target (Elijah's uniformity): spread ~ 0."""
-    out = ddim_generate(unet, scheduler, eps + tau, steps)
+    out = ddim_generate(unet, scheduler, eps + tau, steps, clip)
     return out.var(0).mean()
+
+
+def _invert_once(unet, scheduler, shape, gen, steps, batch, radius, lr, gen_steps, l1, base,
+                 init_scale, clip):
+    tau = (init_scale * torch.randn(shape, generator=gen)).requires_grad_(True)
+    opt = torch.optim.Adam([tau], lr=lr)
+    history = []
+    for _ in range(steps):
+        eps = torch.randn((batch, *shape), generator=gen)
+        loss = output_spread(unet, scheduler, tau, eps, gen_steps, clip) / max(base, 1e-8)
+        loss = loss + l1 * tau.abs().mean()  # triggers are patches, not whole images
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            tau.copy_(_project(tau, radius))
+        history.append(loss.item())
+    return tau.detach(), history
 
 
 def estimate_trigger(
@@ -153,6 +177,9 @@ def estimate_trigger(
     gen_steps: int = 8,
     l1: float = 1.0,
     channels: int = 1,
+    restarts: int = 1,
+    init_scale: float = 0.1,
+    clip: bool = False,
 ) -> TriggerEstimate:
     """Invert the trigger from the model alone, without clean data.
 
@@ -160,11 +187,13 @@ def estimate_trigger(
     0.5 sqrt(d), above the norm a visible patch trigger needs), minimising the spread of
     the images a ``gen_steps``-step DDIM makes from eps + tau, with fresh noise each step.
     A backdoored model has a basin around its trigger where all outputs collapse onto the
-    target; a clean model's outputs stay diverse. Stage 2 (TERD): refinement through short
-    DDIM generation, making the model's residual at t ~ T independent of the noise.
-    ``l1`` (a sparsity prior, TERD's L1 term) keeps tau from becoming a whole digit, which
-    collapses a clean model's outputs onto that digit too. ``response`` (Elijah's lambda)
-    and ``shift_norm`` describe the shift at t = T.
+    target; a clean model's outputs stay diverse. The DDIM runs unclipped (``clip``) so the
+    gradient does not vanish on a +-1 target. ``restarts`` independent starts; the one whose
+    tau gives the lowest (clipped, held-out noise) spread wins. Stage 2 (TERD): refinement
+    through short DDIM generation, making the model's residual at t ~ T independent of the
+    noise. ``l1`` (a sparsity prior, TERD's L1 term) keeps tau from becoming a whole digit,
+    which collapses a clean model's outputs onto that digit too. ``response`` (Elijah's
+    lambda) and ``shift_norm`` describe the shift at t = T.
     """
     gen = torch.Generator().manual_seed(seed)
     shape = (channels, image_size, image_size)
@@ -174,22 +203,18 @@ def estimate_trigger(
     for p in unet.parameters():
         p.requires_grad_(False)
     try:
-        base = float(output_spread(unet, scheduler, torch.zeros(shape),
-                                   torch.randn((batch, *shape), generator=gen), gen_steps))
-        tau = (0.1 * torch.randn(shape, generator=gen)).requires_grad_(True)
-        opt = torch.optim.Adam([tau], lr=lr)
-        history = []
-        for _ in range(steps):
-            eps = torch.randn((batch, *shape), generator=gen)
-            loss = output_spread(unet, scheduler, tau, eps, gen_steps) / max(base, 1e-8)
-            loss = loss + l1 * tau.abs().mean()  # triggers are patches, not whole images
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+        with torch.no_grad():
+            held = torch.randn((2 * batch, *shape), generator=gen)
+            base = float(output_spread(unet, scheduler, torch.zeros(shape), held, gen_steps))
+        best = None
+        for _ in range(max(1, restarts)):
+            tau, history = _invert_once(unet, scheduler, shape, gen, steps, batch, radius, lr,
+                                        gen_steps, l1, base, init_scale, clip)
             with torch.no_grad():
-                tau.copy_(_project(tau, radius))
-            history.append(loss.item())
-        tau = tau.detach()
+                sp = float(output_spread(unet, scheduler, tau, held, gen_steps)) / max(base, 1e-8)
+            if best is None or sp < best[0]:
+                best = (sp, tau, history)
+        _, tau, history = best
         if refine and refine_steps > 0:
             tau = _terd_refine(unet, scheduler, tau, gen, refine_steps, batch, lr=0.2 * lr,
                                radius=radius)
@@ -206,7 +231,8 @@ def estimate_trigger(
     return TriggerEstimate(tau=tau_np, mu=tau_np.copy(), gamma=1.0,
                            shift_norm=float(shift.norm()), response=resp,
                            stats={"spread_ratio": spread, "objective": history[-5:],
-                                  "radius": radius, "clean_spread": base})
+                                  "radius": radius, "clean_spread": base,
+                                  "restart_spread": best[0]})
 
 
 # ----------------------------------------------------------------------------- detection
@@ -295,31 +321,43 @@ def llr_threshold(est: TriggerEstimate, shape: tuple[int, ...], fpr: float) -> f
     return _LLR_CACHE[key]
 
 
-def detect_inputs(x_T: torch.Tensor, est: TriggerEstimate | None, fpr: float = 0.01) -> dict:
-    """Flag triggered initial noise. Each test gets half the nominal FPR (Bonferroni), so
-    clean N(0, I) inputs are flagged with probability <= ``fpr``.
+def detect_inputs(x_T: torch.Tensor, est: TriggerEstimate | None, fpr: float = 0.01,
+                  ufid: UfidCheck | None = None) -> dict:
+    """Flag triggered initial noise. Each active test (DisDet; LLR with an estimate; UFID
+    with a calibrated ``ufid`` check) gets an equal share of the nominal FPR (Bonferroni),
+    so clean N(0, I) inputs are flagged with probability <= ``fpr``.
 
     Returns per-input arrays ``llr_score`` (NaN without an estimate), ``disdet_score``,
-    ``score`` (a combined score for ROC curves: max of the two, each divided by its
-    threshold), ``flagged``, and the thresholds.
+    ``ufid_score`` (NaN without UFID), ``score`` (a combined score for ROC curves: the max
+    over the tests of score / threshold, the LLR and UFID in units of their null spread),
+    ``flagged``, and the thresholds.
     """
     x_T = torch.as_tensor(x_T, dtype=torch.float32)
     shape = tuple(x_T.shape[1:])
+    share = fpr / (1 + (est is not None) + (ufid is not None))
     dd = disdet_scores(x_T)
-    dd_thr = disdet_threshold(shape, fpr / 2 if est is not None else fpr)
+    dd_thr = disdet_threshold(shape, share)
     flagged = dd > dd_thr
     score = dd / dd_thr
     llr = np.full(len(x_T), np.nan)
     llr_thr = float("nan")
     if est is not None:
         llr = llr_scores(x_T, est.mu, est.gamma)
-        llr_thr = llr_threshold(est, shape, fpr / 2)
+        llr_thr = llr_threshold(est, shape, share)
         flagged |= llr > llr_thr
         # LLR in units of its null spread above the threshold, comparable with dd / dd_thr
         spread = max(float(np.linalg.norm(est.mu)), 1e-6)
         score = np.maximum(score, 1 + (llr - llr_thr) / (spread * 2.33))
-    return {"llr_score": llr, "disdet_score": dd, "score": score, "flagged": flagged,
-            "llr_threshold": llr_thr, "disdet_threshold": dd_thr}
+    uf = np.full(len(x_T), np.nan)
+    uf_thr = float("nan")
+    if ufid is not None:
+        uf = ufid.scores(x_T)
+        uf_thr = ufid.threshold(share)
+        flagged |= uf > uf_thr
+        score = np.maximum(score, 1 + (uf - uf_thr) / ufid.spread)
+    return {"llr_score": llr, "disdet_score": dd, "ufid_score": uf, "score": score,
+            "flagged": flagged, "llr_threshold": llr_thr, "disdet_threshold": dd_thr,
+            "ufid_threshold": uf_thr}
 
 
 def detection_metrics(
@@ -344,7 +382,8 @@ def detection_metrics(
 
 
 def purify(x_T: torch.Tensor, flags: np.ndarray, est: TriggerEstimate | None, seed: int,
-           fpr: float = 0.01, max_tries: int = 100) -> torch.Tensor:
+           fpr: float = 0.01, max_tries: int = 100, ufid: UfidCheck | None = None
+           ) -> torch.Tensor:
     """Negation: flagged inputs get the estimated trigger removed ((x - mu) / gamma); any
     that still fail ``detect_inputs`` are replaced by fresh N(0, I) noise until they pass."""
     x = torch.as_tensor(x_T, dtype=torch.float32).clone()
@@ -355,7 +394,7 @@ def purify(x_T: torch.Tensor, flags: np.ndarray, est: TriggerEstimate | None, se
         x[idx] = (x[idx] - torch.from_numpy(est.mu)) / est.gamma
     gen = torch.Generator().manual_seed(seed)
     for _ in range(max_tries):
-        bad = idx[detect_inputs(x[idx], est, fpr)["flagged"]]
+        bad = idx[detect_inputs(x[idx], est, fpr, ufid)["flagged"]]
         if len(bad) == 0:
             return x
         x[bad] = torch.randn((len(bad), *x.shape[1:]), generator=gen)
@@ -365,10 +404,13 @@ def purify(x_T: torch.Tensor, flags: np.ndarray, est: TriggerEstimate | None, se
 
 def defended_sample(unet, scheduler, x_T: torch.Tensor, est: TriggerEstimate | None,
                     sampler: str = "ddim", steps: int = 50, seed: int = 0,
-                    fpr: float = 0.01) -> tuple[np.ndarray, np.ndarray]:
-    """Detect, negate, generate: (images from the purified inputs, per-input flags)."""
-    flags = detect_inputs(x_T, est, fpr)["flagged"]
-    clean = purify(x_T, flags, est, seed + 7919, fpr)
+                    fpr: float = 0.01, ufid: UfidCheck | None = None,
+                    flags: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Detect, negate, generate: (images from the purified inputs, per-input flags).
+    ``flags`` skips the detection when the caller already ran ``detect_inputs``."""
+    if flags is None:
+        flags = detect_inputs(x_T, est, fpr, ufid)["flagged"]
+    clean = purify(x_T, flags, est, seed + 7919, fpr, ufid=ufid)
     images = sample(unet, scheduler, len(clean), sampler=sampler, steps=steps, seed=seed,
                     x_T=clean)
     return images, flags
@@ -390,6 +432,37 @@ def ufid_scores(unet, scheduler, x_T: torch.Tensor, n_perturb: int = 4, strength
     d = torch.cdist(o, o).square() / o.shape[-1]
     p = o.shape[1]
     return (-d.sum((1, 2)) / (p * (p - 1))).numpy()
+
+
+class UfidCheck:
+    """UFID's consistency test with its threshold calibrated on N(0, I) inputs only.
+
+    ``n_null`` clean draws (seeded, never the inputs under test) give the null
+    distribution of ``ufid_scores``; the threshold at a false-positive rate ``a`` is its
+    upper ``1 - a`` quantile, extrapolated below 1 / n_null by a normal fit of the upper
+    tail (conservative: the larger of the two). Trigger-agnostic: needs no estimate.
+    """
+
+    def __init__(self, unet, scheduler, shape: tuple[int, ...], n_null: int = 500,
+                 seed: int = 0, n_perturb: int = 4, strength: float = 0.3, steps: int = 10):
+        self.unet, self.scheduler = unet, scheduler
+        self.kw = {"n_perturb": n_perturb, "strength": strength, "steps": steps}
+        self.seed = seed
+        g = torch.Generator().manual_seed(777_000 + seed)
+        null = torch.randn((n_null, *shape), generator=g)
+        self.null = np.sort(self.scores(null, seed=seed + 1))
+        self.spread = max(float(self.null.std()), 1e-12)
+
+    def scores(self, x_T: torch.Tensor, seed: int | None = None) -> np.ndarray:
+        return ufid_scores(self.unet, self.scheduler, x_T,
+                           seed=self.seed + 2 if seed is None else seed, **self.kw)
+
+    def threshold(self, fpr: float) -> float:
+        from scipy.stats import norm
+
+        emp = float(np.quantile(self.null, 1 - fpr))
+        gauss = float(self.null.mean() + norm.isf(fpr) * self.null.std())
+        return max(emp, gauss)
 
 
 # ----------------------------------------------------------------------------- audit

@@ -92,3 +92,54 @@ def test_estimate_and_defended_sample_run_on_tiny_model():
 def test_detection_metrics_auroc():
     m = detection_metrics(np.array([0.0, 0.1, 0.2]), np.array([0.3, 5.0]), threshold=0.25)
     assert m == {"tpr": 1.0, "fpr": 0.0, "auroc": 1.0, "n_clean": 3, "n_triggered": 2}
+
+
+def test_ddim_generate_unclipped_keeps_gradient():
+    """The hat target is exactly +-1: through the clamp the gradient vanishes where x0
+    saturates; estimation runs unclipped so it does not."""
+    from ssdiff_ray.defense import ddim_generate
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny", 8, seed=0)
+    sched = build_scheduler(50)
+    x = (5.0 * torch.randn(2, 1, 8, 8)).requires_grad_(True)  # saturates x0 at the first step
+    ddim_generate(unet, sched, x, steps=2, clip=False).sum().backward()
+    g_free = x.grad.abs().sum().item()
+    x.grad = None
+    ddim_generate(unet, sched, x, steps=2, clip=True).sum().backward()
+    assert g_free > 0 and np.isfinite(g_free)
+
+
+def test_estimate_trigger_restarts_pick_lowest_spread():
+    torch.manual_seed(0)
+    unet = build_unet("tiny", 8, seed=0)
+    sched = build_scheduler(50)
+    est = estimate_trigger(unet, sched, 8, seed=0, steps=2, refine_steps=0, batch=4, restarts=2)
+    assert est.tau.shape == (1, 8, 8) and "restart_spread" in est.stats
+
+
+def test_ufid_check_calibrated_on_clean_and_combined():
+    """UFID's null comes from N(0, I) only; with three tests each gets fpr / 3; an input
+    whose perturbed generations all coincide scores at the top."""
+    from ssdiff_ray.defense import UfidCheck
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny", 8, seed=0)
+    sched = build_scheduler(50)
+    chk = UfidCheck(unet, sched, (1, 8, 8), n_null=30, seed=0, n_perturb=3, steps=2)
+    assert len(chk.null) == 30 and chk.threshold(0.01) >= np.quantile(chk.null, 0.99)
+    x = _clean(10, size=8, seed=3)
+    det = detect_inputs(x, None, fpr=0.02, ufid=chk)
+    assert np.isfinite(det["ufid_score"]).all() and np.isfinite(det["ufid_threshold"])
+    assert det["disdet_threshold"] == disdet_threshold((1, 8, 8), 0.01)  # 2 tests: fpr / 2
+    assert (det["ufid_score"] <= 0).all()  # -mean pairwise MSE
+
+
+def test_defended_sample_with_known_trigger_removes_backdoor_inputs():
+    """Negation: every flagged input is replaced by one that passes all active tests."""
+    est = _est("box")
+    x = torch.cat([_clean(30, seed=11), triggered_noise(AttackSpec(trigger="box"), 30, 16, 12)])
+    det = detect_inputs(x, est, fpr=0.02)
+    assert det["flagged"][30:].all()
+    clean = purify(x, det["flagged"], est, seed=3, fpr=0.02)
+    assert not detect_inputs(clean, est, fpr=0.02)["flagged"].any()
