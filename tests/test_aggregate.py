@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from ssdiff_ray.aggregate import ServerOptimizer, StreamingAggregator, clip_to_norm
+from ssdiff_ray.aggregate import ServerOptimizer, StreamingAggregator, axpy, clip_to_norm
 
 
 def test_weighted_mean_matches_numpy_and_is_order_independent():
@@ -46,3 +46,18 @@ def test_clip_to_norm():
     assert clipped and abs(np.linalg.norm(c) - 3.0) < 1e-5
     c, clipped = clip_to_norm(d, 0.0)
     assert not clipped and c is d
+
+
+def test_axpy_fused_and_numpy_paths_agree_bit_for_bit():
+    # the fused kernel must round exactly like numpy's multiply-then-add, so a run's
+    # aggregate (and its resume test) does not depend on which path ran
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal(10_001).astype(np.float32)
+    acc = rng.standard_normal(10_001)
+    fused, ref = acc.copy(), acc.copy()
+    axpy(fused, x, 0.37)
+    np.add(ref, x.astype(np.float64) * 0.37, out=ref)
+    assert np.array_equal(fused, ref)
+    strided = acc.copy()
+    axpy(strided, np.repeat(x, 2)[::2], 0.37)  # non-contiguous input: the numpy path
+    assert np.array_equal(strided, ref)
