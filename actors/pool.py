@@ -15,7 +15,7 @@ class ClientPool:
     def __init__(self, pool_index: int, cfg: Config, shard_dir: str, device: str = "cpu"):
         set_threads(cfg.ray.torch_threads)
         self.pool_index = pool_index
-        self.group = ClientGroup(cfg, shard_dir, device)
+        self.group = ClientGroup(cfg, shard_dir, device, reuse_blob=True)  # see ClientGroup
 
     def train_round(self, global_flat, round_, client_ids, bits, steps):
         meta, blob = self.group.train_round(global_flat, round_, client_ids, bits, steps)
