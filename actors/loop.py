@@ -21,8 +21,8 @@ from ray.exceptions import RayError
 from actors.pool import ClientPool
 from actors.server import ParameterServer
 from ssdiff_ray.config import Config
+from ssdiff_ray.images import save_grid
 from ssdiff_ray.ledger import Ledger
-from ssdiff_ray.model import save_grid
 from ssdiff_ray.planner import RoundPlan, RoundPlanner
 from ssdiff_ray.runtime import Prepared
 
@@ -56,7 +56,8 @@ def server_placement(cfg: Config) -> dict:
 class Federation:
     """One federated run: actors, planner and ledger, driven round by round."""
 
-    def __init__(self, cfg: Config, prep: Prepared, policy, flops_per_sample_step: float):
+    def __init__(self, cfg: Config, prep: Prepared, policy,
+                 flops_per_sample_step: float | None = None):
         self.cfg = cfg
         self.prep = prep
         self.num_pools = pool_count(cfg, cfg.clients.count)
@@ -76,15 +77,15 @@ class Federation:
             ).remote(i, cfg, str(prep.shard_dir), device)
             for i in range(self.num_pools)
         ]
+        # Model facts come from the server: the driver never imports torch (memory, start-up).
         self.num_params = ray.get(self.server.num_params.remote())
+        if flops_per_sample_step is None:
+            flops_per_sample_step = ray.get(self.server.flops_per_sample_step.remote())
         self.planner = RoundPlanner(cfg, prep, policy, self.num_params, flops_per_sample_step,
                                     self.num_pools)
         self.ledger = Ledger(prep.run_dir)
         self.loss_history: list[float] = []
-        from ssdiff_ray.security import attack_spec
-
-        spec = attack_spec(cfg)
-        self.malicious_ids = np.array(sorted(spec.malicious_ids) if spec else [], dtype=np.int64)
+        self.malicious_ids = np.array(ray.get(self.server.malicious_ids.remote()), dtype=np.int64)
         self.suspect: set[int] = set()   # pools that failed and may be restarting
         self.pool_pid: dict[int, int] = {}
         self.last_round = 0

@@ -6,13 +6,16 @@ import os
 
 import ray
 
-from ssdiff_ray.clients import ClientGroup, set_threads
 from ssdiff_ray.config import Config
 
 
 @ray.remote
 class ClientPool:
     def __init__(self, pool_index: int, cfg: Config, shard_dir: str, device: str = "cpu"):
+        # torch is imported here, in the actor's process: the driver defines this class
+        # and must not load torch itself (~330 MB and ~5 s of imports it never uses)
+        from ssdiff_ray.clients import ClientGroup, set_threads
+
         set_threads(cfg.ray.torch_threads)
         self.pool_index = pool_index
         self.group = ClientGroup(cfg, shard_dir, device, reuse_blob=True)  # see ClientGroup

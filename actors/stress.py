@@ -19,7 +19,6 @@ import ray
 
 from actors.loop import Federation
 from ssdiff_ray import config as config_mod
-from ssdiff_ray.api import flops_per_sample_step
 from ssdiff_ray.policies import make_policy
 from ssdiff_ray.runtime import prepare
 
@@ -62,7 +61,7 @@ def stress_one(count: int, out_dir: Path, preset: str = "tiny", rounds: int = 3,
     run_dir = Path(cfg.out_dir) / cfg.name
     run_dir.mkdir(parents=True, exist_ok=True)
     prep = prepare(cfg, run_dir)
-    fed = Federation(cfg, prep, make_policy(cfg), flops_per_sample_step(cfg))
+    fed = Federation(cfg, prep, make_policy(cfg))
     rows = []
     try:
         idle = measure(fed)

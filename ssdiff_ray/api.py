@@ -76,7 +76,7 @@ def run(
     fed = None
     try:
         policy = make_policy(cfg)
-        fed = Federation(cfg, prep, policy, flops_per_sample_step(cfg))
+        fed = Federation(cfg, prep, policy)  # FLOPs per step come from the server
         start = 1
         if resume and (run_dir / "checkpoint.pkl").exists():
             start = fed.restore(run_dir) + 1

@@ -14,16 +14,28 @@ class DataError(ValueError):
     """A user dataset that cannot be used; the message names what is wrong."""
 
 
-def _resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of N x H x W float images to N x size x size (torch, no PIL needed)."""
-    import torch
-    import torch.nn.functional as F
+def _source_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Bilinear taps (i0, i1, weight of i1) per output index, as torch's interpolate with
+    align_corners=False computes them (half-pixel centres, clamped at the first pixel)."""
+    src = (np.arange(n_out, dtype=np.float32) + np.float32(0.5)) * np.float32(n_in / n_out) \
+        - np.float32(0.5)
+    src = np.maximum(src, np.float32(0.0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, (src - i0).astype(np.float32)
 
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images.astype(np.float32)
-    t = torch.from_numpy(images.astype(np.float32))[:, None]
-    t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-    return t[:, 0].numpy()
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+    """Bilinear resize of N x H x W float images to N x size x size, in NumPy (the driver
+    prepares the data and must not import torch); equal to torch's
+    ``F.interpolate(mode="bilinear", align_corners=False)`` up to float rounding."""
+    x = images.astype(np.float32)
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    r0, r1, wr = _source_weights(x.shape[-2], size)
+    c0, c1, wc = _source_weights(x.shape[-1], size)
+    rows = x[:, r0, :] * (1 - wr)[None, :, None] + x[:, r1, :] * wr[None, :, None]
+    return (rows[:, :, c0] * (1 - wc) + rows[:, :, c1] * wc).astype(np.float32)
 
 
 def load_digits(image_size: int = 16) -> tuple[np.ndarray, np.ndarray]:

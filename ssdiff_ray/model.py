@@ -15,6 +15,8 @@ from diffusers import (
     UNet2DModel,
 )
 
+from ssdiff_ray.images import image_grid, save_grid  # noqa: F401 - the grids' old home
+
 # Presets for 1-channel images up to 32x32. "small" is ~1.06M parameters at 16x16.
 PRESETS: dict[str, dict] = {
     "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8),
@@ -123,27 +125,3 @@ def sample(
 def save_pipeline(unet: UNet2DModel, scheduler: DDPMScheduler, path: str | Path) -> None:
     """Save as a diffusers DDPMPipeline: ``DDPMPipeline.from_pretrained(path)`` loads it."""
     DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(str(path))
-
-
-def image_grid(images: np.ndarray, nrow: int | None = None) -> np.ndarray:
-    """N x C x H x W in [-1, 1] -> one uint8 grid image (H' x W' or H' x W' x 3)."""
-    n, c, h, w = images.shape
-    nrow = nrow or int(np.ceil(np.sqrt(n)))
-    ncol = int(np.ceil(n / nrow))
-    grid = np.zeros((c, ncol * (h + 1) + 1, nrow * (w + 1) + 1), dtype=np.float32)
-    for i, im in enumerate(images):
-        r, col = divmod(i, nrow)
-        grid[:, 1 + r * (h + 1):1 + r * (h + 1) + h, 1 + col * (w + 1):1 + col * (w + 1) + w] = (
-            (im + 1) / 2
-        )
-    grid = (np.clip(grid, 0, 1) * 255).round().astype(np.uint8)
-    return grid[0] if c == 1 else grid.transpose(1, 2, 0)
-
-
-def save_grid(images: np.ndarray, path: str | Path, scale: int = 4) -> None:
-    """Write a PNG grid of the images, upscaled ``scale`` times (nearest) for viewing."""
-    from PIL import Image
-
-    g = image_grid(images)
-    g = np.kron(g, np.ones((scale, scale) + (() if g.ndim == 2 else (1,)), dtype=np.uint8))
-    Image.fromarray(g).save(path)

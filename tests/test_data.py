@@ -24,6 +24,23 @@ def test_digits_scaled_and_resized():
     assert set(np.unique(y)) == set(range(10))
 
 
+@pytest.mark.parametrize("shape,size", [((8, 8), 16), ((8, 8), 12), ((28, 28), 16),
+                                        ((13, 17), 32), ((64, 64), 8)])
+def test_numpy_resize_matches_torch_bilinear(shape, size):
+    # the driver resizes without torch; the result must be torch's bilinear resize
+    import torch
+    import torch.nn.functional as F
+
+    from ssdiff_ray.data import _resize
+
+    x = np.random.default_rng(size).random((3, *shape)).astype(np.float32)
+    ref = F.interpolate(torch.from_numpy(x)[:, None], size=(size, size), mode="bilinear",
+                        align_corners=False)[:, 0].numpy()
+    got = _resize(x, size)
+    assert got.shape == (3, size, size) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
+
+
 def test_split_is_seeded_complete_and_non_iid():
     _, y = load_digits(8)
     a = dirichlet_split(y, 20, alpha=0.1, seed=3)

@@ -84,3 +84,21 @@ def test_pool_killed_mid_round_run_survives(tiny_overrides):
     assert not r3["dropped"].any()
     assert r3[r3["pool"] == 0]["state_reset"].all()
     assert not r3[r3["pool"] == 1]["state_reset"].any()
+
+
+@pytest.mark.slow
+def test_driver_never_imports_torch(tiny_overrides):
+    """torch lives in the actors: a driver that imported it would hold ~330 MB and spend
+    seconds importing for nothing (the floor benchmark's memory budget counts it)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from ssdiff_ray import api, config; "
+        f"api.run(config.load(None, {[*tiny_overrides, 'rounds=1', 'name=notorch']!r}), "
+        "progress=False); print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "NO-TORCH"
