@@ -130,7 +130,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def evaluate(args, name: str, evaluator) -> dict:
-    from ssdiff_ray.model import sample
+    from ssdiff_ray.defense import sample  # chunked model.sample
     from ssdiff_ray.serve import load_run_model
 
     _, defended = scenario(name)
