@@ -31,17 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssdiff_ray.model import sample as _sample_one
-
-SAMPLE_CHUNK = 500
-
-
-def sample(unet, scheduler, n: int, *, x_T: torch.Tensor, **kw) -> np.ndarray:
-    """``model.sample`` on at most ``SAMPLE_CHUNK`` inputs per call (a fresh multistep
-    scheduler each call: DPM-Solver++ keeps per-run state)."""
-    return np.concatenate([_sample_one(unet, scheduler, len(x_T[i:i + SAMPLE_CHUNK]),
-                                       x_T=x_T[i:i + SAMPLE_CHUNK], **kw)
-                           for i in range(0, n, SAMPLE_CHUNK)])
+from ssdiff_ray.model import sample
 
 # ----------------------------------------------------------------------------- estimation
 

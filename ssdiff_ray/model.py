@@ -76,6 +76,22 @@ def set_flat(model: torch.nn.Module, flat: np.ndarray) -> None:
         raise ValueError(f"flat vector has {vec.numel()} values, model has {offset}")
 
 
+def _sampling_scheduler(scheduler: DDPMScheduler, sampler: str, steps: int):
+    """DDIM (eta = 0) or DPM-Solver++ with ``steps`` steps, or ancestral DDPM over all
+    timesteps, built from the training scheduler's config."""
+    if sampler == "ddim":
+        sched = DDIMScheduler.from_config(scheduler.config)
+        sched.set_timesteps(steps)
+    elif sampler == "dpm":
+        # DPM-Solver++ (2nd order): about the quality of DDIM at 2-3x the steps
+        sched = DPMSolverMultistepScheduler.from_config(scheduler.config)
+        sched.set_timesteps(steps)
+    else:
+        sched = DDPMScheduler.from_config(scheduler.config)
+        sched.set_timesteps(scheduler.config.num_train_timesteps)
+    return sched
+
+
 @torch.no_grad()
 def sample(
     unet: UNet2DModel,
@@ -98,21 +114,14 @@ def sample(
     shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     if x_T is None:
         x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    if sampler == "ddim":
-        sched = DDIMScheduler.from_config(scheduler.config)
-        sched.set_timesteps(steps)
-    elif sampler == "dpm":
-        # DPM-Solver++ (2nd order): about the quality of DDIM at 2-3x the steps
-        sched = DPMSolverMultistepScheduler.from_config(scheduler.config)
-        sched.set_timesteps(steps)
-    else:
-        sched = DDPMScheduler.from_config(scheduler.config)
-        sched.set_timesteps(scheduler.config.num_train_timesteps)
     gen = torch.Generator().manual_seed(seed + 1)
     was_training = unet.training
     unet.eval()
     out = []
     for start in range(0, n, batch_size):
+        # a fresh scheduler per batch: multistep solvers (DPM-Solver++) keep a step index
+        # and past outputs, so one reused across batches runs past its timesteps
+        sched = _sampling_scheduler(scheduler, sampler, steps)
         x = x_T[start:start + batch_size].to(device)
         for t in sched.timesteps:
             eps = unet(x, t).sample

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from ssdiff_ray.batched import BatchedTrainer
-from ssdiff_ray.model import build_scheduler, build_unet, get_flat
+from ssdiff_ray.model import build_scheduler, build_unet, get_flat, sample
 from ssdiff_ray.train import LocalTrainer, round_lr
 
 
@@ -37,3 +37,15 @@ def test_trainer_uses_the_round_lr(batched):
     assert np.abs(big).max() == pytest.approx(1e-3, rel=0.05)
     assert np.abs(small).max() == pytest.approx(1e-4, rel=0.05)
     np.testing.assert_allclose(delta(1e-3, None), big, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("sampler", ["dpm", "ddim"])
+def test_sampling_in_batches_equals_one_batch(sampler):
+    # DPM-Solver++ is a multistep solver with per-run state: each batch needs its own
+    # (a shared one ran past its timesteps and raised IndexError on the second batch)
+    unet = build_unet("tiny", 8, seed=0)
+    sched = build_scheduler(50, "linear")
+    x_T = torch.randn((7, 1, 8, 8), generator=torch.Generator().manual_seed(0))
+    whole = sample(unet, sched, 7, sampler=sampler, steps=4, x_T=x_T, batch_size=7)
+    batched = sample(unet, sched, 7, sampler=sampler, steps=4, x_T=x_T, batch_size=3)
+    np.testing.assert_allclose(batched, whole, atol=1e-5)
