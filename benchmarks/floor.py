@@ -10,6 +10,7 @@ counts shared pages once), sampled by a thread.
     python benchmarks/floor.py                 # workloads A and B, small model
     python benchmarks/floor.py --workload A    # one of them
     python benchmarks/floor.py --quick         # tiny model, few clients (CI)
+    python benchmarks/floor.py --repeat 3      # each workload 3 times, median ratios
 """
 
 from __future__ import annotations
@@ -292,6 +293,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=0, help="override the workload's rounds")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--quick", action="store_true", help="tiny model, few clients (CI)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="measure each workload N times and report the median ratios "
+                         "(identical runs vary by ~10-20%% on a 2-core machine)")
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--floor-of", help=argparse.SUPPRESS)  # internal: the floor subprocess
     args = ap.parse_args()
@@ -305,7 +309,8 @@ def main() -> None:
         sets = [*QUICK, *sets]
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, (count, frac, steps, rounds) in work.items():
+        for name, (count, frac, steps, rounds) in [(n, w) for n, w in work.items()
+                                                   for _ in range(args.repeat)]:
             res = measure(name, count, frac, steps, args.rounds or rounds, sets, tmp)
             results.append(res)
             print(f"{name}: {res['clients']} clients, {res['per_round']}/round, {res['local_steps']} "
@@ -320,8 +325,20 @@ def main() -> None:
                   f"loss diff {res['loss_max_abs_diff']:.2e} | sampler CPU "
                   f"{res['sampler_cpu_share_run']:.1%} of a core | load {res['load_avg'][0]:.2f}",
                   flush=True)
+    median = {}
+    for name in work:
+        runs = [r for r in results if r["workload"] == name]
+        median[name] = {k: float(np.median([r[k] for r in runs]))
+                        for k in ("ratio", "cpu_ratio", "warm_run_s", "warm_floor_s",
+                                  "peak_rss_run_mib", "peak_rss_floor_mib",
+                                  "peak_pss_run_mib", "peak_pss_floor_mib")}
+        m = median[name]
+        print(f"{name}: median of {len(runs)}: ratio {m['ratio']:.3f}, CPU ratio "
+              f"{m['cpu_ratio']:.3f}, PSS above floor "
+              f"{(m['peak_pss_run_mib'] - m['peak_pss_floor_mib']) / 1024:.2f} GiB, RSS above "
+              f"floor {(m['peak_rss_run_mib'] - m['peak_rss_floor_mib']) / 1024:.2f} GiB")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"results": results}, indent=2))
+    Path(args.out).write_text(json.dumps({"median": median, "results": results}, indent=2))
     print(f"wrote {args.out}")
 
 
