@@ -45,10 +45,10 @@ class PeakRSS:
     (libtorch's code, Ray's object store mapped by writer and reader) count once per process.
     ``peak_pss`` sums PSS (every 2 s, from /proc/PID/smaps_rollup): each shared page split
     between its users, so the sum is the memory the tree really holds. The sampler must
-    stay cheap: it shares the 2 cores with what it measures (psutil's full smaps read of a
-    Ray tree every 100 ms took ~60% of a core and slowed the run it was measuring), so the
-    process list is refreshed once a second and PSS, which costs the kernel a page-table
-    walk (~75 ms for a Ray tree), is read rarely.
+    stay cheap: it shares the 2 cores with what it measures (psutil's full smaps parse of
+    a Ray tree every 100 ms took a large share of a core, on the run's side only, and
+    slowed the run it was measuring), so the process list is refreshed once a second and
+    PSS, which costs the kernel a page-table walk per process, is read rarely.
     """
 
     RSS_EVERY_S, PSS_EVERY_S, PIDS_EVERY_S = 0.05, 2.0, 1.0

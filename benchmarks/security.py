@@ -44,8 +44,8 @@ from ssdiff_ray.attacks import (  # noqa: E402
     attack_metrics,
     make_target,
     make_trigger,
-    troj_params,
     triggered_noise,
+    troj_params,
 )
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -130,7 +130,7 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def evaluate(args, name: str, evaluator) -> dict:
-    from ssdiff_ray.defense import sample  # chunked model.sample
+    from ssdiff_ray.model import sample
     from ssdiff_ray.serve import load_run_model
 
     _, defended = scenario(name)
@@ -311,7 +311,8 @@ def main(argv=None) -> dict:
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
     stem.with_suffix(".md").write_text(
         f"# Security benchmark{' (quick)' if args.quick else ''}\n\n"
-        f"Last command `{result['command']}` (each row's own command is in the JSON) -- seed {args.seed}, {args.n} clean + {args.n} triggered inputs, "
+        f"Last command `{result['command']}` (each row's own command is in the JSON) -- "
+        f"seed {args.seed}, {args.n} clean + {args.n} triggered inputs, "
         f"malicious fraction {args.malicious_fraction}, poison rate {args.poison_rate}, "
         f"detector FPR target {args.fpr}, UFID {'on' if args.ufid else 'off'}.\n\n{md}\n")
     return result

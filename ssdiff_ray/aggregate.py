@@ -16,16 +16,13 @@ if _numba is not None:
             acc[i] += w * np.float64(x[i])
 
 
-def axpy(acc: np.ndarray, x: np.ndarray, w: float, scratch: np.ndarray | None = None) -> None:
-    """acc += w * x for a float64 ``acc`` and a float32 ``x``, in one pass without
-    temporaries (numba), else through ``scratch`` (a float64 vector like ``acc``)."""
-    if _numba is not None and x.dtype == np.float32 and x.flags.c_contiguous:
-        _nb_axpy(acc, x, np.float64(w))
-        return
-    if scratch is None:
-        scratch = np.empty_like(acc)
-    np.multiply(x, np.float64(w), out=scratch)
-    np.add(acc, scratch, out=acc)
+def axpy(acc: np.ndarray, x: np.ndarray, w: float) -> None:
+    """acc += w * x for a float64 ``acc``, in one pass without temporaries (numba); the
+    NumPy fallback rounds identically."""
+    if _numba is not None:
+        _nb_axpy(acc, np.ascontiguousarray(x), np.float64(w))
+    else:
+        acc += x * np.float64(w)
 
 
 class StreamingAggregator:
@@ -41,16 +38,13 @@ class StreamingAggregator:
         self.sums = [None] * num_slots
         self.weights = np.zeros(num_slots)
         self.count = 0
-        self._scaled: np.ndarray | None = None  # float64 scratch, reused for every update
 
     def add(self, slot: int, delta: np.ndarray, weight: float) -> None:
         if self.sums[slot] is None:
             self.sums[slot] = np.zeros(self.num_params, dtype=np.float64)
-        if _numba is None and self._scaled is None:
-            self._scaled = np.empty(self.num_params, dtype=np.float64)
         # one fused pass, no float64 temporaries per update: allocating and faulting in
         # 2 x 8 bytes per parameter per client cost more than the arithmetic at 100 clients
-        axpy(self.sums[slot], delta, weight, self._scaled)
+        axpy(self.sums[slot], delta, weight)
         self.weights[slot] += weight
         self.count += 1
 

@@ -608,8 +608,7 @@ def encode(
     drawn unless bits == 32).  Raises ValueError for bad arguments or non-finite values.
     """
     x = np.asarray(x)
-    _check_args(bits, block_size)
-    buf = np.empty(encoded_size(x.size, bits, block_size), np.uint8)
+    buf = np.empty(encoded_size(x.size, bits, block_size), np.uint8)  # checks the arguments
     encode_into(buf, x, bits, block_size, rng, layout)
     return buf.tobytes()
 

@@ -15,8 +15,6 @@ from diffusers import (
     UNet2DModel,
 )
 
-from ssdiff_ray.images import image_grid, save_grid  # noqa: F401 - the grids' old home
-
 # Presets for 1-channel images up to 32x32. "small" is ~1.06M parameters at 16x16.
 PRESETS: dict[str, dict] = {
     "tiny": dict(block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8),

@@ -40,7 +40,8 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
     """
     from ssdiff_ray import defense
     from ssdiff_ray.attacks import AttackSpec, triggered_noise
-    from ssdiff_ray.model import sample, save_grid
+    from ssdiff_ray.images import save_grid
+    from ssdiff_ray.model import sample
 
     cfg, unet, scheduler = load_run_model(run_dir)
     size = cfg.data.image_size

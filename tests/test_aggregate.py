@@ -59,5 +59,5 @@ def test_axpy_fused_and_numpy_paths_agree_bit_for_bit():
     np.add(ref, x.astype(np.float64) * 0.37, out=ref)
     assert np.array_equal(fused, ref)
     strided = acc.copy()
-    axpy(strided, np.repeat(x, 2)[::2], 0.37)  # non-contiguous input: the numpy path
+    axpy(strided, np.repeat(x, 2)[::2], 0.37)  # a non-contiguous input gives the same sum
     assert np.array_equal(strided, ref)
