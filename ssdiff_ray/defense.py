@@ -7,8 +7,11 @@ inputs, negate them, and audit the model before serving.
   ancestral DDPM; a backdoor tuned to DDIM answers eps + r like a clean model at t = T
   (lambda ~ 1), and clean models have adversarial directions with large shifts. What every
   working backdoor shares is Elijah's second observation, that eps + r generates one image
-  whatever eps: so tau minimises the spread of short DDIM generations from eps + tau, then
-  is refined as in TERD (residual at t ~ T independent of the noise). The shift is reported.
+  whatever eps. That basin is narrow (along a * r the spread of the outputs first rises and
+  collapses only near a = 1), so gradient descent on the spread from small or random tau
+  misses it; the default estimator scans localized +-1 patches and hill-climbs their size
+  and position to the least output spread (``scan_trigger``). ``method="gradient"`` keeps
+  the Elijah/TERD gradient inversion and refinement.
 * ``detect_inputs``: TERD's likelihood ratio log N(x; mu, gamma^2) - log N(x; 0, I), plus a
   model-free DisDet-style test (Sui et al., 2024) of x_T against N(0, I) (mean, variance,
   kurtosis, local-window mean and energy). Thresholds come from N(0, I) draws only, at a
@@ -145,6 +148,131 @@ def output_spread(unet, scheduler, tau: torch.Tensor, eps: torch.Tensor, steps: 
     return out.var(0).mean()
 
 
+Patch = tuple[int, int, int, int, float]  # (row, col, height, width, amplitude)
+
+
+def patch_image(p: Patch, image_size: int, channels: int = 1) -> torch.Tensor:
+    """A solid rectangle of ``amplitude`` (C x S x S), zero elsewhere."""
+    i, j, h, w, a = p
+    x = torch.zeros((channels, image_size, image_size))
+    x[:, i:i + h, j:j + w] = a
+    return x
+
+
+def patch_candidates(image_size: int, sizes: tuple[float, ...] = (0.25, 0.4),
+                     stride: int | None = None) -> list[Patch]:
+    """Square patches of +1 and -1 at every ``stride``-th position (and flush with the
+    far edges), sides a fraction of the image: the trigger scan's coarse grid."""
+    s = image_size
+    stride = stride or max(1, s // 8)
+    out = []
+    for frac in sizes:
+        w = max(2, round(frac * s))
+        starts = sorted({*range(0, s - w + 1, stride), s - w})
+        out += [(i, j, w, w, a) for i in starts for j in starts for a in (1.0, -1.0)]
+    return out
+
+
+def patch_neighbours(p: Patch, image_size: int) -> list[Patch]:
+    """Patches one pixel away: moved, or one edge grown or shrunk."""
+    i, j, h, w, a = p
+    cand = [(i + di, j + dj, h, w, a) for di, dj in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+    cand += [(i, j, h + dh, w + dw, a) for dh, dw in ((1, 0), (-1, 0), (0, 1), (0, -1))]
+    cand += [(i - 1, j, h + 1, w, a), (i, j - 1, h, w + 1, a)]
+    return [(ci, cj, ch, cw, a) for ci, cj, ch, cw, a in cand
+            if ci >= 0 and cj >= 0 and ch >= 2 and cw >= 2
+            and ci + ch <= image_size and cj + cw <= image_size]
+
+
+@torch.no_grad()
+def scan_patches(unet, scheduler, candidates: torch.Tensor, eps: torch.Tensor, base: float,
+                 steps: int = 8, chunk: int = 256) -> np.ndarray:
+    """Output spread of eps + candidate over the clean spread, per candidate (clipped DDIM,
+    as the sampler runs). A backdoor's basin is narrow -- along a * r the spread first
+    rises, then collapses near a = 1 -- so gradient descent from small or random starts
+    misses it; a scan of localized patches lands in it for patch triggers."""
+    k, e = len(candidates), len(eps)
+    x = (candidates[:, None] + eps[None]).flatten(0, 1)  # K*E x C x S x S
+    outs = torch.cat([ddim_generate(unet, scheduler, x[i:i + chunk], steps)
+                      for i in range(0, len(x), chunk)])
+    return (outs.view(k, e, -1).var(1).mean(1) / max(base, 1e-8)).numpy()
+
+
+def scan_trigger(unet, scheduler, image_size: int, channels: int, gen: torch.Generator,
+                 base: float, n_eps: int = 32, steps: int = 8, max_climb: int = 30,
+                 max_area: float = 0.2) -> tuple[Patch, float]:
+    """The patch whose eps + patch generates the least diverse outputs: a coarse scan of
+    ``patch_candidates``, a fine grid of squares around the winner, then hill climbing over
+    ``patch_neighbours`` (same noise draws throughout, so the comparisons are paired).
+    Patches cover at most ``max_area`` of the image: a trigger is a local patch, and a +1
+    patch over most of the image saturates any model's outputs, clean or not.
+    Returns (patch, spread ratio)."""
+    area_px = max_area * image_size * image_size
+    eps = torch.randn((n_eps, channels, image_size, image_size), generator=gen)
+
+    def spread(ps: list[Patch]) -> np.ndarray:
+        if not ps:
+            return np.zeros(0, np.float32)
+        imgs = torch.stack([patch_image(p, image_size, channels) for p in ps])
+        return scan_patches(unet, scheduler, imgs, eps, base, steps)
+
+    cands = patch_candidates(image_size)
+    sc = spread(cands)
+    i0, j0, h0, _, a0 = cands[int(sc.argmin())]
+    # fine grid around the coarse winner: squares within 2 pixels of its corner and size
+    fine = [(i, j, w, w, a0) for w in range(max(2, h0 - 2), h0 + 3)
+            for i in range(i0 - 2, i0 + 3) for j in range(j0 - 2, j0 + 3)
+            if i >= 0 and j >= 0 and i + w <= image_size and j + w <= image_size
+            and w * w <= area_px]
+    fine = [p for p in fine if p not in set(cands)]
+    cands, sc = cands + fine, np.concatenate([sc, spread(fine)])
+    best, best_sc = cands[int(sc.argmin())], float(sc.min())
+    seen = set(cands)
+    for _ in range(max_climb):
+        nb = [p for p in patch_neighbours(best, image_size)
+              if p not in seen and p[2] * p[3] <= area_px]
+        if not nb:
+            break
+        seen.update(nb)
+        sn = spread(nb)
+        if sn.min() >= best_sc:
+            break
+        best, best_sc = nb[int(sn.argmin())], float(sn.min())
+    return best, best_sc
+
+
+@torch.no_grad()
+def prune_patch(unet, scheduler, tau: torch.Tensor, eps: torch.Tensor, base: float,
+                steps: int = 8, tol: float = 0.1, max_rounds: int = 8) -> torch.Tensor:
+    """Drop the pixels of a patch that the collapse does not need (TERD's refinement, for a
+    patch): a solid rectangle found by the scan also covers pixels of no use to the backdoor
+    (a frame's hole, a row beside the trigger), which dilute the detector's mean. Each round
+    tries removing every pixel, removes those whose removal keeps the spread within ``tol``
+    (relative) of the patch's, at most a quarter of them at once, and keeps the removal only
+    if the pruned patch stays within ``tol`` too (else removes the single best pixel)."""
+    cur = tau.clone()
+    limit = (1 + tol) * float(scan_patches(unet, scheduler, cur[None], eps, base, steps)[0])
+    for _ in range(max_rounds):
+        on = torch.nonzero(cur.abs().sum(0)).tolist()
+        if len(on) <= 4:
+            break
+        trials = cur[None].repeat(len(on), 1, 1, 1)
+        for k, (i, j) in enumerate(on):
+            trials[k, :, i, j] = 0
+        sc = scan_patches(unet, scheduler, trials, eps, base, steps)
+        order = [int(k) for k in np.argsort(sc) if sc[k] <= limit][:max(1, len(on) // 4)]
+        if not order:
+            break
+        pruned = cur.clone()
+        for k in order:
+            pruned[:, on[k][0], on[k][1]] = 0
+        if len(order) > 1 and float(scan_patches(unet, scheduler, pruned[None], eps, base,
+                                                 steps)[0]) > limit:
+            pruned = trials[order[0]]
+        cur = pruned
+    return cur
+
+
 def _invert_once(unet, scheduler, shape, gen, steps, batch, radius, lr, gen_steps, l1, base,
                  init_scale, clip):
     tau = (init_scale * torch.randn(shape, generator=gen)).requires_grad_(True)
@@ -180,21 +308,33 @@ def estimate_trigger(
     restarts: int = 1,
     init_scale: float = 0.1,
     clip: bool = False,
+    method: str = "scan",
 ) -> TriggerEstimate:
     """Invert the trigger from the model alone, without clean data.
 
-    Stage 1 (Elijah's uniformity): Adam on tau, projected to a ball of ``radius`` (default
-    0.5 sqrt(d), above the norm a visible patch trigger needs), minimising the spread of
-    the images a ``gen_steps``-step DDIM makes from eps + tau, with fresh noise each step.
-    A backdoored model has a basin around its trigger where all outputs collapse onto the
-    target; a clean model's outputs stay diverse. The DDIM runs unclipped (``clip``) so the
-    gradient does not vanish on a +-1 target. ``restarts`` independent starts; the one whose
-    tau gives the lowest (clipped, held-out noise) spread wins. Stage 2 (TERD): refinement
-    through short DDIM generation, making the model's residual at t ~ T independent of the
-    noise. ``l1`` (a sparsity prior, TERD's L1 term) keeps tau from becoming a whole digit,
-    which collapses a clean model's outputs onto that digit too. ``response`` (Elijah's
-    lambda) and ``shift_norm`` describe the shift at t = T.
+    ``method="scan"`` (default): a scan of localized +-1 patches and hill climbing on
+    their size and position (``scan_trigger``), keeping the patch whose eps + patch
+    generates the least diverse images. On a backdoored model the spread along a * r first
+    rises and only collapses near a = 1, so the gradient stage below, started from small or
+    random tau, does not reach the basin; a patch that overlaps the trigger does. Covers
+    patch triggers (box, stop sign, glasses); full-frame triggers with a changed variance
+    (TrojDiff's blend) are DisDet's part.
+
+    ``method="gradient"``, stage 1 (Elijah's uniformity): Adam on tau, projected to a ball
+    of ``radius`` (default 0.5 sqrt(d), above the norm a visible patch trigger needs),
+    minimising the spread of the images a ``gen_steps``-step DDIM makes from eps + tau, with
+    fresh noise each step. A backdoored model has a basin around its trigger where all
+    outputs collapse onto the target; a clean model's outputs stay diverse. The DDIM runs
+    unclipped (``clip``) so the gradient does not vanish on a +-1 target. ``restarts``
+    independent starts; the one whose tau gives the lowest (clipped, held-out noise) spread
+    wins. Stage 2 (TERD): refinement through short DDIM generation, making the model's
+    residual at t ~ T independent of the noise. ``l1`` (a sparsity prior, TERD's L1 term)
+    keeps tau from becoming a whole digit, which collapses a clean model's outputs onto that
+    digit too. ``response`` (Elijah's lambda) and ``shift_norm`` describe the shift at
+    t = T.
     """
+    if method not in ("scan", "gradient"):
+        raise ValueError(f"estimate_trigger method {method!r}; choose 'scan' or 'gradient'")
     gen = torch.Generator().manual_seed(seed)
     shape = (channels, image_size, image_size)
     radius = float(radius if radius is not None else 0.5 * np.sqrt(np.prod(shape)))
@@ -206,18 +346,29 @@ def estimate_trigger(
         with torch.no_grad():
             held = torch.randn((2 * batch, *shape), generator=gen)
             base = float(output_spread(unet, scheduler, torch.zeros(shape), held, gen_steps))
-        best = None
-        for _ in range(max(1, restarts)):
-            tau, history = _invert_once(unet, scheduler, shape, gen, steps, batch, radius, lr,
-                                        gen_steps, l1, base, init_scale, clip)
-            with torch.no_grad():
-                sp = float(output_spread(unet, scheduler, tau, held, gen_steps)) / max(base, 1e-8)
-            if best is None or sp < best[0]:
-                best = (sp, tau, history)
-        _, tau, history = best
-        if refine and refine_steps > 0:
-            tau = _terd_refine(unet, scheduler, tau, gen, refine_steps, batch, lr=0.2 * lr,
-                               radius=radius)
+        if method == "scan":
+            patch, _ = scan_trigger(unet, scheduler, image_size, channels, gen, base,
+                                    steps=gen_steps)
+            tau = patch_image(patch, image_size, channels)
+            if refine:
+                fresh = torch.randn((48, *shape), generator=gen)
+                tau = prune_patch(unet, scheduler, tau, fresh, base, gen_steps)
+            history = []
+        else:
+            best = None
+            for _ in range(max(1, restarts)):
+                t, h = _invert_once(unet, scheduler, shape, gen, steps, batch, radius, lr,
+                                    gen_steps, l1, base, init_scale, clip)
+                with torch.no_grad():
+                    sp = float(output_spread(unet, scheduler, t, held, gen_steps)) / max(base, 1e-8)
+                if best is None or sp < best[0]:
+                    best = (sp, t, h)
+            _, tau, history = best
+            if refine and refine_steps > 0:
+                tau = _terd_refine(unet, scheduler, tau, gen, refine_steps, batch, lr=0.2 * lr,
+                                   radius=radius)
+        with torch.no_grad():
+            held_spread = float(output_spread(unet, scheduler, tau, held, gen_steps)) / max(base, 1e-8)
         with torch.no_grad():
             eps = torch.randn((4 * batch, *shape), generator=gen)
             shift = mean_shift(unet, scheduler, tau[None], eps)
@@ -231,8 +382,9 @@ def estimate_trigger(
     return TriggerEstimate(tau=tau_np, mu=tau_np.copy(), gamma=1.0,
                            shift_norm=float(shift.norm()), response=resp,
                            stats={"spread_ratio": spread, "objective": history[-5:],
+                                  "method": method,
                                   "radius": radius, "clean_spread": base,
-                                  "restart_spread": best[0]})
+                                  "held_spread_ratio": held_spread})
 
 
 # ----------------------------------------------------------------------------- detection
@@ -469,17 +621,34 @@ class UfidCheck:
 
 
 @torch.no_grad()
-def audit_model(unet, scheduler, image_size: int, seed: int = 0,
-                est: TriggerEstimate | None = None, n_random: int = 8, n_eps: int = 64,
-                spread_threshold: float = 0.2, z_threshold: float = 4.0) -> dict:
-    """Model-level verdict before serving (Elijah's uniformity, TERD's KL statistic).
+def shifted_copies(tau: torch.Tensor, n: int, gen: torch.Generator,
+                   max_overlap: float = 0.25) -> torch.Tensor:
+    """``n`` copies of tau rolled (circularly) to random places where it overlaps its own
+    support little: same shape, norm and sparsity, so the audit's reference asks "does a
+    pattern like tau collapse the outputs anywhere?" (a large patch does, on any model)."""
+    size = tau.shape[-1]
+    energy = float(tau.square().sum())
+    offsets = [(di, dj) for di in range(size) for dj in range(size) if (di, dj) != (0, 0)]
+    far = [o for o in offsets
+           if float((tau * torch.roll(tau, o, (-2, -1))).sum()) <= max_overlap * energy]
+    offsets = far or offsets
+    pick = torch.randperm(len(offsets), generator=gen)[:n]
+    return torch.stack([torch.roll(tau, offsets[k], (-2, -1)) for k in pick.tolist()])
 
-    ``spread_ratio``: output spread from eps + tau over that from eps (a backdoor collapses
-    to its target: << 1), compared with ``n_random`` random directions of the same norm
-    (``spread_z``: how many of their standard deviations tau is below their mean).
-    "backdoored" when the ratio is below ``spread_threshold`` and ``spread_z`` above
-    ``z_threshold``. Also reports tau's norm, its relative shift at t = T (Elijah's
-    lambda as ``response``) and TERD's mean per-pixel KL of N(tau_i, 1) from N(0, 1).
+
+@torch.no_grad()
+def audit_model(unet, scheduler, image_size: int, seed: int = 0,
+                est: TriggerEstimate | None = None, n_random: int = 16, n_eps: int = 64,
+                spread_threshold: float = 0.5, z_threshold: float = 3.0) -> dict:
+    """Model-level verdict before serving (Elijah's uniformity).
+
+    ``spread_ratio``: output spread from eps + tau over that from eps, on noise draws the
+    estimate never saw (a backdoor collapses onto its target: << 1), compared with
+    ``n_random`` copies of tau moved elsewhere (``shifted_copies``; ``spread_z``: how many
+    of their standard deviations tau is below their mean). "backdoored" when the ratio is
+    below ``spread_threshold`` and ``spread_z`` above ``z_threshold``. Also reports tau's
+    norm, its relative shift at t = T (Elijah's lambda as ``response``) and TERD's mean
+    per-pixel KL of N(tau_i, 1) from N(0, 1).
     """
     if est is None:
         with torch.enable_grad():
@@ -490,14 +659,10 @@ def audit_model(unet, scheduler, image_size: int, seed: int = 0,
     shape = est.tau.shape
     eps = torch.randn((n_eps, *shape), generator=gen)
     tau = torch.from_numpy(est.tau)
-    norm = float(tau.norm())
     base = float(output_spread(unet, scheduler, torch.zeros(shape), eps))
-    ratio = float(output_spread(unet, scheduler, tau, eps)) / max(base, 1e-8)
-    rand = []
-    for _ in range(n_random):
-        v = torch.randn(shape, generator=gen)
-        rand.append(float(output_spread(unet, scheduler, v * (norm / v.norm()), eps)) / base)
-    rand = np.asarray(rand)
+    ratios = scan_patches(unet, scheduler, torch.cat([tau[None], shifted_copies(tau, n_random, gen)]),
+                          eps, base)
+    ratio, rand = float(ratios[0]), ratios[1:].astype(np.float64)
     z = (rand.mean() - ratio) / max(rand.std(), 1e-3)
     unet.train(was_training)
     backdoored = bool(ratio < spread_threshold and z > z_threshold)
@@ -506,8 +671,9 @@ def audit_model(unet, scheduler, image_size: int, seed: int = 0,
         "spread_ratio": ratio,
         "random_spread_mean": float(rand.mean()),
         "random_spread_std": float(rand.std()),
+        "random_spread_min": float(rand.min()),
         "spread_z": float(z),
-        "tau_norm": norm,
+        "tau_norm": float(tau.norm()),
         "shift_norm": est.shift_norm,
         "response": est.response,
         "kl_mean": float((est.tau.astype(np.float64) ** 2 / 2).mean()),

@@ -1,6 +1,7 @@
 """Sampling-time defense: input detection, negation, trigger estimation, model audit."""
 
 import numpy as np
+import pytest
 import torch
 
 from ssdiff_ray.attacks import AttackSpec, make_trigger, triggered_noise
@@ -77,7 +78,8 @@ def test_estimate_and_defended_sample_run_on_tiny_model():
     torch.manual_seed(0)
     unet = build_unet("tiny", 8, seed=0)
     sched = build_scheduler(50)
-    est = estimate_trigger(unet, sched, 8, seed=0, steps=3, refine_steps=1, batch=4)
+    est = estimate_trigger(unet, sched, 8, seed=0, steps=3, refine_steps=1, batch=4,
+                           method="gradient")
     assert est.tau.shape == (1, 8, 8) and np.isfinite(est.tau).all()
     assert np.linalg.norm(est.tau) <= est.stats["radius"] * 1.0001
     assert "spread_ratio" in est.stats
@@ -114,8 +116,58 @@ def test_estimate_trigger_restarts_pick_lowest_spread():
     torch.manual_seed(0)
     unet = build_unet("tiny", 8, seed=0)
     sched = build_scheduler(50)
-    est = estimate_trigger(unet, sched, 8, seed=0, steps=2, refine_steps=0, batch=4, restarts=2)
-    assert est.tau.shape == (1, 8, 8) and "restart_spread" in est.stats
+    est = estimate_trigger(unet, sched, 8, seed=0, steps=2, refine_steps=0, batch=4, restarts=2,
+                           method="gradient")
+    assert est.tau.shape == (1, 8, 8) and est.stats["method"] == "gradient"
+    assert est.stats["held_spread_ratio"] > 0
+    with pytest.raises(ValueError, match="method 'elijah'"):
+        estimate_trigger(unet, sched, 8, method="elijah")
+
+
+def test_patch_candidates_and_neighbours_stay_inside_the_image():
+    from ssdiff_ray.defense import patch_candidates, patch_image, patch_neighbours
+
+    cands = patch_candidates(16)
+    assert {a for *_, a in cands} == {1.0, -1.0}
+    assert {(h, w) for _, _, h, w, _ in cands} == {(4, 4), (6, 6)}
+    assert all(i + h <= 16 and j + w <= 16 for i, j, h, w, _ in cands)
+    assert (12, 12, 4, 4, 1.0) in cands and (10, 10, 6, 6, -1.0) in cands  # flush with far edge
+    img = patch_image((9, 9, 6, 6, 1.0), 16)
+    assert img.sum() == 36 and img[0, 9, 9] == 1 and img[0, 8, 9] == 0
+    p = (0, 13, 3, 3, -1.0)
+    nb = patch_neighbours(p, 16)
+    assert nb and all(i >= 0 and j >= 0 and h >= 2 and w >= 2 and i + h <= 16 and j + w <= 16
+                      and a == -1.0 for i, j, h, w, a in nb)
+    assert all(abs(i - 0) + abs(j - 13) + abs(h - 3) + abs(w - 3) <= 2 for i, j, h, w, _ in nb)
+    assert (1, 13, 3, 3, -1.0) in nb and (0, 13, 2, 3, -1.0) in nb
+
+
+def test_scan_trigger_returns_the_least_spread_patch_it_saw():
+    """Hill climbing only accepts improvements: the returned ratio is at most the coarse
+    scan's minimum on the same noise draws, and estimate_trigger's tau is that patch."""
+    from ssdiff_ray.defense import output_spread, patch_candidates, patch_image, scan_patches, scan_trigger
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny", 8, seed=0).eval()
+    sched = build_scheduler(50)
+    with torch.no_grad():
+        base = float(output_spread(unet, sched, torch.zeros(1, 8, 8), torch.randn(16, 1, 8, 8)))
+        patch, ratio = scan_trigger(unet, sched, 8, 1, torch.Generator().manual_seed(3), base,
+                                    n_eps=8, steps=2)
+        eps = torch.randn((8, 1, 8, 8), generator=torch.Generator().manual_seed(3))
+        cands = patch_candidates(8)
+        coarse = scan_patches(unet, sched, torch.stack([patch_image(c, 8) for c in cands]), eps,
+                              base, steps=2)
+    assert ratio <= coarse.min() + 1e-6
+    i, j, h, w, a = patch
+    assert i + h <= 8 and j + w <= 8 and a in (1.0, -1.0)
+    solid = estimate_trigger(unet, sched, 8, seed=0, gen_steps=2, refine=False).tau[0]
+    on = solid != 0
+    rows, cols = np.flatnonzero(on.any(1)), np.flatnonzero(on.any(0))
+    assert len(np.unique(solid[on])) == 1 and on.sum() <= 0.2 * 64  # one sign, small
+    assert on[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # a solid rectangle
+    pruned = estimate_trigger(unet, sched, 8, seed=0, gen_steps=2).tau[0]
+    assert pruned[~on].sum() == 0 and 0 < (pruned != 0).sum() <= on.sum()  # a subset of it
 
 
 def test_ufid_check_calibrated_on_clean_and_combined():
@@ -143,3 +195,25 @@ def test_defended_sample_with_known_trigger_removes_backdoor_inputs():
     assert det["flagged"][30:].all()
     clean = purify(x, det["flagged"], est, seed=3, fpr=0.02)
     assert not detect_inputs(clean, est, fpr=0.02)["flagged"].any()
+
+
+def test_shifted_copies_keep_shape_and_leave_the_patch():
+    from ssdiff_ray.defense import patch_image, shifted_copies
+
+    tau = patch_image((9, 9, 6, 6, 1.0), 16)
+    copies = shifted_copies(tau, 16, torch.Generator().manual_seed(0))
+    assert copies.shape == (16, 1, 16, 16)
+    assert torch.allclose(copies.flatten(1).norm(dim=1), tau.norm().expand(16))
+    overlap = (copies * tau).flatten(1).sum(1) / tau.square().sum()
+    assert (overlap <= 0.25).all() and len({c.numpy().tobytes() for c in copies}) == 16
+
+
+def test_audit_untrained_model_is_clean():
+    from ssdiff_ray.defense import audit_model
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny", 8, seed=0)
+    sched = build_scheduler(50)
+    est = estimate_trigger(unet, sched, 8, seed=0, gen_steps=2)
+    a = audit_model(unet, sched, 8, seed=0, est=est, n_random=6, n_eps=16)
+    assert a["verdict"] == "clean" and np.isfinite(a["spread_z"]) and a["random_spread_std"] >= 0
