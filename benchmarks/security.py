@@ -57,11 +57,8 @@ ATTACK = {
     "clean": ["attack.kind=none"],
 }
 SCENARIOS = {
-    # lower poison rates first: at the issue's 0.1 the attack does not take, federated
+    # the issue's poison rate 0.1 first: the attack does not take there, so the rate is raised
     "baddiffusion@p0.1": (ATTACK["baddiffusion"], False),
-    "baddiffusion@p0.5": (ATTACK["baddiffusion"], False),
-    "baddiffusion@p1.0": (ATTACK["baddiffusion"], False),
-    "baddiffusion@p1.0x10": (ATTACK["baddiffusion"], True),  # aggressive model replacement
     "baddiffusion": (ATTACK["baddiffusion"], True),
     "trojdiff": (ATTACK["trojdiff"], True),
     "clean": (ATTACK["clean"], True),
@@ -69,32 +66,40 @@ SCENARIOS = {
     "baddiffusion+krum": ([*ATTACK["baddiffusion"], "server.screening=krum"], False),
     "baddiffusion+flame": ([*ATTACK["baddiffusion"], "server.screening=flame"], False),
 }
+# The federated setting: 10 clients, all selected every round, so 10% malicious is one client
+# in every round; no server EMA (it would average the backdoor away over rounds).
+FEDERATED = ["clients.count=10", "clients.per_round=1.0", "rounds=20", "train.local_steps=40",
+             "server.ema_decay=0"]
 QUICK = ["model.preset=tiny", "model.timesteps=100", "clients.count=10", "clients.per_round=0.2",
          "train.local_steps=4", "train.batch_size=16", "rounds=3"]
 
 
 def scenario(name: str) -> tuple[list[str], bool]:
-    """(overrides, sampling defense?) of a scenario; NAME@pX sets poison rate X."""
+    """(overrides, sampling defense?) of a scenario; NAME@pX sets poison rate X, NAME@pXxS also
+    the model-replacement scale S."""
     over, defended = SCENARIOS[name]
-    if "@p" in name:  # NAME@pX (scale 1) or NAME@pXxS (scale S)
+    if "@p" in name:
         rate, _, scale = name.split("@p", 1)[1].partition("x")
-        over = [*over, f"attack.poison_rate={float(rate)}", f"attack.scale={float(scale or 1)}"]
+        over = [*over, f"attack.poison_rate={float(rate)}"]
+        if scale:
+            over.append(f"attack.scale={float(scale)}")
     return over, defended
 
 
 def train_overrides(args, name: str) -> list[str]:
     over, _ = scenario(name)
-    base = [f"seed={args.seed}", "clients.pools=1", "ray.torch_threads=1",
+    base = [f"seed={args.seed}", f"clients.pools={args.pools}", "ray.torch_threads=1",
             "eval.samples=10", "attack.eval_samples=10", "eval.baseline=false", "eval.grid=0",
             "defense.enabled=false", "defense.estimate_trigger=false",
             f"attack.malicious_fraction={args.malicious_fraction}",
             f"attack.poison_rate={args.poison_rate}", f"attack.scale={args.scale}",
             f"out_dir={args.runs_dir}", f"name={name}"]
-    return [*base, *(QUICK if args.quick else []), *over]
+    return [*base, *(QUICK if args.quick else FEDERATED), *over]
 
 
 def train(args, names: list[str]) -> None:
-    """Train every scenario whose model is not saved yet (one Ray CPU, one torch thread)."""
+    """Train every scenario whose model is not saved yet (``--pools`` Ray CPUs, one pool actor
+    and one torch thread each)."""
     todo = [n for n in names if not (Path(args.runs_dir) / n / "model" / "model_index.json").is_file()]
     if not todo:
         return
@@ -104,7 +109,7 @@ def train(args, names: list[str]) -> None:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False,
+        ray.init(num_cpus=args.pools, include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     try:
         for name in todo:
@@ -202,6 +207,8 @@ def checks(row: dict) -> dict:
     """Which of the issue's targets a row meets (None where the target does not apply)."""
     attacked = row["attack"] != "none"
     out = {"asr_ge_0.9": row["asr"] >= TARGETS["asr_min_undefended"] if attacked else None}
+    if attacked and row["screening"] != "none":  # the screen is what should stop the attack
+        out = {"screened_asr_le_0.02": row["asr"] <= TARGETS["asr_max_defended"]}
     if row["sampling_defense"]:
         out.update({
             "asr_def_le_0.02": row["asr_defended"] <= TARGETS["asr_max_defended"],
@@ -248,12 +255,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny model, few rounds, small n")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n", type=int, default=None, help="clean and triggered inputs (1000)")
-    ap.add_argument("--poison-rate", type=float, default=1.0,
-                    help="attacked scenarios without @pX in their name (0.1 and 0.5 leave ASR 0)")
-    ap.add_argument("--scale", type=float, default=2.0,
-                    help="model replacement factor of malicious updates (not @pX scenarios)")
+    ap.add_argument("--poison-rate", type=float, default=0.5,
+                    help="attacked scenarios without @pX in their name (0.1 leaves ASR 0)")
+    ap.add_argument("--scale", type=float, default=10.0,
+                    help="model replacement factor of malicious updates (10 = clients per round)")
+    ap.add_argument("--pools", type=int, default=2, help="pool actors (and Ray CPUs) in training")
     ap.add_argument("--malicious-fraction", type=float, default=0.1)
     ap.add_argument("--fpr", type=float, default=0.02, help="detector's nominal FPR")
+    ap.add_argument("--estimator", choices=("scan", "gradient"), default="scan",
+                    help="trigger estimation (defense.estimate_trigger's method)")
     ap.add_argument("--no-ufid", dest="ufid", action="store_false")
     ap.add_argument("--ufid-null", type=int, default=None, help="N(0, I) draws for UFID's null")
     ap.add_argument("--ufid-perturb", type=int, default=2, help="UFID generations per input")
@@ -269,8 +279,10 @@ def main(argv=None) -> dict:
     args.ufid_null = args.ufid_null or (40 if args.quick else 500)
     args.runs_dir = args.runs_dir or str(ROOT / "runs" / ("security_quick" if args.quick
                                                           else "security"))
-    args.est_kw = ({"steps": 3, "refine_steps": 1, "batch": 4, "restarts": 1} if args.quick
-                   else {"steps": 40, "refine_steps": 5, "batch": 16, "restarts": 2})
+    args.est_kw = {"method": args.estimator}
+    if args.estimator == "gradient":
+        args.est_kw.update({"steps": 3, "refine_steps": 1, "batch": 4} if args.quick
+                           else {"steps": 40, "refine_steps": 5, "batch": 16, "restarts": 2})
     stem = Path(args.out) if args.out else RESULTS / ("security_quick" if args.quick else "security")
     names = [s for s in args.scenarios.split(",") if s]
     t0 = time.perf_counter()
