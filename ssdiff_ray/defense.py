@@ -475,9 +475,10 @@ def llr_threshold(est: TriggerEstimate, shape: tuple[int, ...], fpr: float) -> f
 
 def detect_inputs(x_T: torch.Tensor, est: TriggerEstimate | None, fpr: float = 0.01,
                   ufid: UfidCheck | None = None) -> dict:
-    """Flag triggered initial noise. Each active test (DisDet; LLR with an estimate; UFID
-    with a calibrated ``ufid`` check) gets an equal share of the nominal FPR (Bonferroni),
-    so clean N(0, I) inputs are flagged with probability <= ``fpr``.
+    """Flag triggered initial noise. Each active test (DisDet; LLR with an estimate; an
+    output check ``ufid``: a calibrated ``UfidCheck`` or ``TargetCheck``) gets an equal
+    share of the nominal FPR (Bonferroni), so clean N(0, I) inputs are flagged with
+    probability <= ``fpr``.
 
     Returns per-input arrays ``llr_score`` (NaN without an estimate), ``disdet_score``,
     ``ufid_score`` (NaN without UFID), ``score`` (a combined score for ROC curves: the max
@@ -615,6 +616,32 @@ class UfidCheck:
         emp = float(np.quantile(self.null, 1 - fpr))
         gauss = float(self.null.mean() + norm.isf(fpr) * self.null.std())
         return max(emp, gauss)
+
+
+class TargetCheck(UfidCheck):
+    """Output check against the estimated target: what the model generates from x_T is
+    compared with ``target``, the mean image it generates from eps + tau (the backdoor's
+    collapse point, when there is one). Score = -MSE to it (higher = suspicious); the
+    threshold comes from N(0, I) inputs only, as for ``UfidCheck``, so it is trigger-
+    agnostic in its FPR. It flags exactly the inputs whose generation the backdoor would
+    take over, even where the estimate's direction is only roughly the trigger's."""
+
+    def __init__(self, unet, scheduler, est: TriggerEstimate, n_null: int = 500,
+                 seed: int = 0, steps: int = 10, n_target: int = 64):
+        tau = torch.from_numpy(est.tau)
+        g = torch.Generator().manual_seed(555_000 + seed)
+        x = torch.randn((n_target, *tau.shape), generator=g) + tau
+        self.target = torch.from_numpy(sample(unet, scheduler, n_target, steps=steps,
+                                              x_T=x)).mean(0)
+        self.steps = steps
+        super().__init__(unet, scheduler, tuple(tau.shape), n_null=n_null, seed=seed,
+                         steps=steps)
+
+    def scores(self, x_T: torch.Tensor, seed: int | None = None) -> np.ndarray:
+        x_T = torch.as_tensor(x_T, dtype=torch.float32)
+        out = torch.from_numpy(sample(self.unet, self.scheduler, len(x_T), steps=self.steps,
+                                      x_T=x_T))
+        return (-(out - self.target).square().flatten(1).mean(1)).numpy()
 
 
 # ----------------------------------------------------------------------------- audit

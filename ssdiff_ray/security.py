@@ -74,13 +74,15 @@ def evaluate_attack(cfg: Config, unet, scheduler, classifier, clean_images: np.n
     if cfg.defense.estimate_trigger:
         with torch.enable_grad():
             est = defense.estimate_trigger(unet, scheduler, size, seed)
+    check = (defense.TargetCheck(unet, scheduler, est, seed=seed, steps=e.steps)
+             if est is not None and cfg.defense.target_check else None)
     x_clean = torch.randn(x_trig.shape, generator=torch.Generator().manual_seed(seed + 5))
-    det_t = defense.detect_inputs(x_trig, est, cfg.defense.fpr)
-    det_c = defense.detect_inputs(x_clean, est, cfg.defense.fpr)
+    det_t = defense.detect_inputs(x_trig, est, cfg.defense.fpr, check)
+    det_c = defense.detect_inputs(x_clean, est, cfg.defense.fpr, check)
     dm = defense.detection_metrics(det_c["score"], det_t["score"],
                                    flags_clean=det_c["flagged"], flags_triggered=det_t["flagged"])
     defended, _ = defense.defended_sample(unet, scheduler, x_trig, est, e.sampler, e.steps, seed,
-                                          cfg.defense.fpr)
+                                          cfg.defense.fpr, check, flags=det_t["flagged"])
     out.update(asr_defended=attack_metrics(defended, spec, tgt, classifier)["asr"],
                detect_tpr=dm["tpr"], detect_fpr=dm["fpr"], detect_auroc=dm["auroc"])
     if clean_images is not None and evaluator is not None:
@@ -88,6 +90,6 @@ def evaluate_attack(cfg: Config, unet, scheduler, classifier, clean_images: np.n
         x0 = torch.randn((n_clean, 1, size, size),
                          generator=torch.Generator().manual_seed(seed + 11))
         clean_def, _ = defense.defended_sample(unet, scheduler, x0, est, e.sampler, e.steps,
-                                               seed, cfg.defense.fpr)
+                                               seed, cfg.defense.fpr, check)
         out["fid_defended"] = float(evaluator.fid(clean_def))
     return out

@@ -56,9 +56,12 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
         if cfg.defense.estimate_trigger:
             with torch.enable_grad():
                 est = defense.estimate_trigger(unet, scheduler, size, seed)
-        det = defense.detect_inputs(x_T, est, cfg.defense.fpr)
+        check = (defense.TargetCheck(unet, scheduler, est, seed=seed, steps=e.steps)
+                 if est is not None and cfg.defense.target_check else None)
+        det = defense.detect_inputs(x_T, est, cfg.defense.fpr, check)
         images, flags = defense.defended_sample(unet, scheduler, x_T, est, e.sampler, e.steps,
-                                                seed, cfg.defense.fpr)
+                                                seed, cfg.defense.fpr, check,
+                                                flags=det["flagged"])
     else:
         det = {"flagged": np.zeros(n, bool), "llr_score": np.full(n, np.nan),
                "disdet_score": np.full(n, np.nan)}
@@ -67,7 +70,8 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
     out = Path(out) if out else Path(run_dir) / f"sample_{trigger or 'clean'}.png"
     save_grid(images, out)
     record = pd.DataFrame({"input": np.arange(n), "flagged": flags,
-                           "llr_score": det["llr_score"], "disdet_score": det["disdet_score"]})
+                           "llr_score": det["llr_score"], "disdet_score": det["disdet_score"],
+                           "target_score": det.get("ufid_score", np.full(n, np.nan))})
     record_path = out.with_suffix(".parquet")
     record.to_parquet(record_path, index=False)
     return {"png": str(out), "record": str(record_path), "n": n, "trigger": trigger or "",

@@ -217,3 +217,22 @@ def test_audit_untrained_model_is_clean():
     est = estimate_trigger(unet, sched, 8, seed=0, gen_steps=2)
     a = audit_model(unet, sched, 8, seed=0, est=est, n_random=6, n_eps=16)
     assert a["verdict"] == "clean" and np.isfinite(a["spread_z"]) and a["random_spread_std"] >= 0
+
+
+def test_target_check_flags_inputs_that_generate_the_target():
+    """TargetCheck's threshold comes from N(0, I) draws; inputs near eps + tau generate
+    (close to) the estimated target and score above it."""
+    from ssdiff_ray.defense import TargetCheck
+
+    torch.manual_seed(0)
+    unet = build_unet("tiny", 8, seed=0)
+    sched = build_scheduler(50)
+    tau = np.full((1, 8, 8), 3.0, np.float32)  # saturates the outputs: one image
+    chk = TargetCheck(unet, sched, TriggerEstimate(tau=tau, mu=tau.copy()), n_null=100,
+                      steps=2)
+    thr = chk.threshold(0.05)
+    clean = chk.scores(_clean(200, size=8, seed=4))
+    near = chk.scores(_clean(50, size=8, seed=5) + torch.from_numpy(tau))
+    assert np.mean(clean > thr) <= 0.12 and np.mean(near > thr) >= 0.9
+    det = detect_inputs(_clean(50, size=8, seed=5) + torch.from_numpy(tau), None, 0.05, chk)
+    assert det["flagged"].all() and np.isfinite(det["ufid_threshold"])

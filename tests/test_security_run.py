@@ -27,6 +27,24 @@ def test_malicious_client_rows_and_attack_metrics(tiny_overrides):
         assert col in rounds.columns and 0 <= last[col] or col == "fid_defended"
     assert last["fid_defended"] > 0
 
+    # ssdiff sample / ssdiff audit on the saved model
+    from pathlib import Path
+
+    from ssdiff_ray.serve import audit_run, sample_run
+
+    out = sample_run(s["run_dir"], n=12, trigger="box")
+    rec = pd.read_parquet(out["record"])
+    assert Path(out["png"]).is_file() and len(rec) == 12 and out["flagged"] == rec["flagged"].sum()
+    assert {"llr_score", "disdet_score", "target_score"} <= set(rec.columns)
+    # this run's config has defense.estimate_trigger = false: no LLR, no target check
+    assert rec["llr_score"].isna().all() and rec["target_score"].isna().all()
+    assert rec["disdet_score"].notna().all()
+    plain = sample_run(s["run_dir"], n=12, trigger="box", defend=False)
+    assert plain["flagged"] == 0 and not plain["defended"]
+    audit = audit_run(s["run_dir"])
+    assert audit["verdict"] in ("clean", "backdoored") and 0 < audit["spread_ratio"]
+    assert (Path(s["run_dir"]) / "audit.json").is_file()
+
 
 def test_security_benchmark_quick(tmp_path):
     """benchmarks/security.py --quick trains tiny models and writes the table's files."""
