@@ -169,19 +169,24 @@ def evaluate(args, name: str, evaluator) -> dict:
     row.update(tau_norm=est.tau_norm, cos_tau_trigger=cosine(est.tau, trigger_direction(spec, size)),
                est_spread_ratio=est.stats["spread_ratio"])
     t0 = time.perf_counter()
-    ufid = (defense.UfidCheck(unet, sched, (1, size, size), n_null=args.ufid_null, seed=args.seed,
-                              steps=e.steps, n_perturb=args.ufid_perturb) if args.ufid else None)
+    ufid = None  # the output check: UFID's consistency or the estimated target's
+    if args.check == "ufid":
+        ufid = defense.UfidCheck(unet, sched, (1, size, size), n_null=args.ufid_null,
+                                 seed=args.seed, steps=e.steps, n_perturb=args.ufid_perturb)
+    elif args.check == "target":
+        ufid = defense.TargetCheck(unet, sched, est, n_null=args.ufid_null, seed=args.seed,
+                                   steps=e.steps)
     det_t = defense.detect_inputs(x_trig, est, fpr, ufid)
     det_c = defense.detect_inputs(x_clean, est, fpr, ufid)
     row["t_detect_s"] = time.perf_counter() - t0
     dm = defense.detection_metrics(det_c["score"], det_t["score"], flags_clean=det_c["flagged"],
                                    flags_triggered=det_t["flagged"])
     row.update(detect_tpr=dm["tpr"], detect_fpr=dm["fpr"], detect_auroc=dm["auroc"])
-    for part, thr in (("disdet", "disdet_threshold"), ("llr", "llr_threshold"),
-                      ("ufid", "ufid_threshold")):
+    for part, name in (("disdet", "disdet"), ("llr", "llr"), ("ufid", f"check_{args.check}")):
+        thr = f"{part}_threshold"
         if np.isfinite(det_t[thr]):
-            row[f"tpr_{part}"] = float(np.mean(det_t[f"{part}_score"] > det_t[thr]))
-            row[f"fpr_{part}"] = float(np.mean(det_c[f"{part}_score"] > det_c[thr]))
+            row[f"tpr_{name}"] = float(np.mean(det_t[f"{part}_score"] > det_t[thr]))
+            row[f"fpr_{name}"] = float(np.mean(det_c[f"{part}_score"] > det_c[thr]))
     t0 = time.perf_counter()
     d_trig, _ = defense.defended_sample(unet, sched, x_trig, est, e.sampler, e.steps, seed, fpr,
                                         ufid, flags=det_t["flagged"])
@@ -250,6 +255,28 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def write(stem: Path, result: dict, header: str) -> None:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
+    stem.with_suffix(".md").write_text(f"{header}\n\n{table(result['rows'])}\n")
+
+
+def combine(files: list[str], stem: Path) -> dict:
+    """One table from several results files (each row keeps its own command)."""
+    rows: dict = {}
+    for f in files:
+        for r in json.loads(Path(f).read_text())["rows"]:
+            r["checks"] = checks(r)
+            rows[r["scenario"]] = r
+    order = list(SCENARIOS)
+    result = {"combined_from": files,
+              "rows": sorted(rows.values(), key=lambda r: order.index(r["scenario"]))}
+    write(stem, result, "# Security benchmark\n\nRows combined from " + ", ".join(
+        f"`{f}`" for f in files) + "; each row's command is in the JSON (`command`).")
+    print(table(result["rows"]))
+    return result
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny model, few rounds, small n")
@@ -264,8 +291,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--fpr", type=float, default=0.02, help="detector's nominal FPR")
     ap.add_argument("--estimator", choices=("scan", "gradient"), default="scan",
                     help="trigger estimation (defense.estimate_trigger's method)")
-    ap.add_argument("--no-ufid", dest="ufid", action="store_false")
-    ap.add_argument("--ufid-null", type=int, default=None, help="N(0, I) draws for UFID's null")
+    ap.add_argument("--check", choices=("target", "ufid", "none"), default="target",
+                    help="output check beside DisDet and the LLR: generation vs the estimated "
+                         "target (TargetCheck), UFID's consistency, or none")
+    ap.add_argument("--ufid-null", type=int, default=None,
+                    help="N(0, I) draws for the output check's null")
     ap.add_argument("--ufid-perturb", type=int, default=2, help="UFID generations per input")
     ap.add_argument("--scenarios", default=",".join(SCENARIOS))
     ap.add_argument("--runs-dir", default=None, help="where trained models are saved/reused")
@@ -273,7 +303,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--merge", action="store_true",
                     help="keep other scenarios' rows from the existing results file")
     ap.add_argument("--out", default=None, help="results stem (default results/security[_quick])")
+    ap.add_argument("--combine", nargs="+", default=None, metavar="JSON",
+                    help="no evaluation: write the table of these results files' rows (later "
+                         "files win per scenario), e.g. of runs split over processes")
     args = ap.parse_args(argv)
+    if args.combine:
+        return combine(args.combine, Path(args.out) if args.out else RESULTS / "security")
     torch.set_num_threads(1)
     args.n = args.n or (60 if args.quick else 1000)
     args.ufid_null = args.ufid_null or (40 if args.quick else 500)
@@ -314,19 +349,17 @@ def main(argv=None) -> dict:
     md = table(rows)
     print(md)
     result = {"command": command.strip(),
-              "seed": args.seed, "n": args.n, "fpr": args.fpr, "ufid": args.ufid,
+              "seed": args.seed, "n": args.n, "fpr": args.fpr, "check": args.check,
               "ufid_null": args.ufid_null, "ufid_perturb": args.ufid_perturb, "scale": args.scale,
               "poison_rate": args.poison_rate, "malicious_fraction": args.malicious_fraction,
               "estimate_kw": args.est_kw, "targets": TARGETS, "train_s": t_train,
               "total_s": time.perf_counter() - t0, "rows": rows}
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
-    stem.with_suffix(".md").write_text(
-        f"# Security benchmark{' (quick)' if args.quick else ''}\n\n"
-        f"Last command `{result['command']}` (each row's own command is in the JSON) -- "
-        f"seed {args.seed}, {args.n} clean + {args.n} triggered inputs, "
-        f"malicious fraction {args.malicious_fraction}, poison rate {args.poison_rate}, "
-        f"detector FPR target {args.fpr}, UFID {'on' if args.ufid else 'off'}.\n\n{md}\n")
+    write(stem, result,
+          f"# Security benchmark{' (quick)' if args.quick else ''}\n\n"
+          f"Last command `{result['command']}` (each row's own command is in the JSON) -- "
+          f"seed {args.seed}, {args.n} clean + {args.n} triggered inputs, "
+          f"malicious fraction {args.malicious_fraction}, poison rate {args.poison_rate}, "
+          f"detector FPR target {args.fpr}, output check {args.check}.")
     return result
 
 
