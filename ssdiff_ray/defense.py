@@ -537,15 +537,21 @@ def detection_metrics(
 def purify(x_T: torch.Tensor, flags: np.ndarray, est: TriggerEstimate | None, seed: int,
            fpr: float = 0.01, max_tries: int = 100, ufid: UfidCheck | None = None
            ) -> torch.Tensor:
-    """Negation: flagged inputs get the estimated trigger removed ((x - mu) / gamma); any
-    that still fail ``detect_inputs`` are replaced by fresh N(0, I) noise until they pass."""
+    """Negation: flagged inputs that the likelihood ratio explains get the estimated trigger
+    removed ((x - mu) / gamma); the others (flagged by DisDet or the output check: a trigger
+    the estimate does not describe) and any that still fail ``detect_inputs`` are replaced
+    by fresh N(0, I) noise until they pass."""
     x = torch.as_tensor(x_T, dtype=torch.float32).clone()
     idx = np.flatnonzero(np.asarray(flags))
     if len(idx) == 0:
         return x
-    if est is not None:
-        x[idx] = (x[idx] - torch.from_numpy(est.mu)) / est.gamma
     gen = torch.Generator().manual_seed(seed)
+    if est is not None:
+        det = detect_inputs(x[idx], est, fpr, ufid)
+        by_llr = det["llr_score"] > det["llr_threshold"]
+        x[idx[by_llr]] = (x[idx[by_llr]] - torch.from_numpy(est.mu)) / est.gamma
+        other = idx[~by_llr]
+        x[other] = torch.randn((len(other), *x.shape[1:]), generator=gen)
     for _ in range(max_tries):
         bad = idx[detect_inputs(x[idx], est, fpr, ufid)["flagged"]]
         if len(bad) == 0:
