@@ -314,7 +314,7 @@ def main(argv=None) -> dict:
     args.ufid_null = args.ufid_null or (40 if args.quick else 500)
     args.runs_dir = args.runs_dir or str(ROOT / "runs" / ("security_quick" if args.quick
                                                           else "security"))
-    args.est_kw = {"method": args.estimator}
+    args.est_kw = {"method": args.estimator, **({"gen_steps": 4} if args.quick else {})}
     if args.estimator == "gradient":
         args.est_kw.update({"steps": 3, "refine_steps": 1, "batch": 4} if args.quick
                            else {"steps": 40, "refine_steps": 5, "batch": 16, "restarts": 2})
