@@ -15,7 +15,7 @@ Screening rows get no sampling defense (screening alone). Prints the table and w
 ``benchmarks/results/security.json`` and ``security.md`` (``--quick``: a tiny model, a
 few rounds, small n; written as ``security_quick.*`` unless ``--out`` says otherwise).
 
-    python benchmarks/security.py            # full table (~1 h on one CPU core)
+    python benchmarks/security.py            # full table (~2.5 h on 2 CPU cores)
     python benchmarks/security.py --quick    # smoke test (a couple of minutes)
 """
 

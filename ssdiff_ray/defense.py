@@ -369,7 +369,6 @@ def estimate_trigger(
                                    radius=radius)
         with torch.no_grad():
             held_spread = float(output_spread(unet, scheduler, tau, held, gen_steps)) / max(base, 1e-8)
-        with torch.no_grad():
             eps = torch.randn((4 * batch, *shape), generator=gen)
             shift = mean_shift(unet, scheduler, tau[None], eps)
             resp = float((shift + tau).flatten() @ tau.flatten() / tau.square().sum())
@@ -473,6 +472,11 @@ def llr_threshold(est: TriggerEstimate, shape: tuple[int, ...], fpr: float) -> f
     return _LLR_CACHE[key]
 
 
+def _fpr_share(fpr: float, est: TriggerEstimate | None, ufid: UfidCheck | None) -> float:
+    """Each active test's part of the nominal FPR (Bonferroni)."""
+    return fpr / (1 + (est is not None) + (ufid is not None))
+
+
 def detect_inputs(x_T: torch.Tensor, est: TriggerEstimate | None, fpr: float = 0.01,
                   ufid: UfidCheck | None = None) -> dict:
     """Flag triggered initial noise. Each active test (DisDet; LLR with an estimate; an
@@ -487,7 +491,7 @@ def detect_inputs(x_T: torch.Tensor, est: TriggerEstimate | None, fpr: float = 0
     """
     x_T = torch.as_tensor(x_T, dtype=torch.float32)
     shape = tuple(x_T.shape[1:])
-    share = fpr / (1 + (est is not None) + (ufid is not None))
+    share = _fpr_share(fpr, est, ufid)
     dd = disdet_scores(x_T)
     dd_thr = disdet_threshold(shape, share)
     flagged = dd > dd_thr
@@ -546,9 +550,9 @@ def purify(x_T: torch.Tensor, flags: np.ndarray, est: TriggerEstimate | None, se
     if len(idx) == 0:
         return x
     gen = torch.Generator().manual_seed(seed)
-    if est is not None:
-        det = detect_inputs(x[idx], est, fpr, ufid)
-        by_llr = det["llr_score"] > det["llr_threshold"]
+    if est is not None:  # the LLR alone decides which inputs the estimate explains
+        thr = llr_threshold(est, tuple(x.shape[1:]), _fpr_share(fpr, est, ufid))
+        by_llr = llr_scores(x[idx], est.mu, est.gamma) > thr
         x[idx[by_llr]] = (x[idx[by_llr]] - torch.from_numpy(est.mu)) / est.gamma
         other = idx[~by_llr]
         x[other] = torch.randn((len(other), *x.shape[1:]), generator=gen)
