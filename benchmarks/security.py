@@ -167,7 +167,8 @@ def evaluate(args, name: str, evaluator) -> dict:
         est = defense.estimate_trigger(unet, sched, size, seed=args.seed, **args.est_kw)
     row["t_estimate_s"] = time.perf_counter() - t0
     row.update(tau_norm=est.tau_norm, cos_tau_trigger=cosine(est.tau, trigger_direction(spec, size)),
-               est_spread_ratio=est.stats["spread_ratio"])
+               est_spread_ratio=est.stats["spread_ratio"], estimator_used=est.stats["method"],
+               probe_cluster_fraction=(est.stats["probe"] or {}).get("cluster_fraction", 0.0))
     t0 = time.perf_counter()
     ufid = None  # the output check: UFID's consistency or the estimated target's
     if args.check == "ufid":
@@ -289,7 +290,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--pools", type=int, default=2, help="pool actors (and Ray CPUs) in training")
     ap.add_argument("--malicious-fraction", type=float, default=0.1)
     ap.add_argument("--fpr", type=float, default=0.02, help="detector's nominal FPR")
-    ap.add_argument("--estimator", choices=("scan", "gradient"), default="scan",
+    ap.add_argument("--estimator", choices=("probe", "scan", "gradient"), default="probe",
                     help="trigger estimation (defense.estimate_trigger's method)")
     ap.add_argument("--check", choices=("target", "ufid", "none"), default="target",
                     help="output check beside DisDet and the LLR: generation vs the estimated "
@@ -315,6 +316,8 @@ def main(argv=None) -> dict:
     args.runs_dir = args.runs_dir or str(ROOT / "runs" / ("security_quick" if args.quick
                                                           else "security"))
     args.est_kw = {"method": args.estimator, **({"gen_steps": 4} if args.quick else {})}
+    if args.estimator == "probe" and args.quick:
+        args.est_kw.update({"n_probe": 300, "probe_iters": 3, "probe_batch": 200})
     if args.estimator == "gradient":
         args.est_kw.update({"steps": 3, "refine_steps": 1, "batch": 4} if args.quick
                            else {"steps": 40, "refine_steps": 5, "batch": 16, "restarts": 2})

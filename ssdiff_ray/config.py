@@ -151,6 +151,9 @@ class DefenseConfig:
     enabled: bool = _f(True, doc="detect and negate triggered inputs when evaluating")
     fpr: float = _f(0.01, lo=0.0, lo_open=True, hi=0.5, doc="detector false-positive target")
     estimate_trigger: bool = _f(True, doc="invert the trigger from the model (slower)")
+    estimator: str = _f("probe", choices=("probe", "scan", "gradient"),
+                        doc="trigger estimation: probe the backdoor's decision region, "
+                        "scan patches, or gradient inversion (defense.estimate_trigger)")
     target_check: bool = _f(True, doc="also flag inputs whose generation lands on the "
                             "estimated target (one more generation per input)")
 

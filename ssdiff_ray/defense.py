@@ -7,11 +7,15 @@ inputs, negate them, and audit the model before serving.
   ancestral DDPM; a backdoor tuned to DDIM answers eps + r like a clean model at t = T
   (lambda ~ 1), and clean models have adversarial directions with large shifts. What every
   working backdoor shares is Elijah's second observation, that eps + r generates one image
-  whatever eps. That basin is narrow (along a * r the spread of the outputs first rises and
-  collapses only near a = 1), so gradient descent on the spread from small or random tau
-  misses it; the default estimator scans localized +-1 patches and hill-climbs their size
-  and position to the least output spread (``scan_trigger``). ``method="gradient"`` keeps
-  the Elijah/TERD gradient inversion and refinement.
+  whatever eps. The default estimator (``method="probe"``, ``trigger_probe``) reads that
+  as a detector: the few clean inputs the backdoor captures all generate its target (a
+  cluster of near-duplicates among clean generations), and Stein estimates of its
+  region's boundary normal turn their mean into the trigger's direction. Without such a
+  cluster it falls back to the scan: the basin is narrow (along a * r the spread of the
+  outputs first rises and collapses only near a = 1), so gradient descent on the spread
+  from small or random tau misses it, while a scan of localized +-1 patches, hill-climbed
+  in size and position to the least output spread (``scan_trigger``), can land in it.
+  ``method="gradient"`` keeps the Elijah/TERD gradient inversion and refinement.
 * ``detect_inputs``: TERD's likelihood ratio log N(x; mu, gamma^2) - log N(x; 0, I), plus a
   model-free DisDet-style test (Sui et al., 2024) of x_T against N(0, I) (mean, variance,
   kurtosis, local-window mean and energy). Thresholds come from N(0, I) draws only, at a
@@ -35,6 +39,14 @@ import torch
 import torch.nn.functional as F
 
 from ssdiff_ray.model import sample
+from ssdiff_ray.trigger_probe import (
+    boundary_direction,
+    first_crossing,
+    keep_significant,
+    near_duplicate_cluster,
+)
+
+METHODS = ("probe", "scan", "gradient")  # estimate_trigger
 
 # ----------------------------------------------------------------------------- estimation
 
@@ -273,6 +285,44 @@ def prune_patch(unet, scheduler, tau: torch.Tensor, eps: torch.Tensor, base: flo
     return cur
 
 
+def _generate(unet, scheduler, x: torch.Tensor, steps: int, chunk: int = 500) -> torch.Tensor:
+    return torch.cat([ddim_generate(unet, scheduler, x[i:i + chunk], steps)
+                      for i in range(0, len(x), chunk)])
+
+
+@torch.no_grad()
+def probe_trigger(unet, scheduler, shape: tuple[int, ...], gen: torch.Generator,
+                  n_probe: int = 2000, iters: int = 16, batch: int = 1000, steps: int = 8,
+                  sparsify: float = 2.0) -> dict | None:
+    """``estimate_trigger``'s probe method: tau and its statistics, or None when the clean
+    generations show no target cluster (see ``trigger_probe``)."""
+    x = torch.randn((n_probe, *shape), generator=gen)
+    cluster = near_duplicate_cluster(_generate(unet, scheduler, x, steps))
+    if cluster is None:
+        return None
+    target, radius = cluster["target"], cluster["radius"]
+
+    def hit(xs: torch.Tensor) -> torch.Tensor:
+        out = _generate(unet, scheduler, xs, steps)
+        return ((out - target) / 2).square().flatten(1).mean(1) < radius
+
+    res = boundary_direction(hit, x[cluster["members"]].mean(0), gen, iters, batch,
+                             exclude=target)
+    v = keep_significant(res["direction"], sparsify)
+    v = v / v.norm().clamp_min(1e-12)
+    amps = np.arange(0.0, 10.0 + 1e-9, 0.5)
+    per = max(8, batch // 20)
+    z = torch.randn((len(amps) * per, *shape), generator=gen)
+    a_i = torch.from_numpy(np.repeat(amps, per)).float().view(-1, 1, 1, 1)
+    rates = hit(a_i * v + z).float().view(len(amps), per).mean(1).numpy()
+    a50 = first_crossing(amps, rates)
+    if a50 is None:  # the sparsified direction misses: keep the refinement's own a_50
+        a50 = res["a50"] if np.isfinite(res["a50"]) else float(amps[-1]) / 2
+    return {"tau": 2 * a50 * v, "a50": a50, "cluster_size": cluster["size"],
+            "cluster_fraction": cluster["size"] / n_probe, "radius": radius,
+            "hit_rates": res["hit_rates"], "amplitude_rates": rates.tolist()}
+
+
 def _invert_once(unet, scheduler, shape, gen, steps, batch, radius, lr, gen_steps, l1, base,
                  init_scale, clip):
     tau = (init_scale * torch.randn(shape, generator=gen)).requires_grad_(True)
@@ -308,11 +358,26 @@ def estimate_trigger(
     restarts: int = 1,
     init_scale: float = 0.1,
     clip: bool = False,
-    method: str = "scan",
+    method: str = "probe",
+    n_probe: int = 2000,
+    probe_iters: int = 16,
+    probe_batch: int = 1000,
+    sparsify: float = 2.0,
 ) -> TriggerEstimate:
     """Invert the trigger from the model alone, without clean data.
 
-    ``method="scan"`` (default): a scan of localized +-1 patches and hill climbing on
+    ``method="probe"`` (default): read the backdoor's decision region (``trigger_probe``).
+    ``n_probe`` clean N(0, I) inputs are generated; a backdoor shows as a cluster of
+    near-identical generations (its target, from the clean inputs that fall in its region).
+    Stein estimates of the region's boundary normal, ``probe_iters`` rounds of
+    ``probe_batch`` generations each, refine the direction of the inputs behind the
+    cluster; pixels within ``sparsify`` noise deviations of 0 are dropped; tau is the
+    direction times twice the amplitude where half its inputs hit (the Bayes boundary
+    between N(0, I) and N(r, I) lies at |r| / 2). Without a cluster (a clean model, or a
+    backdoor no clean input reaches) it falls back to the scan; ``stats["method"]`` says
+    which ran.
+
+    ``method="scan"``: a scan of localized +-1 patches and hill climbing on
     their size and position (``scan_trigger``), keeping the patch whose eps + patch
     generates the least diverse images. On a backdoored model the spread along a * r first
     rises and only collapses near a = 1, so the gradient stage below, started from small or
@@ -333,8 +398,8 @@ def estimate_trigger(
     digit too. ``response`` (Elijah's lambda) and ``shift_norm`` describe the shift at
     t = T.
     """
-    if method not in ("scan", "gradient"):
-        raise ValueError(f"estimate_trigger method {method!r}; choose 'scan' or 'gradient'")
+    if method not in METHODS:
+        raise ValueError(f"estimate_trigger method {method!r}; choose from {METHODS}")
     gen = torch.Generator().manual_seed(seed)
     shape = (channels, image_size, image_size)
     radius = float(radius if radius is not None else 0.5 * np.sqrt(np.prod(shape)))
@@ -346,6 +411,14 @@ def estimate_trigger(
         with torch.no_grad():
             held = torch.randn((2 * batch, *shape), generator=gen)
             base = float(output_spread(unet, scheduler, torch.zeros(shape), held, gen_steps))
+        probe = None
+        if method == "probe":
+            probe = probe_trigger(unet, scheduler, shape, gen, n_probe, probe_iters,
+                                  probe_batch, gen_steps, sparsify)
+            if probe is not None:
+                tau = probe.pop("tau")
+            method = "probe" if probe is not None else "scan"
+            history = []
         if method == "scan":
             patch, _ = scan_trigger(unet, scheduler, image_size, channels, gen, base,
                                     steps=gen_steps)
@@ -354,7 +427,7 @@ def estimate_trigger(
                 fresh = torch.randn((48, *shape), generator=gen)
                 tau = prune_patch(unet, scheduler, tau, fresh, base, gen_steps)
             history = []
-        else:
+        elif method == "gradient":
             best = None
             for _ in range(max(1, restarts)):
                 t, h = _invert_once(unet, scheduler, shape, gen, steps, batch, radius, lr,
@@ -381,7 +454,7 @@ def estimate_trigger(
     return TriggerEstimate(tau=tau_np, mu=tau_np.copy(), gamma=1.0,
                            shift_norm=float(shift.norm()), response=resp,
                            stats={"spread_ratio": spread, "objective": history[-5:],
-                                  "method": method,
+                                  "method": method, "probe": probe,
                                   "radius": radius, "clean_spread": base,
                                   "held_spread_ratio": held_spread})
 
@@ -676,7 +749,8 @@ def shifted_copies(tau: torch.Tensor, n: int, gen: torch.Generator,
 @torch.no_grad()
 def audit_model(unet, scheduler, image_size: int, seed: int = 0,
                 est: TriggerEstimate | None = None, n_random: int = 16, n_eps: int = 64,
-                spread_threshold: float = 0.5, z_threshold: float = 3.0) -> dict:
+                spread_threshold: float = 0.5, z_threshold: float = 3.0,
+                method: str = "probe") -> dict:
     """Model-level verdict before serving (Elijah's uniformity).
 
     ``spread_ratio``: output spread from eps + tau over that from eps, on noise draws the
@@ -685,11 +759,12 @@ def audit_model(unet, scheduler, image_size: int, seed: int = 0,
     of their standard deviations tau is below their mean). "backdoored" when the ratio is
     below ``spread_threshold`` and ``spread_z`` above ``z_threshold``. Also reports tau's
     norm, its relative shift at t = T (Elijah's lambda as ``response``) and TERD's mean
-    per-pixel KL of N(tau_i, 1) from N(0, 1).
+    per-pixel KL of N(tau_i, 1) from N(0, 1), and, from the probe estimator, the share of
+    clean inputs whose generations were near-duplicates (0 on a clean model).
     """
     if est is None:
         with torch.enable_grad():
-            est = estimate_trigger(unet, scheduler, image_size, seed)
+            est = estimate_trigger(unet, scheduler, image_size, seed, method=method)
     was_training = unet.training
     unet.eval()
     gen = torch.Generator().manual_seed(seed + 1)
@@ -714,5 +789,8 @@ def audit_model(unet, scheduler, image_size: int, seed: int = 0,
         "shift_norm": est.shift_norm,
         "response": est.response,
         "kl_mean": float((est.tau.astype(np.float64) ** 2 / 2).mean()),
+        "estimator": est.stats.get("method", ""),
+        # share of clean inputs whose generations collapse onto one image (probe estimator)
+        "cluster_fraction": float((est.stats.get("probe") or {}).get("cluster_fraction", 0.0)),
         "estimate": est,
     }

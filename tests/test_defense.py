@@ -215,8 +215,10 @@ def test_audit_untrained_model_is_clean():
     unet = build_unet("tiny", 8, seed=0)
     sched = build_scheduler(50)
     est = estimate_trigger(unet, sched, 8, seed=0, gen_steps=2)
+    assert est.stats["method"] == "scan"  # the probe finds no target cluster, falls back
     a = audit_model(unet, sched, 8, seed=0, est=est, n_random=6, n_eps=16)
     assert a["verdict"] == "clean" and np.isfinite(a["spread_z"]) and a["random_spread_std"] >= 0
+    assert a["cluster_fraction"] == 0.0 and a["estimator"] == "scan"
 
 
 def test_target_check_flags_inputs_that_generate_the_target():
