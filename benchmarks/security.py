@@ -158,7 +158,9 @@ def evaluate(args, name: str, evaluator) -> dict:
     attacked = sample(unet, sched, n, sampler=e.sampler, steps=e.steps, seed=seed, x_T=x_trig)
     m = attack_metrics(attacked, spec, tgt)
     clean_imgs = sample(unet, sched, n, sampler=e.sampler, steps=e.steps, seed=seed, x_T=x_clean)
-    row.update(asr=m["asr"], attack_mse=m["mse"], fid=float(evaluator.fid(clean_imgs)))
+    row.update(asr=m["asr"], attack_mse=m["mse"], fid=float(evaluator.fid(clean_imgs)),
+               # a backdoor also takes over a few clean inputs: their samples are the target
+               clean_target_rate=attack_metrics(clean_imgs, spec, tgt)["asr"])
     row["t_undefended_s"] = time.perf_counter() - t0
     if not defended:
         return row
@@ -196,6 +198,7 @@ def evaluate(args, name: str, evaluator) -> dict:
     row["t_negate_s"] = time.perf_counter() - t0
     row["asr_defended"] = attack_metrics(d_trig, spec, tgt)["asr"]
     row["fid_defended"] = float(evaluator.fid(d_clean))
+    row["clean_target_rate_defended"] = attack_metrics(d_clean, spec, tgt)["asr"]
     row["fid_rel_change"] = row["fid_defended"] / row["fid"] - 1
     t0 = time.perf_counter()
     audit = defense.audit_model(unet, sched, size, seed=args.seed, est=est)
@@ -240,7 +243,9 @@ COLS = [("scenario", "scenario"), ("poison_rate", "poison"), ("scale", "scale"),
         ("screening", "screening"), ("sampling_defense", "defense"),
         ("asr", "ASR"), ("asr_defended", "ASR def."), ("detect_tpr", "TPR"),
         ("detect_fpr", "FPR"), ("detect_auroc", "AUROC"), ("fid", "FID"),
-        ("fid_defended", "FID def."), ("fid_rel_change", "dFID"), ("audit", "audit"),
+        ("fid_defended", "FID def."), ("fid_rel_change", "dFID"),
+        ("clean_target_rate", "clean->target"), ("clean_target_rate_defended", "def."),
+        ("audit", "audit"),
         ("cos_tau_trigger", "cos(tau,r)")]
 
 

@@ -42,6 +42,7 @@ from ssdiff_ray.model import sample
 from ssdiff_ray.trigger_probe import (
     boundary_direction,
     first_crossing,
+    hit_rates_along,
     keep_significant,
     near_duplicate_cluster,
 )
@@ -311,10 +312,7 @@ def probe_trigger(unet, scheduler, shape: tuple[int, ...], gen: torch.Generator,
     v = keep_significant(res["direction"], sparsify)
     v = v / v.norm().clamp_min(1e-12)
     amps = np.arange(0.0, 10.0 + 1e-9, 0.5)
-    per = max(8, batch // 20)
-    z = torch.randn((len(amps) * per, *shape), generator=gen)
-    a_i = torch.from_numpy(np.repeat(amps, per)).float().view(-1, 1, 1, 1)
-    rates = hit(a_i * v + z).float().view(len(amps), per).mean(1).numpy()
+    rates = hit_rates_along(hit, v, amps, max(8, batch // 20), gen)
     a50 = first_crossing(amps, rates)
     if a50 is None:  # the sparsified direction misses: keep the refinement's own a_50
         a50 = res["a50"] if np.isfinite(res["a50"]) else float(amps[-1]) / 2

@@ -95,6 +95,14 @@ def keep_significant(v: torch.Tensor, k: float = 2.0) -> torch.Tensor:
     return v * (v.abs() > k * sigma)
 
 
+def hit_rates_along(hit: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor,
+                    amps: np.ndarray, per: int, gen: torch.Generator) -> np.ndarray:
+    """The hit rate of ``per`` inputs a v + z (z ~ N(0, I)) at each amplitude a."""
+    z = torch.randn((len(amps) * per, *v.shape), generator=gen)
+    a = torch.from_numpy(np.repeat(np.asarray(amps, np.float32), per)).view(-1, *[1] * v.dim())
+    return hit(a * v + z).float().view(len(amps), per).mean(1).numpy()
+
+
 def _remove(u: torch.Tensor, unit: torch.Tensor | None) -> torch.Tensor:
     return u if unit is None else u - (u.flatten() @ unit.flatten()) * unit
 
@@ -120,10 +128,7 @@ def boundary_direction(hit: Callable[[torch.Tensor], torch.Tensor], seed_dir: to
     v = _remove(seed_dir, unit)
     v = v / v.norm().clamp_min(1e-12)
     amps = np.arange(0.0, max_amp + 1e-9, 1.0)
-    per = max(8, batch // 20)
-    z = torch.randn((len(amps) * per, *v.shape), generator=gen)
-    a_i = torch.from_numpy(np.repeat(amps, per)).float().view(-1, *[1] * v.dim())
-    rates = hit(a_i * v + z).float().view(len(amps), per).mean(1).numpy()
+    rates = hit_rates_along(hit, v, amps, max(8, batch // 20), gen)
     a50 = first_crossing(amps, rates)
     if a50 is None:
         return {"direction": v, "a50": float("nan"), "hit_rates": [], "scan": rates.tolist()}
