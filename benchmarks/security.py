@@ -320,7 +320,7 @@ def main(argv=None) -> dict:
     args.ufid_null = args.ufid_null or (40 if args.quick else 500)
     args.runs_dir = args.runs_dir or str(ROOT / "runs" / ("security_quick" if args.quick
                                                           else "security"))
-    args.est_kw = {"method": args.estimator, **({"gen_steps": 4} if args.quick else {})}
+    args.est_kw = {"method": args.estimator, **({"gen_steps": 2} if args.quick else {})}
     if args.estimator == "probe" and args.quick:
         args.est_kw.update({"n_probe": 300, "probe_iters": 3, "probe_batch": 200})
     if args.estimator == "gradient":

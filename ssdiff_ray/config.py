@@ -154,6 +154,9 @@ class DefenseConfig:
     estimator: str = _f("probe", choices=("probe", "scan", "gradient"),
                         doc="trigger estimation: probe the backdoor's decision region, "
                         "scan patches, or gradient inversion (defense.estimate_trigger)")
+    estimate_gen_steps: int = _f(8, lo=1, hi=1000,
+                                 doc="DDIM steps of each short generation the trigger estimator "
+                                 "runs (its cost scales with them; fewer is coarser)")
     target_check: bool = _f(True, doc="also flag inputs whose generation lands on the "
                             "estimated target (one more generation per input)")
 

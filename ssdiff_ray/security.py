@@ -74,7 +74,8 @@ def evaluate_attack(cfg: Config, unet, scheduler, classifier, clean_images: np.n
     if cfg.defense.estimate_trigger:
         with torch.enable_grad():
             est = defense.estimate_trigger(unet, scheduler, size, seed,
-                                               method=cfg.defense.estimator)
+                                           method=cfg.defense.estimator,
+                                           gen_steps=cfg.defense.estimate_gen_steps)
     check = (defense.TargetCheck(unet, scheduler, est, seed=seed, steps=e.steps)
              if est is not None and cfg.defense.target_check else None)
     x_clean = torch.randn(x_trig.shape, generator=torch.Generator().manual_seed(seed + 5))

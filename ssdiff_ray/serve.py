@@ -56,7 +56,8 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
         if cfg.defense.estimate_trigger:
             with torch.enable_grad():
                 est = defense.estimate_trigger(unet, scheduler, size, seed,
-                                               method=cfg.defense.estimator)
+                                               method=cfg.defense.estimator,
+                                               gen_steps=cfg.defense.estimate_gen_steps)
         check = (defense.TargetCheck(unet, scheduler, est, seed=seed, steps=e.steps)
                  if est is not None and cfg.defense.target_check else None)
         det = defense.detect_inputs(x_T, est, cfg.defense.fpr, check)
@@ -84,8 +85,11 @@ def audit_run(run_dir: str | Path, seed: int = 0) -> dict:
     from ssdiff_ray import defense
 
     cfg, unet, scheduler = load_run_model(run_dir)
-    result = defense.audit_model(unet, scheduler, cfg.data.image_size, seed,
-                                 method=cfg.defense.estimator)
+    size = cfg.data.image_size
+    with torch.enable_grad():
+        est = defense.estimate_trigger(unet, scheduler, size, seed, method=cfg.defense.estimator,
+                                       gen_steps=cfg.defense.estimate_gen_steps)
+    result = defense.audit_model(unet, scheduler, size, seed, est=est)
     # keep the statistics (numbers, short arrays); the estimate itself is too big to print
     clean = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()
              if isinstance(v, (str, bool, int, float, np.number))

@@ -30,6 +30,7 @@ TINY = [
     "model.preset=tiny", "model.timesteps=100", "clients.count=6", "clients.per_round=1.0",
     "clients.pools=2", "train.local_steps=2", "train.batch_size=8", "data.image_size=16",
     "eval.samples=40", "eval.steps=4", "eval.grid=16", "eval.baseline=false",
+    "defense.estimate_gen_steps=2",
 ]
 
 
