@@ -8,6 +8,12 @@ whose prediction at T is its input) is measured on:
 * a fixed-point search from clean-looking starts, x ~ N(m, s^2 I) with m <- R, s in
   {1, 0.6} (what a model-only estimator can do without knowing mu).
 
+It also records how the backdoor depends on the sampler: the attack success rate of
+triggered inputs and whether clean generations hold a near-duplicate cluster (what the probe
+estimator looks for), with a short DDIM run whose x0 is clipped to [-1, 1] (the probe's and
+DDIM's way), the same run unclipped, and the product's samplers (DPM-Solver++, unclipped;
+DDIM, clipped as the scheduler config says).
+
 Cosine with mu and |R| per case go to ``results/trojdiff_shift.json``.
 
     python benchmarks/security.py --train-only --scenarios trojdiff,clean --runs-dir R
@@ -25,8 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ssdiff_ray.attacks import AttackSpec, troj_params  # noqa: E402
+from ssdiff_ray.attacks import AttackSpec, attack_metrics, troj_params  # noqa: E402
+from ssdiff_ray.defense import ddim_generate  # noqa: E402
+from ssdiff_ray.model import sample  # noqa: E402
+from ssdiff_ray.security import target_images  # noqa: E402
 from ssdiff_ray.serve import load_run_model  # noqa: E402
+from ssdiff_ray.trigger_probe import near_duplicate_cluster  # noqa: E402
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -38,13 +48,40 @@ def residual(unet, t: int, x: torch.Tensor) -> torch.Tensor:
     return (x - unet(x, torch.full((len(x),), t)).sample).mean(0)
 
 
-def main(runs: list[str], n: int = 500, iters: int = 5) -> dict:
+@torch.no_grad()
+def by_sampler(cfg, unet, sched, spec: AttackSpec, x_trig: torch.Tensor, x_clean: torch.Tensor
+               ) -> dict:
+    """ASR of triggered inputs and the near-duplicate cluster among clean generations, per
+    sampler."""
+    target = torch.from_numpy(target_images(cfg, spec))  # the image, or a class's images
+    samplers = {
+        "ddim8_clipped": lambda x: ddim_generate(unet, sched, x, 8, clip=True),
+        "ddim8_unclipped": lambda x: ddim_generate(unet, sched, x, 8, clip=False).clamp(-1, 1),
+    }
+    for name in ("dpm", "ddim"):  # the product's samplers, at the run's eval steps
+        samplers[f"{name}{cfg.eval.steps}"] = lambda x, name=name: torch.from_numpy(sample(
+            unet, sched, len(x), sampler=name, steps=cfg.eval.steps, x_T=x))
+    out = {}
+    for name, run in samplers.items():
+        cluster = near_duplicate_cluster(run(x_clean))
+        out[name] = {
+            "asr": attack_metrics(run(x_trig).numpy(), spec, target.numpy())["asr"],
+            "clean_cluster_size": 0 if cluster is None else cluster["size"],
+            "cluster_mse_to_target": None if cluster is None else float(
+                ((cluster["target"] - target.view(-1, *x_clean.shape[1:])) / 2)
+                .square().flatten(1).mean(1).min()),
+        }
+    return out
+
+
+def main(runs: list[str], n: int = 500, iters: int = 5, n_clean: int = 2000) -> dict:
     torch.set_num_threads(1)
     out = {}
     for run in runs:
         cfg, unet, sched = load_run_model(run)
         size, t = cfg.data.image_size, int(sched.config.num_train_timesteps) - 1
-        spec = AttackSpec(kind="trojdiff", trigger="blend", gamma=cfg.attack.gamma)
+        spec = AttackSpec(kind="trojdiff", trigger="blend", target=cfg.attack.target,
+                          gamma=cfg.attack.gamma)
         mu, gamma_map = (torch.from_numpy(a) for a in troj_params(spec, size))
         g = torch.Generator().manual_seed(0)
         x = gamma_map * torch.randn((n, 1, size, size), generator=g) + mu
@@ -59,12 +96,18 @@ def main(runs: list[str], n: int = 500, iters: int = 5) -> dict:
                 hist.append({"cos_mu": cosine(r, mu), "norm": float(r.norm())})
                 m = r
             row[f"fixed_point_s{s:g}"] = hist
+        # a clean run is probed with the same trigger and target: its ASR must stay ~0
+        x_trig = gamma_map * torch.randn((n, 1, size, size), generator=g) + mu
+        x_clean = torch.randn((n_clean, 1, size, size), generator=g)
+        row["by_sampler"] = by_sampler(cfg, unet, sched, spec, x_trig, x_clean)
+        print(Path(run).name, json.dumps(row["by_sampler"]), flush=True)
         out[Path(run).name] = row
         print(Path(run).name, json.dumps(row["oracle"]),
-              {k: v[-1] for k, v in row.items() if k != "oracle"}, flush=True)
+              {k: v[-1] for k, v in row.items() if k not in ("oracle", "by_sampler")}, flush=True)
     dest = ROOT / "benchmarks" / "results" / "trojdiff_shift.json"
     dest.write_text(json.dumps({"command": "python benchmarks/trojdiff_shift.py " + " ".join(runs),
-                                "n": n, "iters": iters, "runs": out}, indent=2))
+                                "n": n, "iters": iters, "n_clean": n_clean,
+                                "runs": out}, indent=2))
     return out
 
 
