@@ -747,8 +747,7 @@ def shifted_copies(tau: torch.Tensor, n: int, gen: torch.Generator,
 @torch.no_grad()
 def audit_model(unet, scheduler, image_size: int, seed: int = 0,
                 est: TriggerEstimate | None = None, n_random: int = 16, n_eps: int = 64,
-                spread_threshold: float = 0.5, z_threshold: float = 3.0,
-                method: str = "probe") -> dict:
+                spread_threshold: float = 0.5, z_threshold: float = 3.0) -> dict:
     """Model-level verdict before serving (Elijah's uniformity).
 
     ``spread_ratio``: output spread from eps + tau over that from eps, on noise draws the
@@ -762,7 +761,7 @@ def audit_model(unet, scheduler, image_size: int, seed: int = 0,
     """
     if est is None:
         with torch.enable_grad():
-            est = estimate_trigger(unet, scheduler, image_size, seed, method=method)
+            est = estimate_trigger(unet, scheduler, image_size, seed)
     was_training = unet.training
     unet.eval()
     gen = torch.Generator().manual_seed(seed + 1)

@@ -50,6 +50,16 @@ def client_attack(cfg: Config, alphas_cumprod: torch.Tensor) -> ClientAttack | N
     return ClientAttack(spec, alphas_cumprod, tgt, cfg.data.image_size)
 
 
+def estimate_trigger(cfg: Config, unet, scheduler, seed: int):
+    """``defense.estimate_trigger`` as the run's config says (estimator, its DDIM steps)."""
+    from ssdiff_ray import defense
+
+    with torch.enable_grad():
+        return defense.estimate_trigger(unet, scheduler, cfg.data.image_size, seed,
+                                        method=cfg.defense.estimator,
+                                        gen_steps=cfg.defense.estimate_gen_steps)
+
+
 def evaluate_attack(cfg: Config, unet, scheduler, classifier, clean_images: np.ndarray | None,
                     evaluator, seed: int) -> dict:
     """ASR without and with the sampling defense, detection TPR/FPR/AUROC, defended FID.
@@ -70,12 +80,7 @@ def evaluate_attack(cfg: Config, unet, scheduler, classifier, clean_images: np.n
     out = {"asr": m["asr"], "attack_mse": m["mse"], "attack_ssim": m["ssim"]}
     if not cfg.defense.enabled:
         return out
-    est = None
-    if cfg.defense.estimate_trigger:
-        with torch.enable_grad():
-            est = defense.estimate_trigger(unet, scheduler, size, seed,
-                                           method=cfg.defense.estimator,
-                                           gen_steps=cfg.defense.estimate_gen_steps)
+    est = estimate_trigger(cfg, unet, scheduler, seed) if cfg.defense.estimate_trigger else None
     check = (defense.TargetCheck(unet, scheduler, est, seed=seed, steps=e.steps)
              if est is not None and cfg.defense.target_check else None)
     x_clean = torch.randn(x_trig.shape, generator=torch.Generator().manual_seed(seed + 5))

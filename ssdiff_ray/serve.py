@@ -42,6 +42,7 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
     from ssdiff_ray.attacks import AttackSpec, triggered_noise
     from ssdiff_ray.images import save_grid
     from ssdiff_ray.model import sample
+    from ssdiff_ray.security import estimate_trigger
 
     cfg, unet, scheduler = load_run_model(run_dir)
     size = cfg.data.image_size
@@ -54,10 +55,7 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
     est = None
     if defend:
         if cfg.defense.estimate_trigger:
-            with torch.enable_grad():
-                est = defense.estimate_trigger(unet, scheduler, size, seed,
-                                               method=cfg.defense.estimator,
-                                               gen_steps=cfg.defense.estimate_gen_steps)
+            est = estimate_trigger(cfg, unet, scheduler, seed)
         check = (defense.TargetCheck(unet, scheduler, est, seed=seed, steps=e.steps)
                  if est is not None and cfg.defense.target_check else None)
         det = defense.detect_inputs(x_T, est, cfg.defense.fpr, check)
@@ -83,13 +81,11 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
 def audit_run(run_dir: str | Path, seed: int = 0) -> dict:
     """Model-level backdoor verdict (``defense.audit_model``) written to ``audit.json``."""
     from ssdiff_ray import defense
+    from ssdiff_ray.security import estimate_trigger
 
     cfg, unet, scheduler = load_run_model(run_dir)
-    size = cfg.data.image_size
-    with torch.enable_grad():
-        est = defense.estimate_trigger(unet, scheduler, size, seed, method=cfg.defense.estimator,
-                                       gen_steps=cfg.defense.estimate_gen_steps)
-    result = defense.audit_model(unet, scheduler, size, seed, est=est)
+    result = defense.audit_model(unet, scheduler, cfg.data.image_size, seed,
+                                 est=estimate_trigger(cfg, unet, scheduler, seed))
     # keep the statistics (numbers, short arrays); the estimate itself is too big to print
     clean = {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in result.items()
              if isinstance(v, (str, bool, int, float, np.number))
