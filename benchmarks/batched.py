@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 from ssdiff_ray.batched import BatchedTrainer
-from ssdiff_ray.data import dirichlet_split, load_digits
-from ssdiff_ray.model import build_scheduler, build_unet, get_flat
+from ssdiff_ray.data.digits import load_digits
+from ssdiff_ray.data.split import dirichlet_split
+from ssdiff_ray.model.unet import build_scheduler, build_unet, get_flat
 from ssdiff_ray.train import LocalTrainer
 
 OUT = Path(__file__).parent / "results" / "batched.json"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from ssdiff_ray.data import load_digits
+from ssdiff_ray.data.digits import load_digits
 from ssdiff_ray.fid import ARCH_VERSION, QualityEvaluator
 
 

@@ -145,12 +145,13 @@ def tree_cpu_s(pid: int) -> float:
 # --- the floor: plain processes, shared memory, NumPy average ------------------------------
 def _worker(cfg_path: str, shard_dir: str, num_params: int, w_name: str, out_name: str, conn) -> None:
     from ssdiff_ray import config
-    from ssdiff_ray.clients import ClientGroup, set_threads
+    from ssdiff_ray.client_pool import ClientPool
+    from ssdiff_ray.threads import set_threads
     from ssdiff_ray.train import client_seed, round_lr
 
     set_threads(1)
     cfg = config.load(cfg_path)
-    group = ClientGroup(cfg, shard_dir)  # only its trainer and shard cache are used
+    group = ClientPool(cfg, shard_dir)  # only its trainer and shard cache are used
     w_shm = shared_memory.SharedMemory(w_name)
     o_shm = shared_memory.SharedMemory(out_name)
     weights = np.ndarray((num_params,), np.float32, w_shm.buf)
@@ -179,7 +180,7 @@ def floor_main(run_dir: str, out_path: str) -> None:
     import pandas as pd
 
     from ssdiff_ray import config
-    from ssdiff_ray.model import build_unet, get_flat
+    from ssdiff_ray.model.unet import build_unet, get_flat
 
     run = Path(run_dir)
     cfg = config.load(run / "config.toml")

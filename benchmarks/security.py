@@ -38,15 +38,21 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ssdiff_ray import config as config_mod  # noqa: E402
-from ssdiff_ray import defense  # noqa: E402
-from ssdiff_ray.attacks import (  # noqa: E402
-    AttackSpec,
-    attack_metrics,
-    make_target,
-    make_trigger,
-    triggered_noise,
-    troj_params,
+from ssdiff_ray.attacks import AttackSpec, make_attack  # noqa: E402
+from ssdiff_ray.attacks.metrics import attack_metrics  # noqa: E402
+from ssdiff_ray.attacks.patterns import make_target, make_trigger  # noqa: E402
+from ssdiff_ray.attacks.trojdiff import troj_params  # noqa: E402
+from ssdiff_ray.defense.audit import audit_model  # noqa: E402
+from ssdiff_ray.defense.estimate import estimate_trigger  # noqa: E402
+from ssdiff_ray.defense.input_tests import (  # noqa: E402
+    TargetCheck,
+    UfidCheck,
+    detect_inputs,
+    detection_metrics,
 )
+from ssdiff_ray.defense.negation import defended_sample  # noqa: E402
+from ssdiff_ray.defense.probe import ProbeEstimator, ProbeOptions  # noqa: E402
+from ssdiff_ray.defense.scan import ScanEstimator, ScanOptions  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -62,9 +68,9 @@ SCENARIOS = {
     "baddiffusion": (ATTACK["baddiffusion"], True),
     "trojdiff": (ATTACK["trojdiff"], True),
     "clean": (ATTACK["clean"], True),
-    "baddiffusion+norm": ([*ATTACK["baddiffusion"], "server.screening=norm"], False),
-    "baddiffusion+krum": ([*ATTACK["baddiffusion"], "server.screening=krum"], False),
-    "baddiffusion+flame": ([*ATTACK["baddiffusion"], "server.screening=flame"], False),
+    "baddiffusion+norm": ([*ATTACK["baddiffusion"], "server.aggregator=norm_bound"], False),
+    "baddiffusion+krum": ([*ATTACK["baddiffusion"], "server.aggregator=multi_krum"], False),
+    "baddiffusion+flame": ([*ATTACK["baddiffusion"], "server.aggregator=flame"], False),
 }
 # The federated setting: 10 clients, all selected every round, so 10% malicious is one client
 # in every round; no server EMA (it would average the backdoor away over rounds).
@@ -129,14 +135,22 @@ def trigger_direction(spec: AttackSpec, size: int) -> np.ndarray:
     return troj_params(spec, size)[0]
 
 
+def make_estimator(args):
+    """The estimator ``--estimator`` names, with the sizes of ``args.est_kw``."""
+    kw = {k: v for k, v in args.est_kw.items() if k != "method"}
+    if args.estimator == "probe":
+        return ProbeEstimator(ProbeOptions(**kw))
+    return ScanEstimator(ScanOptions(**kw))
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
     return float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
 
 def evaluate(args, name: str, evaluator) -> dict:
-    from ssdiff_ray.model import sample
-    from ssdiff_ray.serve import load_run_model
+    from ssdiff_ray.inference import load_run_model
+    from ssdiff_ray.model.sampling import sample
 
     _, defended = scenario(name)
     cfg, unet, sched = load_run_model(Path(args.runs_dir) / name)
@@ -148,9 +162,10 @@ def evaluate(args, name: str, evaluator) -> dict:
             if kind != "none" else AttackSpec(trigger="box", target="hat"))
     tgt = make_target(spec.target, size)[None]
     seed = args.seed + 1000  # test inputs: never the calibration draws of the detector
-    x_trig = triggered_noise(spec, n, size, seed)
+    x_trig = make_attack(spec).triggered_noise(n, size, seed)
     x_clean = torch.randn((n, 1, size, size), generator=torch.Generator().manual_seed(seed + 1))
-    row: dict = {"scenario": name, "attack": kind, "screening": cfg.server.screening,
+    screening = cfg.server.aggregator if cfg.server.aggregator not in ("fedavg", "fedavgm") else "none"
+    row: dict = {"scenario": name, "attack": kind, "screening": screening,
                  "poison_rate": cfg.attack.poison_rate,
                  "malicious_fraction": cfg.attack.malicious_fraction, "scale": cfg.attack.scale,
                  "sampling_defense": defended, "n": n, "fpr_target": fpr}
@@ -165,43 +180,43 @@ def evaluate(args, name: str, evaluator) -> dict:
     if not defended:
         return row
     t0 = time.perf_counter()
-    with torch.enable_grad():
-        est = defense.estimate_trigger(unet, sched, size, seed=args.seed, **args.est_kw)
+    est = estimate_trigger(unet, sched, (1, size, size), seed=args.seed,
+                           estimator=make_estimator(args))
     row["t_estimate_s"] = time.perf_counter() - t0
     row.update(tau_norm=est.tau_norm, cos_tau_trigger=cosine(est.tau, trigger_direction(spec, size)),
                est_spread_ratio=est.stats["spread_ratio"], estimator_used=est.stats["method"],
-               probe_cluster_fraction=(est.stats["probe"] or {}).get("cluster_fraction", 0.0))
+               probe_cluster_fraction=est.stats.get("cluster_fraction", 0.0))
     t0 = time.perf_counter()
     ufid = None  # the output check: UFID's consistency or the estimated target's
     if args.check == "ufid":
-        ufid = defense.UfidCheck(unet, sched, (1, size, size), n_null=args.ufid_null,
-                                 seed=args.seed, steps=e.steps, n_perturb=args.ufid_perturb)
+        ufid = UfidCheck(unet, sched, (1, size, size), n_null=args.ufid_null,
+                         seed=args.seed, steps=e.steps, n_perturb=args.ufid_perturb)
     elif args.check == "target":
-        ufid = defense.TargetCheck(unet, sched, est, n_null=args.ufid_null, seed=args.seed,
-                                   steps=e.steps)
-    det_t = defense.detect_inputs(x_trig, est, fpr, ufid)
-    det_c = defense.detect_inputs(x_clean, est, fpr, ufid)
+        ufid = TargetCheck(unet, sched, est, n_null=args.ufid_null, seed=args.seed,
+                           steps=e.steps)
+    det_t = detect_inputs(x_trig, est, fpr, ufid)
+    det_c = detect_inputs(x_clean, est, fpr, ufid)
     row["t_detect_s"] = time.perf_counter() - t0
-    dm = defense.detection_metrics(det_c["score"], det_t["score"], flags_clean=det_c["flagged"],
+    dm = detection_metrics(det_c["score"], det_t["score"], flags_clean=det_c["flagged"],
                                    flags_triggered=det_t["flagged"])
     row.update(detect_tpr=dm["tpr"], detect_fpr=dm["fpr"], detect_auroc=dm["auroc"])
-    for part, name in (("disdet", "disdet"), ("llr", "llr"), ("ufid", f"check_{args.check}")):
+    for part, name in (("disdet", "disdet"), ("llr", "llr"), ("check", f"check_{args.check}")):
         thr = f"{part}_threshold"
         if np.isfinite(det_t[thr]):
             row[f"tpr_{name}"] = float(np.mean(det_t[f"{part}_score"] > det_t[thr]))
             row[f"fpr_{name}"] = float(np.mean(det_c[f"{part}_score"] > det_c[thr]))
     t0 = time.perf_counter()
-    d_trig, _ = defense.defended_sample(unet, sched, x_trig, est, e.sampler, e.steps, seed, fpr,
-                                        ufid, flags=det_t["flagged"])
-    d_clean, _ = defense.defended_sample(unet, sched, x_clean, est, e.sampler, e.steps, seed, fpr,
-                                         ufid, flags=det_c["flagged"])
+    d_trig, _ = defended_sample(unet, sched, x_trig, est, e.sampler, e.steps, seed, fpr,
+                                ufid, flags=det_t["flagged"])
+    d_clean, _ = defended_sample(unet, sched, x_clean, est, e.sampler, e.steps, seed, fpr,
+                                 ufid, flags=det_c["flagged"])
     row["t_negate_s"] = time.perf_counter() - t0
     row["asr_defended"] = attack_metrics(d_trig, spec, tgt)["asr"]
     row["fid_defended"] = float(evaluator.fid(d_clean))
     row["clean_target_rate_defended"] = attack_metrics(d_clean, spec, tgt)["asr"]
     row["fid_rel_change"] = row["fid_defended"] / row["fid"] - 1
     t0 = time.perf_counter()
-    audit = defense.audit_model(unet, sched, size, seed=args.seed, est=est)
+    audit = audit_model(unet, sched, est, seed=args.seed)
     row["t_audit_s"] = time.perf_counter() - t0
     row.update(audit=audit["verdict"], audit_spread_ratio=audit["spread_ratio"],
                audit_spread_z=audit["spread_z"])
@@ -295,8 +310,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--pools", type=int, default=2, help="pool actors (and Ray CPUs) in training")
     ap.add_argument("--malicious-fraction", type=float, default=0.1)
     ap.add_argument("--fpr", type=float, default=0.02, help="detector's nominal FPR")
-    ap.add_argument("--estimator", choices=("probe", "scan", "gradient"), default="probe",
-                    help="trigger estimation (defense.estimate_trigger's method)")
+    ap.add_argument("--estimator", choices=("probe", "scan"), default="probe",
+                    help="trigger estimator (ssdiff_ray.defense)")
     ap.add_argument("--check", choices=("target", "ufid", "none"), default="target",
                     help="output check beside DisDet and the LLR: generation vs the estimated "
                          "target (TargetCheck), UFID's consistency, or none")
@@ -322,10 +337,7 @@ def main(argv=None) -> dict:
                                                           else "security"))
     args.est_kw = {"method": args.estimator, **({"gen_steps": 2} if args.quick else {})}
     if args.estimator == "probe" and args.quick:
-        args.est_kw.update({"n_probe": 300, "probe_iters": 3, "probe_batch": 200})
-    if args.estimator == "gradient":
-        args.est_kw.update({"steps": 3, "refine_steps": 1, "batch": 4} if args.quick
-                           else {"steps": 40, "refine_steps": 5, "batch": 16, "restarts": 2})
+        args.est_kw.update({"n_probe": 300, "iters": 3, "batch": 200})
     stem = Path(args.out) if args.out else RESULTS / ("security_quick" if args.quick else "security")
     names = [s for s in args.scenarios.split(",") if s]
     t0 = time.perf_counter()
@@ -334,11 +346,12 @@ def main(argv=None) -> dict:
     if args.train_only:
         return {}
 
+    from ssdiff_ray.data import load_dataset
     from ssdiff_ray.fid import QualityEvaluator
-    from ssdiff_ray.runtime import load_dataset
 
     cfg0 = config_mod.load(Path(args.runs_dir) / names[0] / "config.toml")
-    evaluator = QualityEvaluator(*load_dataset(cfg0))
+    data = load_dataset(cfg0.data)
+    evaluator = QualityEvaluator(data.images, data.labels)
     command = "python benchmarks/security.py " + " ".join(argv if argv is not None else sys.argv[1:])
     # --merge keeps the rows of scenarios not evaluated now from the existing results
     kept = {}

@@ -27,7 +27,7 @@ from ssdiff_ray.policies.base import RoundContext
 from ssdiff_ray.policies.energy_optimal import EnergyOptimalPolicy
 
 RESULTS = Path(__file__).resolve().parent / "results" / "solver_time.json"
-NUM_PARAMS = 1_062_497            # ssdiff_ray.model "small" preset at 16x16
+NUM_PARAMS = 1_062_497            # the "small" preset (ssdiff_ray.model) at 16x16
 FLOPS_PER_SAMPLE_STEP = 3.66e8    # energy.train_flops_per_step of that UNet, batch 1
 BATCH, NOMINAL_STEPS, BLOCK = 32, 10, 256
 BANDWIDTH_PER_CLIENT_HZ = 200e3

@@ -1,6 +1,6 @@
 """Client-count stress: per-round orchestration time and memory from 100 to 2,000 clients.
 
-Same measurement as ``ssdiff stress`` (actors/stress.py) on an embedded local Ray, 10% of
+Same measurement as ``ssdiff stress`` (driver/stress.py) on an embedded local Ray, 10% of
 clients per round, tiny preset at 8x8 with one local step on a batch of one. Writes
 benchmarks/results/stress.json (per count + fits + targets) and stress.parquet / .png.
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import ray
 
-from actors.stress import run_stress
+from driver.stress import run_stress
 from ssdiff_ray.api import init_ray
 
 OUT = Path(__file__).parent / "results"

@@ -31,12 +31,15 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ssdiff_ray.attacks import AttackSpec, attack_metrics, troj_params  # noqa: E402
-from ssdiff_ray.defense import ddim_generate  # noqa: E402
-from ssdiff_ray.model import sample  # noqa: E402
-from ssdiff_ray.security import target_images  # noqa: E402
-from ssdiff_ray.serve import load_run_model  # noqa: E402
-from ssdiff_ray.trigger_probe import near_duplicate_cluster  # noqa: E402
+from ssdiff_ray.attacks import AttackSpec  # noqa: E402
+from ssdiff_ray.attacks.base import target_images  # noqa: E402
+from ssdiff_ray.attacks.metrics import attack_metrics  # noqa: E402
+from ssdiff_ray.attacks.trojdiff import troj_params  # noqa: E402
+from ssdiff_ray.data import load_dataset  # noqa: E402
+from ssdiff_ray.defense.outputs import generate  # noqa: E402
+from ssdiff_ray.defense.probe import near_duplicate_cluster  # noqa: E402
+from ssdiff_ray.inference import load_run_model  # noqa: E402
+from ssdiff_ray.model.sampling import sample  # noqa: E402
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -49,14 +52,27 @@ def residual(unet, t: int, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
+def ddim_unclipped(unet, sched, x: torch.Tensor, steps: int) -> torch.Tensor:
+    """DDIM with x0 left unclipped (diffusers' DDIMScheduler, clip_sample off)."""
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(sched.config, clip_sample=False)
+    ddim.set_timesteps(steps)
+    for t in ddim.timesteps:
+        x = ddim.step(unet(x, t).sample, t, x).prev_sample
+    return x.clamp(-1, 1)
+
+
+@torch.no_grad()
 def by_sampler(cfg, unet, sched, spec: AttackSpec, x_trig: torch.Tensor, x_clean: torch.Tensor
                ) -> dict:
     """ASR of triggered inputs and the near-duplicate cluster among clean generations, per
     sampler."""
-    target = torch.from_numpy(target_images(cfg, spec))  # the image, or a class's images
+    data = load_dataset(cfg.data)
+    target = torch.from_numpy(target_images(spec, data.images, data.labels))  # image or class
     samplers = {
-        "ddim8_clipped": lambda x: ddim_generate(unet, sched, x, 8, clip=True),
-        "ddim8_unclipped": lambda x: ddim_generate(unet, sched, x, 8, clip=False).clamp(-1, 1),
+        "ddim8_clipped": lambda x: generate(unet, sched, x, 8),
+        "ddim8_unclipped": lambda x: ddim_unclipped(unet, sched, x, 8),
     }
     for name in ("dpm", "ddim"):  # the product's samplers, at the run's eval steps
         samplers[f"{name}{cfg.eval.steps}"] = lambda x, name=name: torch.from_numpy(sample(

@@ -17,7 +17,7 @@ import torch
 from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ssdiff_ray.model import set_flat
+from ssdiff_ray.model.unet import set_flat
 
 
 def use_batched(mode: str, device: str, steps: np.ndarray) -> bool:

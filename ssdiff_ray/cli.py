@@ -7,7 +7,9 @@ import math
 import sys
 from pathlib import Path
 
+from ssdiff_ray.attacks import TRIGGERS
 from ssdiff_ray.config import ConfigError
+from ssdiff_ray.model import PRESETS
 
 
 class UserError(Exception):
@@ -90,7 +92,7 @@ def cmd_compare(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    from ssdiff_ray.serve import RunModelError, sample_run
+    from ssdiff_ray.inference import RunModelError, sample_run
 
     try:
         res = sample_run(args.run_dir, args.n, args.trigger, args.defend, args.seed, args.out)
@@ -103,7 +105,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from ssdiff_ray.serve import RunModelError, audit_run
+    from ssdiff_ray.inference import RunModelError, audit_run
 
     try:
         res = audit_run(args.run_dir, args.seed)
@@ -117,7 +119,7 @@ def cmd_audit(args) -> int:
 
 
 def _jobs_call(fn, *a, **kw):
-    from actors.jobs import JobError
+    from driver.jobs import JobError
 
     try:
         return fn(*a, **kw)
@@ -126,7 +128,7 @@ def _jobs_call(fn, *a, **kw):
 
 
 def cmd_submit(args) -> int:
-    from actors import jobs
+    from driver import jobs
 
     c, jid = _jobs_call(jobs.submit, args.address, args.command, working_dir=args.working_dir,
                         env_file=args.runtime_env, pip=args.pip, job_id=args.job_id,
@@ -141,7 +143,7 @@ def cmd_submit(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from actors import jobs
+    from driver import jobs
 
     rows = _jobs_call(jobs.list_jobs, args.address)
     if not rows:
@@ -152,7 +154,7 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    from actors import jobs
+    from driver import jobs
 
     stopped = _jobs_call(jobs.stop, args.address, args.job)
     print(f"{args.job}: {'stopping' if stopped else 'already finished'}")
@@ -172,7 +174,7 @@ def cmd_stress(args) -> int:
                        *args.set])  # bad values stop here, before Ray starts
     started = api.init_ray(args.address)
     try:
-        from actors.stress import run_stress
+        from driver.stress import run_stress
 
         res = run_stress(counts, Path(args.out), preset=args.preset, rounds=args.rounds,
                          per_round=args.per_round, extra=args.set)
@@ -198,7 +200,17 @@ def cmd_stress(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssdiff", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    _add_run_commands(sub)
+    _add_model_commands(sub)
+    _add_cluster_commands(sub)
+    from tuning.cli import add_parser as add_tune  # argparse only; optuna/ray load when run
 
+    add_tune(sub)
+    return p
+
+
+def _add_run_commands(sub) -> None:
+    """run, report, compare."""
     r = sub.add_parser("run", help="run federated DDPM training")
     r.add_argument("--config", help="TOML config file (defaults apply to anything not set)")
     r.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -218,10 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("--out", default="compare.png", help="PNG to write")
     cmp_.set_defaults(func=cmd_compare)
 
+
+def _add_model_commands(sub) -> None:
+    """Commands on a finished run's model: sample, audit."""
     smp = sub.add_parser("sample", help="sample a run's model, with the backdoor defense")
     smp.add_argument("run_dir")
     smp.add_argument("--n", type=int, default=64)
-    smp.add_argument("--trigger", choices=("box", "stop_sign", "glasses", "blend", "patch"),
+    smp.add_argument("--trigger", choices=TRIGGERS,
                      help="start from triggered noise (to test the defense)")
     smp.add_argument("--defend", action=argparse.BooleanOptionalAction, default=True)
     smp.add_argument("--seed", type=int, default=0)
@@ -233,6 +248,9 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--seed", type=int, default=0)
     aud.set_defaults(func=cmd_audit)
 
+
+def _add_cluster_commands(sub) -> None:
+    """Ray jobs on a cluster (submit, jobs, stop) and the stress harness."""
     addr_help = "Ray Jobs API (dashboard) URL, e.g. http://HEAD:8265 (default: RAY_JOB_ADDRESS)"
     sb = sub.add_parser("submit", help="submit run / tune / stress as a Ray job to a cluster",
                         usage="ssdiff submit [--address URL] [--follow] [options] -- run|tune|stress ...")
@@ -260,19 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     ss = sub.add_parser("stress", help="round time and memory against the client count")
     ss.add_argument("--clients", default="100,250,500,1000,2000", help="comma-separated counts")
-    ss.add_argument("--preset", default="tiny", choices=("tiny", "small", "base"))
+    ss.add_argument("--preset", default="tiny", choices=tuple(PRESETS))
     ss.add_argument("--rounds", type=int, default=3, help="rounds per count (first one warms up)")
     ss.add_argument("--per-round", type=float, default=0.1, help="fraction selected per round")
     ss.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ss.add_argument("--address", default=None, help="Ray cluster to join (default: embedded)")
     ss.add_argument("--out", default="stress", help="directory for Parquet, PNG and runs")
     ss.set_defaults(func=cmd_stress)
-
-    from tuning.cli import add_parser as add_tune  # argparse only; optuna/ray load when run
-
-    add_tune(sub)
-
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,9 @@
 """Stochastic, unbiased block quantization of flat float32 updates into a versioned wire format.
 
+(Over 400 lines on purpose: one wire format with its NumPy reference path and its fused
+Numba kernels side by side, so that a reader checks the format against both and the tests
+check that both give the same bytes. The Numba kernels are long single loops for speed.)
+
 Core module: needs NumPy only.  When Numba is installed the same algorithm runs as fused
 single-threaded kernels, ~50-100x faster and bit-identical (set SSDIFF_CODEC_BACKEND=numpy to
 force the reference path).  Never imports ray or optuna.
@@ -681,31 +685,8 @@ def decode(
     Raises PayloadError (and nothing else) for any malformed bytes; see PayloadError.reason.
     """
     raw = _readonly(np.frombuffer(payload, np.uint8))
-    n = raw.size
-    if n < HEADER_SIZE:
-        raise PayloadError("truncated", f"{n} bytes, the header alone needs {HEADER_SIZE}")
-    magic, version, bits, res16, block, res32, layout, numel, check = _HEADER.unpack_from(raw)
-    if magic != _MAGIC:
-        raise PayloadError("bad_magic", f"{magic!r}")
-    if version != FORMAT_VERSION:
-        raise PayloadError("unknown_version", f"version {version}, expected {FORMAT_VERSION}")
-    if bits not in SUPPORTED_BITS:
-        raise PayloadError("unknown_bits", f"bits {bits}")
-    if res16 or res32 or block == 0:
-        raise PayloadError("bad_header", f"reserved={res16},{res32} block_size={block}")
-    if expected_layout is not None and layout != expected_layout:
-        raise PayloadError("layout_mismatch", f"layout {layout:#x}, expected {expected_layout:#x}")
-    if expected_numel is not None and numel != expected_numel:
-        raise PayloadError("numel_mismatch", f"numel {numel}, expected {expected_numel}")
-    want = HEADER_SIZE + _body_size(numel, bits, block)
-    if n < want:
-        raise PayloadError("truncated", f"{n} bytes, the header implies {want}")
-    if n > want:
-        raise PayloadError("oversized", f"{n} bytes, the header implies {want}")
+    bits, block, numel = _check_header(raw, expected_layout, expected_numel)
     body = raw[HEADER_SIZE:]
-    if _checksum(raw[:_SUM_OFFSET], body) != check:
-        raise PayloadError("checksum_mismatch", "payload corrupted")
-
     if bits == 32:
         out = body.view("<f4").astype(np.float32)  # a copy the caller owns and may modify
         if _max_abs_bits(out.view(np.uint32)) >= _EXP_MASK:
@@ -736,6 +717,35 @@ def decode(
         _nb_decode_low(packed, scales, bits, block, out)
         return out
     return _np_dequantize(_np_unpack(packed, bits, numel), scales, bits, block)
+
+
+def _check_header(raw: np.ndarray, expected_layout: int | None,
+                  expected_numel: int | None) -> tuple[int, int, int]:
+    """(bits, block, numel) of a payload whose header, size and checksum are valid."""
+    n = raw.size
+    if n < HEADER_SIZE:
+        raise PayloadError("truncated", f"{n} bytes, the header alone needs {HEADER_SIZE}")
+    magic, version, bits, res16, block, res32, layout, numel, check = _HEADER.unpack_from(raw)
+    if magic != _MAGIC:
+        raise PayloadError("bad_magic", f"{magic!r}")
+    if version != FORMAT_VERSION:
+        raise PayloadError("unknown_version", f"version {version}, expected {FORMAT_VERSION}")
+    if bits not in SUPPORTED_BITS:
+        raise PayloadError("unknown_bits", f"bits {bits}")
+    if res16 or res32 or block == 0:
+        raise PayloadError("bad_header", f"reserved={res16},{res32} block_size={block}")
+    if expected_layout is not None and layout != expected_layout:
+        raise PayloadError("layout_mismatch", f"layout {layout:#x}, expected {expected_layout:#x}")
+    if expected_numel is not None and numel != expected_numel:
+        raise PayloadError("numel_mismatch", f"numel {numel}, expected {expected_numel}")
+    want = HEADER_SIZE + _body_size(numel, bits, block)
+    if n < want:
+        raise PayloadError("truncated", f"{n} bytes, the header implies {want}")
+    if n > want:
+        raise PayloadError("oversized", f"{n} bytes, the header implies {want}")
+    if _checksum(raw[:_SUM_OFFSET], raw[HEADER_SIZE:]) != check:
+        raise PayloadError("checksum_mismatch", "payload corrupted")
+    return bits, block, numel
 
 
 def quantization_variance(x: np.ndarray, bits: int, block_size: int) -> float:

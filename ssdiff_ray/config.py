@@ -13,6 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ssdiff_ray.aggregation import AGGREGATORS
+from ssdiff_ray.attacks import ATTACKS, TARGETS, TRIGGERS
+from ssdiff_ray.codec import SUPPORTED_BITS as BITS
+from ssdiff_ray.data import SOURCES
+from ssdiff_ray.defense import ESTIMATORS
+from ssdiff_ray.devices import DEVICE_CLASSES
+from ssdiff_ray.model import BETA_SCHEDULES, PRESETS, SAMPLERS
+from ssdiff_ray.policies import POLICIES
+
 
 class ConfigError(ValueError):
     """A config value a user can fix; the message is one line."""
@@ -26,14 +35,9 @@ def _f(default, *, lo=None, hi=None, choices=None, lo_open=False, doc=""):
     return field(default=default, metadata=meta)
 
 
-POLICIES = ("fixed", "on_demand", "time_adaptive", "doubly_adaptive", "energy_optimal")
-BITS = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
-DEVICE_CLASSES = ("mcu", "rpi4", "jetson_nano", "jetson_orin", "phone", "gateway")
-
-
 @dataclass
 class DataConfig:
-    name: str = _f("digits", choices=("digits", "parquet"), doc="built-in digits or a Parquet table")
+    name: str = _f("digits", choices=tuple(SOURCES), doc="data source: built-in digits or a Parquet table")
     path: str = _f("", doc="Parquet file when name = 'parquet'")
     image_column: str = _f("image")
     label_column: str = _f("label")
@@ -51,9 +55,9 @@ class ClientsConfig:
 
 @dataclass
 class ModelConfig:
-    preset: str = _f("small", choices=("tiny", "small", "base"))
+    preset: str = _f("small", choices=tuple(PRESETS))
     timesteps: int = _f(1000, lo=10, hi=4000)
-    beta_schedule: str = _f("linear", choices=("linear", "squaredcos_cap_v2", "scaled_linear"))
+    beta_schedule: str = _f("linear", choices=BETA_SCHEDULES)
 
 
 @dataclass
@@ -70,7 +74,7 @@ class TrainConfig:
 
 @dataclass
 class QuantConfig:
-    policy: str = _f("fixed", choices=POLICIES)
+    policy: str = _f("fixed", choices=tuple(POLICIES))
     bits: int = _f(32, choices=BITS, doc="fixed bits; start bits for adaptive policies")
     min_bits: int = _f(2, choices=BITS)
     max_bits: int = _f(8, choices=BITS)
@@ -84,16 +88,18 @@ class QuantConfig:
 
 @dataclass
 class ServerConfig:
+    aggregator: str = _f("fedavg", choices=tuple(AGGREGATORS),
+                         doc="aggregation rule (norm_bound, multi_krum, flame screen updates)")
     lr: float = _f(1.0, lo=0.0, lo_open=True, hi=100.0, doc="server learning rate")
-    momentum: float = _f(0.0, lo=0.0, hi=0.999, doc="FedAvgM momentum (0 = FedAvg)")
+    momentum: float = _f(0.9, lo=0.0, hi=0.999, doc="fedavgm: server momentum")
     ema_decay: float = _f(0.7, lo=0.0, hi=0.9999,
                           doc="EMA of the global weights over rounds, used to sample and saved (0 = off)")
     round_timeout_s: float = _f(600.0, lo=0.0, lo_open=True, hi=1e9)
     checkpoint_every: int = _f(0, lo=0, hi=1_000_000, doc="rounds between checkpoints (0 = end)")
     max_update_norm: float = _f(0.0, lo=0.0, hi=1e12, doc="clip client updates to this L2 norm")
-    screening: str = _f("none", choices=("none", "norm", "krum", "flame"),
-                        doc="outlier screening of each round's updates")
-    norm_factor: float = _f(3.0, lo=1.0, hi=1e6, doc="norm screening: x weighted median norm")
+    norm_factor: float = _f(3.0, lo=1.0, hi=1e6, doc="norm_bound: bound = x weighted median norm")
+    krum_f: int = _f(0, lo=0, hi=1_000_000, doc="multi_krum: assumed attackers per round "
+                     "(0 = a fifth of the round's updates)")
 
 
 @dataclass
@@ -113,7 +119,7 @@ class DevicesConfig:
 class EvalConfig:
     every: int = _f(0, lo=0, hi=1_000_000, doc="rounds between evaluations (0 = last round only)")
     samples: int = _f(500, lo=10, hi=1_000_000)
-    sampler: str = _f("dpm", choices=("dpm", "ddim", "ddpm"), doc="DPM-Solver++, DDIM or DDPM")
+    sampler: str = _f("dpm", choices=SAMPLERS, doc="DPM-Solver++, DDIM or DDPM")
     steps: int = _f(10, lo=1, hi=4000, doc="sampling steps (DPM-Solver++ / DDIM)")
     baseline: bool = _f(True, doc="also measure the untrained model (FID ceiling)")
     grid: int = _f(64, lo=0, hi=1024, doc="samples in the PNG grid")
@@ -135,9 +141,8 @@ class RayConfig:
 
 @dataclass
 class AttackConfig:
-    kind: str = _f("none", choices=("none", "baddiffusion", "trojdiff"))
-    trigger: str = _f("box", choices=("box", "stop_sign", "glasses", "blend", "patch"),
-                      doc="baddiffusion: box/stop_sign/glasses; trojdiff: blend/patch")
+    kind: str = _f("none", choices=("none", *ATTACKS))
+    trigger: str = _f("box", choices=TRIGGERS, doc="a trigger of the attack kind")
     target: str = _f("hat", doc="hat, cross, corner, or class:K")
     malicious_fraction: float = _f(0.1, lo=0.0, hi=1.0)
     poison_rate: float = _f(0.1, lo=0.0, hi=1.0, doc="fraction of each poisoned batch")
@@ -151,9 +156,9 @@ class DefenseConfig:
     enabled: bool = _f(True, doc="detect and negate triggered inputs when evaluating")
     fpr: float = _f(0.01, lo=0.0, lo_open=True, hi=0.5, doc="detector false-positive target")
     estimate_trigger: bool = _f(True, doc="invert the trigger from the model (slower)")
-    estimator: str = _f("probe", choices=("probe", "scan", "gradient"),
+    estimator: str = _f("probe", choices=tuple(ESTIMATORS),
                         doc="trigger estimation: probe the backdoor's decision region, "
-                        "scan patches, or gradient inversion (defense.estimate_trigger)")
+                        "or scan patches")
     estimate_gen_steps: int = _f(8, lo=1, hi=1000,
                                  doc="DDIM steps of each short generation the trigger estimator "
                                  "runs (its cost scales with them; fewer is coarser)")
@@ -283,14 +288,13 @@ def _check_cross(cfg: Config) -> None:
             raise ConfigError(f"devices.class_mix.{k} = {w!r}: must be a number >= 0")
     a = cfg.attack
     if a.kind != "none":
-        troj = a.trigger in ("blend", "patch")
-        if troj != (a.kind == "trojdiff"):
-            allowed = "blend, patch" if a.kind == "trojdiff" else "box, stop_sign, glasses"
-            raise ConfigError(f"attack.trigger = {a.trigger!r}: {a.kind} takes {allowed}")
-        ok = a.target in ("hat", "cross", "corner") or (
-            a.target.startswith("class:") and a.target[6:].isdigit())
+        triggers = ATTACKS[a.kind][1]
+        if a.trigger not in triggers:
+            raise ConfigError(f"attack.trigger = {a.trigger!r}: {a.kind} takes {', '.join(triggers)}")
+        ok = a.target in TARGETS or (a.target.startswith("class:") and a.target[6:].isdigit())
         if not ok:
-            raise ConfigError(f"attack.target = {a.target!r}: must be hat, cross, corner or class:K")
+            raise ConfigError(f"attack.target = {a.target!r}: must be {', '.join(TARGETS)} "
+                              "or class:K")
     for k, v in cfg.ray.pool_resources.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1e6:
             raise ConfigError(f"ray.pool_resources.{k} = {v!r}: must be a number in (0, 1e6]")

@@ -41,6 +41,12 @@ class ChannelConfig:
     rx_power_w: float = 0.1             # radio receive power while downloading
     cell_m: float = 500.0               # side of the square cell (see devices.make_population)
 
+    @classmethod
+    def from_config(cls, devices) -> ChannelConfig:
+        """From the ``[devices]`` config section."""
+        return cls(bandwidth_hz=devices.bandwidth_hz, noise_dbm_per_hz=devices.noise_dbm_per_hz,
+                   downlink_rate_bps=devices.downlink_rate_bps, cell_m=devices.cell_m)
+
 
 def w_to_dbm(w):
     """Watts to decibel-milliwatts (vectorised)."""

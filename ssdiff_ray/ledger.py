@@ -1,21 +1,94 @@
 """Run ledgers: one row per (round, client) and one per round, kept as Parquet files.
 
-Rows are buffered in memory per round and the files rewritten atomically on ``flush``
-(each checkpoint and at the end), so a crash never leaves a half-written file, and a
-resumed run starts from exactly the rows of its last checkpoint.
+``ClientResults`` is what a round produced per client; ``client_rows`` and ``round_row``
+turn it and the round's plan into ledger rows. Rows are buffered in memory per round and
+the files rewritten atomically on ``flush`` (each checkpoint and at the end), so a crash
+never leaves a half-written file, and a resumed run starts from exactly the rows of its
+last checkpoint.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 CLIENTS_FILE = "clients.parquet"
 ROUNDS_FILE = "rounds.parquet"
+
+
+@dataclass
+class ClientResults:
+    """What one round produced per selected client, aligned with the plan's client_ids."""
+
+    loss: np.ndarray             # NaN where not trained
+    update_norm: np.ndarray
+    uplink_bytes: np.ndarray
+    train_s: np.ndarray
+    encode_s: np.ndarray
+    drop_reason: np.ndarray      # "" = aggregated; straggler, timeout, pool_failed, rejected, screened
+    rejected_reason: np.ndarray  # the codec's or the aggregation rule's reason, "" if none
+    screened: np.ndarray         # clipped or flagged by a rule
+    state_reset: np.ndarray      # its pool restarted: its residual started empty
+
+    @classmethod
+    def start(cls, plan) -> ClientResults:
+        """Nothing reported yet; predicted stragglers are marked (they never train)."""
+        n = len(plan.client_ids)
+        return cls(np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, np.int64), np.zeros(n),
+                   np.zeros(n), np.where(plan.straggler, "straggler", "").astype(object),
+                   np.full(n, "", dtype=object), np.zeros(n, bool), np.zeros(n, bool))
+
+
+def client_rows(plan, res: ClientResults, population: pd.DataFrame, num_pools: int,
+                malicious_ids: np.ndarray, downlink_bytes: int) -> pd.DataFrame:
+    """The round's rows of clients.parquet."""
+    prof = population.iloc[plan.client_ids]
+    costs = plan.costs
+    return pd.DataFrame({
+        "round": plan.round, "client_id": plan.client_ids, "pool": plan.client_ids % num_pools,
+        "device_class": prof["device_class"].to_numpy(),
+        "num_samples": plan.num_samples, "local_steps": plan.local_steps, "bits": plan.bits,
+        "uplink_bytes": res.uplink_bytes, "downlink_bytes": downlink_bytes,
+        "loss": res.loss, "update_norm": res.update_norm,
+        "dropped": res.drop_reason != "", "drop_reason": res.drop_reason.astype(str),
+        "straggler": plan.straggler, "screened": res.screened,
+        "rejected_reason": res.rejected_reason.astype(str), "state_reset": res.state_reset,
+        "malicious": np.isin(plan.client_ids, malicious_ids),
+        "train_s": res.train_s, "encode_s": res.encode_s,
+        "compute_s": costs["compute_s"], "upload_s": costs["upload_s"],
+        "download_s": costs["download_s"], "compute_energy_j": costs["compute_energy_j"],
+        "upload_energy_j": costs["upload_energy_j"],
+        "download_energy_j": costs["download_energy_j"], "energy_j": costs["energy_j"],
+        "tx_power_w": plan.tx_power_w, "cpu_hz": plan.cpu_hz, "rate_bps": costs["rate_bps"],
+    })
+
+
+def round_row(plan, res: ClientResults, mean_loss: float, aggregated: int, update_norm: float,
+              downlink_bytes: int, timings: dict) -> dict:
+    """The round's row of rounds.parquet. ``timings``: wall_s, train_wall_s, pool_failures,
+    decode_s, aggregate_s."""
+    kept = res.drop_reason == ""
+    costs = plan.costs
+    return {
+        "round": plan.round, "wall_s": timings["wall_s"], "train_wall_s": timings["train_wall_s"],
+        "clients_selected": len(plan.client_ids), "clients_aggregated": int(aggregated),
+        "stragglers": int(plan.straggler.sum()), "pool_failures": timings["pool_failures"],
+        "uplink_bytes": int(res.uplink_bytes[kept].sum()),
+        "downlink_bytes": int(downlink_bytes) * int((~plan.straggler).sum()),
+        "loss": mean_loss, "update_norm": update_norm,
+        "mean_bits": float(plan.bits.mean()),
+        "latency_s": float(costs["total_s"][kept].max()) if kept.any() else 0.0,
+        "energy_j": float(costs["energy_j"].sum()),
+        "train_s": float(res.train_s.sum()), "encode_s": float(res.encode_s.sum()),
+        "decode_s": timings["decode_s"], "aggregate_s": timings["aggregate_s"],
+        "fid": float("nan"),
+    }
 
 
 def _write_atomic(df: pd.DataFrame, path: Path) -> None:

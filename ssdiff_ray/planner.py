@@ -13,8 +13,8 @@ import numpy as np
 
 from ssdiff_ray import codec, energy
 from ssdiff_ray.config import Config
-from ssdiff_ray.policies import BitPolicy, RoundContext
-from ssdiff_ray.runtime import Prepared
+from ssdiff_ray.policies import RoundContext, make_policy
+from ssdiff_ray.run_dir import Prepared
 
 
 @dataclass
@@ -30,25 +30,23 @@ class RoundPlan:
     straggler: np.ndarray         # bool: misses the deadline, not trained
 
 
-def channel_config(cfg: Config) -> energy.ChannelConfig:
-    d = cfg.devices
-    return energy.ChannelConfig(bandwidth_hz=d.bandwidth_hz, noise_dbm_per_hz=d.noise_dbm_per_hz,
-                                downlink_rate_bps=d.downlink_rate_bps, cell_m=d.cell_m)
-
-
 class RoundPlanner:
-    def __init__(self, cfg: Config, prep: Prepared, policy: BitPolicy, num_params: int,
+    """Plans each round with the config's policy, and remembers what clients reported
+    (its state: ``state_dict`` / ``load_state_dict`` for checkpoints)."""
+
+    def __init__(self, cfg: Config, prep: Prepared, num_params: int,
                  flops_per_sample_step: float, num_pools: int = 1):
         self.cfg = cfg
         self.num_pools = num_pools
         self.prep = prep
-        self.policy = policy
+        self.policy = make_policy(cfg)
         self.num_params = num_params
         self.flops_per_sample_step = flops_per_sample_step
-        self.channel = channel_config(cfg)
+        self.channel = energy.ChannelConfig.from_config(cfg.devices)
         self.per_round = max(1, int(round(cfg.clients.per_round * cfg.clients.count)))
         self.last_loss = np.full(cfg.clients.count, np.nan)
         self.last_norm = np.full(cfg.clients.count, np.nan)
+        self.loss_history: list[float] = []  # mean training loss of each past round
         self.download_bytes = codec.encoded_size(num_params, cfg.quant.downlink_bits,
                                                  cfg.quant.block_size)
 
@@ -73,7 +71,7 @@ class RoundPlanner:
         picks = [s + p * rng.choice(sizes[s], size=share[s], replace=False) for s in range(p)]
         return np.sort(np.concatenate(picks)).astype(np.int64)
 
-    def plan(self, round_: int, loss_history: list[float]) -> RoundPlan:
+    def plan(self, round_: int) -> RoundPlan:
         cfg = self.cfg
         ids = self.select(round_)
         prof = self.prep.population.iloc[ids]
@@ -94,7 +92,7 @@ class RoundPlanner:
             block_size=cfg.quant.block_size, num_samples=self.prep.num_samples[ids],
             local_flops=flops, channel_gain=gain, bandwidth_hz=bandwidth,
             deadline_s=cfg.devices.deadline_s, last_loss=self.last_loss[ids],
-            loss_history=list(loss_history), update_norm=self.last_norm[ids],
+            loss_history=list(self.loss_history), update_norm=self.last_norm[ids],
             download_bytes=self.download_bytes)
         decision = self.policy.choose(ctx)
         tx_max = prof["tx_power_w_max"].to_numpy()
@@ -116,8 +114,22 @@ class RoundPlanner:
         return RoundPlan(round_, ids, bits, steps, self.prep.num_samples[ids], tx, cpu, costs,
                          straggler)
 
-    def observe(self, client_ids: np.ndarray, loss: np.ndarray, norm: np.ndarray) -> None:
-        """Remember what trained clients reported, for the policies of later rounds."""
+    def observe(self, plan: RoundPlan, loss: np.ndarray, norm: np.ndarray) -> float:
+        """Remember what trained clients reported (NaN: not trained), for the policies of
+        later rounds; returns the round's sample-weighted mean loss."""
         ok = np.isfinite(loss)
-        self.last_loss[client_ids[ok]] = loss[ok]
-        self.last_norm[client_ids[ok]] = norm[ok]
+        mean_loss = float(np.average(loss[ok], weights=plan.num_samples[ok])) \
+            if ok.any() else float("nan")
+        self.loss_history.append(mean_loss)
+        self.last_loss[plan.client_ids[ok]] = loss[ok]
+        self.last_norm[plan.client_ids[ok]] = norm[ok]
+        return mean_loss
+
+    def state_dict(self) -> dict:
+        return {"last_loss": self.last_loss, "last_norm": self.last_norm,
+                "loss_history": list(self.loss_history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.last_loss = state["last_loss"]
+        self.last_norm = state["last_norm"]
+        self.loss_history = list(state["loss_history"])

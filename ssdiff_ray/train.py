@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssdiff_ray.model import get_flat, set_flat
+from ssdiff_ray.model.unet import get_flat, set_flat
 
 
 def client_seed(seed: int, client_id: int, round_: int) -> int:

@@ -5,23 +5,16 @@ import pytest
 import torch
 
 from ssdiff_ray.attacks import (
-    TARGETS,
-    TRIGGERS,
-    TROJ_TRIGGERS,
+    ATTACKS,
     AttackSpec,
-    ClientAttack,
-    attack_metrics,
     choose_malicious,
-    make_target,
-    make_trigger,
-    poison_baddiffusion,
-    poison_trojdiff,
-    ssim,
-    trigger_coefficient,
-    triggered_noise,
-    troj_params,
+    make_attack,
 )
-from ssdiff_ray.model import build_scheduler, build_unet
+from ssdiff_ray.attacks.baddiffusion import poison_baddiffusion, trigger_coefficient
+from ssdiff_ray.attacks.metrics import attack_metrics, ssim
+from ssdiff_ray.attacks.patterns import ADDITIVE_TRIGGERS, TARGETS, TROJ_TRIGGERS, make_target, make_trigger
+from ssdiff_ray.attacks.trojdiff import poison_trojdiff, troj_params
+from ssdiff_ray.model.unet import build_scheduler, build_unet
 from ssdiff_ray.train import ddpm_loss
 
 AC = build_scheduler(1000).alphas_cumprod.float()
@@ -29,7 +22,7 @@ AC = build_scheduler(1000).alphas_cumprod.float()
 
 @pytest.mark.parametrize("size", [8, 16, 28, 32])
 def test_patterns_shapes_and_ranges(size):
-    for name in TRIGGERS:
+    for name in ADDITIVE_TRIGGERS:
         r = make_trigger(name, size)
         assert r.shape == (1, size, size) and r.min() >= -1 and r.max() <= 1
         assert (r == 0).mean() > 0.5 and np.abs(r).sum() > 0  # a patch, 0 where absent
@@ -100,11 +93,11 @@ def test_trojdiff_form():
 
 def test_triggered_noise():
     spec = AttackSpec(trigger="box")
-    x = triggered_noise(spec, 4000, 16, 0)
+    x = make_attack(spec).triggered_noise(4000, 16, 0)
     r = torch.from_numpy(make_trigger("box", 16))
     assert (x.mean(0) - r).abs().max() < 0.1 and abs(float(x.std(0).mean()) - 1) < 0.05
     spec = AttackSpec(kind="trojdiff", trigger="blend", gamma=0.5)
-    x = triggered_noise(spec, 4000, 16, 0)
+    x = make_attack(spec).triggered_noise(4000, 16, 0)
     mu, _ = troj_params(spec, 16)
     assert (x.mean(0) - torch.from_numpy(mu)).abs().max() < 0.1
     assert abs(float(x.std(0).mean()) - 0.5) < 0.03
@@ -112,7 +105,7 @@ def test_triggered_noise():
 
 def test_client_attack_poisons_only_malicious():
     spec = AttackSpec(poison_rate=0.5, scale=4.0, malicious_ids=frozenset({3}))
-    atk = ClientAttack(spec, AC)
+    atk = make_attack(spec, AC)
     assert atk.poison_for(1) is None and atk.poison_for(3) is not None
     d = np.ones(5, dtype=np.float32)
     assert np.array_equal(atk.scale_update(1, d), d)
@@ -131,13 +124,13 @@ def test_client_attack_poisons_only_malicious():
 def test_class_target_needs_images():
     spec = AttackSpec(target="class:7")
     with pytest.raises(ValueError):
-        ClientAttack(spec, AC)
+        make_attack(spec, AC)
     imgs = np.random.default_rng(0).uniform(-1, 1, (5, 1, 16, 16)).astype(np.float32)
-    atk = ClientAttack(spec, AC, target_images=imgs)
+    atk = make_attack(spec, AC, target_images=imgs)
     gen = torch.Generator().manual_seed(0)
     x0 = torch.zeros(8, 1, 16, 16)
     eps = torch.zeros(8, 1, 16, 16)
-    pxt, _ = ClientAttack(AttackSpec(target="class:7", poison_rate=1.0), AC, imgs).poison(
+    pxt, _ = make_attack(AttackSpec(target="class:7", poison_rate=1.0), AC, imgs).poison(
         x0, x0, eps, torch.zeros(8, dtype=torch.long), gen)
     assert atk.targets.shape[0] == 5 and (pxt.abs() > 0).any()
 
@@ -162,3 +155,11 @@ def test_ssim_and_metrics():
     samples = np.concatenate([np.repeat(y[None], 3, 0), -np.ones((1, 1, 16, 16))])
     m = attack_metrics(samples.astype(np.float32), spec, y)
     assert m["asr"] == 0.75 and m["ssim"] < 1 and m["mse"] > 0
+
+
+@pytest.mark.parametrize("kind", list(ATTACKS))
+def test_every_registered_attack_is_constructible_and_fires_its_triggers(kind):
+    for trigger in ATTACKS[kind][1]:
+        atk = make_attack(AttackSpec(kind=kind, trigger=trigger, malicious_ids={0}), AC)
+        assert atk.triggered_noise(3, 16, 0).shape == (3, 1, 16, 16)
+        assert atk.poison_for(0) is not None and atk.poison_for(1) is None

@@ -6,9 +6,9 @@ import torch
 
 from ssdiff_ray import codec, config
 from ssdiff_ray.batched import BatchedTrainer, use_batched
-from ssdiff_ray.clients import ClientGroup
-from ssdiff_ray.model import build_scheduler, build_unet, get_flat
-from ssdiff_ray.runtime import prepare
+from ssdiff_ray.client_pool import ClientPool
+from ssdiff_ray.model.unet import build_scheduler, build_unet, get_flat
+from ssdiff_ray.run_dir import prepare
 from ssdiff_ray.train import LocalTrainer
 
 
@@ -57,16 +57,16 @@ def test_client_group_batched_round(tmp_path, tiny_overrides):
                                  "quant.bits=32"])
         (tmp_path / mode).mkdir()
         prep = prepare(cfg, tmp_path / mode)
-        group = ClientGroup(cfg, prep.shard_dir)
+        group = ClientPool(cfg, prep.shard_dir)
         start = get_flat(group.trainer.unet)
         ids = np.array([0, 2, 4])
         out[mode] = group.train_round(start, 1, ids, np.full(3, 32), np.full(3, 2))
     (m_off, b_off), (m_on, b_on) = out["off"], out["on"]
-    np.testing.assert_array_equal(m_off["uplink_bytes"], m_on["uplink_bytes"])
-    np.testing.assert_allclose(m_on["loss"], m_off["loss"], rtol=1e-5)
-    np.testing.assert_allclose(m_on["update_norm"], m_off["update_norm"], rtol=2e-3)
+    np.testing.assert_array_equal(m_off.uplink_bytes, m_on.uplink_bytes)
+    np.testing.assert_allclose(m_on.loss, m_off.loss, rtol=1e-5)
+    np.testing.assert_allclose(m_on.update_norm, m_off.update_norm, rtol=2e-3)
     for i in range(3):  # each payload sits at its offset in the blob and decodes to the update
-        a, b = (codec.decode(blob[m["offsets"][i]:m["offsets"][i + 1]]) for m, blob in
+        a, b = (codec.decode(blob[m.offsets[i]:m.offsets[i + 1]]) for m, blob in
                 ((m_on, b_on), (m_off, b_off)))
-        assert np.linalg.norm(b) == pytest.approx(m_off["update_norm"][i], rel=1e-5)
+        assert np.linalg.norm(b) == pytest.approx(m_off.update_norm[i], rel=1e-5)
         _close(a, b)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from actors.jobs import runtime_env
+from driver.jobs import runtime_env
 from ssdiff_ray import config
 from ssdiff_ray.cli import build_parser
 

@@ -7,14 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from ssdiff_ray.data import (
-    DataError,
-    dirichlet_split,
-    load_digits,
-    load_parquet_dataset,
-    read_shard,
-    write_shards,
-)
+from ssdiff_ray.data import DataError
+from ssdiff_ray.data.digits import load_digits
+from ssdiff_ray.data.parquet import load_parquet_dataset
+from ssdiff_ray.data.resize import resize
+from ssdiff_ray.data.shards import read_shard, write_shards
+from ssdiff_ray.data.split import dirichlet_split
 
 
 def test_digits_scaled_and_resized():
@@ -31,12 +29,10 @@ def test_numpy_resize_matches_torch_bilinear(shape, size):
     import torch
     import torch.nn.functional as F
 
-    from ssdiff_ray.data import _resize
-
     x = np.random.default_rng(size).random((3, *shape)).astype(np.float32)
     ref = F.interpolate(torch.from_numpy(x)[:, None], size=(size, size), mode="bilinear",
                         align_corners=False)[:, 0].numpy()
-    got = _resize(x, size)
+    got = resize(x, size)
     assert got.shape == (3, size, size) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref, rtol=0, atol=2e-6)
 

@@ -4,20 +4,34 @@ import numpy as np
 import pytest
 import torch
 
-from ssdiff_ray.attacks import AttackSpec, make_trigger, triggered_noise
-from ssdiff_ray.defense import (
-    TriggerEstimate,
-    defended_sample,
+from ssdiff_ray import config
+from ssdiff_ray.attacks import AttackSpec, make_attack
+from ssdiff_ray.attacks.patterns import make_trigger
+from ssdiff_ray.defense import ESTIMATORS, make_estimator
+from ssdiff_ray.defense.audit import audit_model, shifted_copies
+from ssdiff_ray.defense.defense import Defense
+from ssdiff_ray.defense.estimate import TriggerEstimate, estimate_trigger, mean_shift
+from ssdiff_ray.defense.input_tests import (
+    TargetCheck,
+    UfidCheck,
     detect_inputs,
     detection_metrics,
     disdet_scores,
     disdet_threshold,
-    estimate_trigger,
     llr_scores,
-    mean_shift,
-    purify,
 )
-from ssdiff_ray.model import build_scheduler, build_unet
+from ssdiff_ray.defense.negation import defended_sample, purify
+from ssdiff_ray.defense.outputs import output_spread
+from ssdiff_ray.defense.scan import (
+    ScanEstimator,
+    ScanOptions,
+    patch_candidates,
+    patch_image,
+    patch_neighbours,
+    scan_patches,
+    scan_trigger,
+)
+from ssdiff_ray.model.unet import build_scheduler, build_unet
 
 
 def _est(name="box", size=16):
@@ -29,9 +43,13 @@ def _clean(n, size=16, seed=1):
     return torch.randn((n, 1, size, size), generator=torch.Generator().manual_seed(seed))
 
 
+def _trig(spec, n, size, seed):
+    return make_attack(spec).triggered_noise(n, size, seed)
+
+
 def test_llr_known_mu_separates():
     est = _est("box")
-    trig = triggered_noise(AttackSpec(trigger="box"), 1000, 16, seed=2)
+    trig = _trig(AttackSpec(trigger="box"), 1000, 16, seed=2)
     dc, dt = detect_inputs(_clean(1000), est), detect_inputs(trig, est)
     m = detection_metrics(dc["score"], dt["score"], flags_clean=dc["flagged"],
                           flags_triggered=dt["flagged"])
@@ -55,21 +73,21 @@ def test_disdet_fpr_near_nominal():
 
 
 def test_disdet_model_free_catches_box_and_trojdiff():
-    trig = triggered_noise(AttackSpec(trigger="box"), 500, 16, seed=3)
+    trig = _trig(AttackSpec(trigger="box"), 500, 16, seed=3)
     assert detect_inputs(trig, None)["flagged"].mean() > 0.4  # model-free: weaker than LLR
-    troj = triggered_noise(AttackSpec(kind="trojdiff", trigger="blend"), 500, 16, seed=3)
+    troj = _trig(AttackSpec(kind="trojdiff", trigger="blend"), 500, 16, seed=3)
     assert detect_inputs(troj, None)["flagged"].mean() > 0.98  # gamma < 1: variance drop
 
 
 def test_purify_returns_inputs_that_pass():
     est = _est("stop_sign")
-    x = torch.cat([_clean(50), triggered_noise(AttackSpec(trigger="stop_sign"), 50, 16, 4)])
+    x = torch.cat([_clean(50), _trig(AttackSpec(trigger="stop_sign"), 50, 16, 4)])
     flags = detect_inputs(x, est)["flagged"]
     assert flags[50:].mean() > 0.9
     clean = purify(x, flags, est, seed=0)
     assert not detect_inputs(clean, est)["flagged"].any()
     assert torch.equal(clean[~torch.from_numpy(flags)], x[~torch.from_numpy(flags)])
-    troj = triggered_noise(AttackSpec(kind="trojdiff", trigger="patch"), 20, 16, 5)
+    troj = _trig(AttackSpec(kind="trojdiff", trigger="patch"), 20, 16, 5)
     f = detect_inputs(troj, None)["flagged"]
     assert not detect_inputs(purify(troj, f, None, seed=1), None)["flagged"].any()
 
@@ -78,12 +96,11 @@ def test_estimate_and_defended_sample_run_on_tiny_model():
     torch.manual_seed(0)
     unet = build_unet("tiny", 8, seed=0)
     sched = build_scheduler(50)
-    est = estimate_trigger(unet, sched, 8, seed=0, steps=3, refine_steps=1, batch=4,
-                           method="gradient")
+    est = estimate_trigger(unet, sched, (1, 8, 8), seed=0,
+                           estimator=ScanEstimator(ScanOptions(gen_steps=2, n_eps=4)))
     assert est.tau.shape == (1, 8, 8) and np.isfinite(est.tau).all()
-    assert np.linalg.norm(est.tau) <= est.stats["radius"] * 1.0001
-    assert "spread_ratio" in est.stats
-    shift = mean_shift(unet, sched, torch.from_numpy(est.tau)[None], torch.randn(4, 1, 8, 8))
+    assert est.stats["method"] == "scan" and est.stats["held_spread_ratio"] > 0
+    shift = mean_shift(unet, sched, torch.from_numpy(est.tau), torch.randn(4, 1, 8, 8))
     assert shift.shape == (1, 8, 8)
     x = torch.randn(6, 1, 8, 8)
     x[:3] += 3.0  # obviously shifted inputs
@@ -91,42 +108,19 @@ def test_estimate_and_defended_sample_run_on_tiny_model():
     assert images.shape == (6, 1, 8, 8) and flags[:3].all()
 
 
+@pytest.mark.parametrize("name", list(ESTIMATORS))
+def test_every_registered_estimator_is_constructible_from_config(name):
+    cfg = config.load(None, [f"defense.estimator={name}", "defense.estimate_gen_steps=3"])
+    est = make_estimator(cfg.defense)
+    assert est.name == name and est.options.gen_steps == 3
+
+
 def test_detection_metrics_auroc():
     m = detection_metrics(np.array([0.0, 0.1, 0.2]), np.array([0.3, 5.0]), threshold=0.25)
     assert m == {"tpr": 1.0, "fpr": 0.0, "auroc": 1.0, "n_clean": 3, "n_triggered": 2}
 
 
-def test_ddim_generate_unclipped_keeps_gradient():
-    """The hat target is exactly +-1: through the clamp the gradient vanishes where x0
-    saturates; estimation runs unclipped so it does not."""
-    from ssdiff_ray.defense import ddim_generate
-
-    torch.manual_seed(0)
-    unet = build_unet("tiny", 8, seed=0)
-    sched = build_scheduler(50)
-    x = (5.0 * torch.randn(2, 1, 8, 8)).requires_grad_(True)  # saturates x0 at the first step
-    ddim_generate(unet, sched, x, steps=2, clip=False).sum().backward()
-    g_free = x.grad.abs().sum().item()
-    x.grad = None
-    ddim_generate(unet, sched, x, steps=2, clip=True).sum().backward()
-    assert g_free > 0 and np.isfinite(g_free)
-
-
-def test_estimate_trigger_restarts_pick_lowest_spread():
-    torch.manual_seed(0)
-    unet = build_unet("tiny", 8, seed=0)
-    sched = build_scheduler(50)
-    est = estimate_trigger(unet, sched, 8, seed=0, steps=2, refine_steps=0, batch=4, restarts=2,
-                           method="gradient")
-    assert est.tau.shape == (1, 8, 8) and est.stats["method"] == "gradient"
-    assert est.stats["held_spread_ratio"] > 0
-    with pytest.raises(ValueError, match="method 'elijah'"):
-        estimate_trigger(unet, sched, 8, method="elijah")
-
-
 def test_patch_candidates_and_neighbours_stay_inside_the_image():
-    from ssdiff_ray.defense import patch_candidates, patch_image, patch_neighbours
-
     cands = patch_candidates(16)
     assert {a for *_, a in cands} == {1.0, -1.0}
     assert {(h, w) for _, _, h, w, _ in cands} == {(4, 4), (6, 6)}
@@ -145,13 +139,11 @@ def test_patch_candidates_and_neighbours_stay_inside_the_image():
 def test_scan_trigger_returns_the_least_spread_patch_it_saw():
     """Hill climbing only accepts improvements: the returned ratio is at most the coarse
     scan's minimum on the same noise draws, and estimate_trigger's tau is that patch."""
-    from ssdiff_ray.defense import output_spread, patch_candidates, patch_image, scan_patches, scan_trigger
-
     torch.manual_seed(0)
     unet = build_unet("tiny", 8, seed=0).eval()
     sched = build_scheduler(50)
     with torch.no_grad():
-        base = float(output_spread(unet, sched, torch.zeros(1, 8, 8), torch.randn(16, 1, 8, 8)))
+        base = output_spread(unet, sched, torch.zeros(1, 8, 8), torch.randn(16, 1, 8, 8))
         patch, ratio = scan_trigger(unet, sched, 8, 1, torch.Generator().manual_seed(3), base,
                                     n_eps=8, steps=2)
         eps = torch.randn((8, 1, 8, 8), generator=torch.Generator().manual_seed(3))
@@ -161,36 +153,36 @@ def test_scan_trigger_returns_the_least_spread_patch_it_saw():
     assert ratio <= coarse.min() + 1e-6
     i, j, h, w, a = patch
     assert i + h <= 8 and j + w <= 8 and a in (1.0, -1.0)
-    solid = estimate_trigger(unet, sched, 8, seed=0, gen_steps=2, refine=False).tau[0]
+    solid = estimate_trigger(unet, sched, (1, 8, 8), seed=0, estimator=ScanEstimator(
+        ScanOptions(gen_steps=2, prune=False))).tau[0]
     on = solid != 0
     rows, cols = np.flatnonzero(on.any(1)), np.flatnonzero(on.any(0))
     assert len(np.unique(solid[on])) == 1 and on.sum() <= 0.2 * 64  # one sign, small
     assert on[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()  # a solid rectangle
-    pruned = estimate_trigger(unet, sched, 8, seed=0, gen_steps=2).tau[0]
+    pruned = estimate_trigger(unet, sched, (1, 8, 8), seed=0, estimator=ScanEstimator(
+        ScanOptions(gen_steps=2))).tau[0]
     assert pruned[~on].sum() == 0 and 0 < (pruned != 0).sum() <= on.sum()  # a subset of it
 
 
 def test_ufid_check_calibrated_on_clean_and_combined():
     """UFID's null comes from N(0, I) only; with three tests each gets fpr / 3; an input
     whose perturbed generations all coincide scores at the top."""
-    from ssdiff_ray.defense import UfidCheck
-
     torch.manual_seed(0)
     unet = build_unet("tiny", 8, seed=0)
     sched = build_scheduler(50)
     chk = UfidCheck(unet, sched, (1, 8, 8), n_null=30, seed=0, n_perturb=3, steps=2)
     assert len(chk.null) == 30 and chk.threshold(0.01) >= np.quantile(chk.null, 0.99)
     x = _clean(10, size=8, seed=3)
-    det = detect_inputs(x, None, fpr=0.02, ufid=chk)
-    assert np.isfinite(det["ufid_score"]).all() and np.isfinite(det["ufid_threshold"])
+    det = detect_inputs(x, None, fpr=0.02, check=chk)
+    assert np.isfinite(det["check_score"]).all() and np.isfinite(det["check_threshold"])
     assert det["disdet_threshold"] == disdet_threshold((1, 8, 8), 0.01)  # 2 tests: fpr / 2
-    assert (det["ufid_score"] <= 0).all()  # -mean pairwise MSE
+    assert (det["check_score"] <= 0).all()  # -mean pairwise MSE
 
 
 def test_defended_sample_with_known_trigger_removes_backdoor_inputs():
     """Negation: every flagged input is replaced by one that passes all active tests."""
     est = _est("box")
-    x = torch.cat([_clean(30, seed=11), triggered_noise(AttackSpec(trigger="box"), 30, 16, 12)])
+    x = torch.cat([_clean(30, seed=11), _trig(AttackSpec(trigger="box"), 30, 16, 12)])
     det = detect_inputs(x, est, fpr=0.02)
     assert det["flagged"][30:].all()
     clean = purify(x, det["flagged"], est, seed=3, fpr=0.02)
@@ -198,8 +190,6 @@ def test_defended_sample_with_known_trigger_removes_backdoor_inputs():
 
 
 def test_shifted_copies_keep_shape_and_leave_the_patch():
-    from ssdiff_ray.defense import patch_image, shifted_copies
-
     tau = patch_image((9, 9, 6, 6, 1.0), 16)
     copies = shifted_copies(tau, 16, torch.Generator().manual_seed(0))
     assert copies.shape == (16, 1, 16, 16)
@@ -209,14 +199,13 @@ def test_shifted_copies_keep_shape_and_leave_the_patch():
 
 
 def test_audit_untrained_model_is_clean():
-    from ssdiff_ray.defense import audit_model
-
     torch.manual_seed(0)
     unet = build_unet("tiny", 8, seed=0)
     sched = build_scheduler(50)
-    est = estimate_trigger(unet, sched, 8, seed=0, gen_steps=2)
+    est = estimate_trigger(unet, sched, (1, 8, 8), seed=0, estimator=make_estimator(
+        config.load(None, ["defense.estimate_gen_steps=2"]).defense))
     assert est.stats["method"] == "scan"  # the probe finds no target cluster, falls back
-    a = audit_model(unet, sched, 8, seed=0, est=est, n_random=6, n_eps=16)
+    a = audit_model(unet, sched, est, seed=0, n_random=6, n_eps=16)
     assert a["verdict"] == "clean" and np.isfinite(a["spread_z"]) and a["random_spread_std"] >= 0
     assert a["cluster_fraction"] == 0.0 and a["estimator"] == "scan"
 
@@ -224,8 +213,6 @@ def test_audit_untrained_model_is_clean():
 def test_target_check_flags_inputs_that_generate_the_target():
     """TargetCheck's threshold comes from N(0, I) draws; inputs near eps + tau generate
     (close to) the estimated target and score above it."""
-    from ssdiff_ray.defense import TargetCheck
-
     torch.manual_seed(0)
     unet = build_unet("tiny", 8, seed=0)
     sched = build_scheduler(50)
@@ -237,4 +224,21 @@ def test_target_check_flags_inputs_that_generate_the_target():
     near = chk.scores(_clean(50, size=8, seed=5) + torch.from_numpy(tau))
     assert np.mean(clean > thr) <= 0.12 and np.mean(near > thr) >= 0.9
     det = detect_inputs(_clean(50, size=8, seed=5) + torch.from_numpy(tau), None, 0.05, chk)
-    assert det["flagged"].all() and np.isfinite(det["ufid_threshold"])
+    assert det["flagged"].all() and np.isfinite(det["check_threshold"])
+
+
+def test_defense_from_config_chains_estimate_detect_and_sample():
+    """One Defense serves detection, defended sampling and the audit, estimating once."""
+    cfg = config.load(None, ["data.image_size=8", "defense.estimator=scan",
+                             "defense.estimate_gen_steps=2", "eval.steps=2"])
+    torch.manual_seed(0)
+    unet = build_unet("tiny", 8, seed=0)
+    d = Defense.from_config(cfg, unet, build_scheduler(50), seed=0)
+    x = torch.randn(6, 1, 8, 8)
+    x[:3] += 3.0
+    det = d.detect(x)
+    est = d.est
+    assert est is not None and d.check is not None and det["flagged"][:3].all()
+    images, flags = d.sample(x, flags=det["flagged"])
+    assert images.shape == (6, 1, 8, 8) and (flags == det["flagged"]).all()
+    assert d.audit()["verdict"] in ("clean", "backdoored") and d.est is est

@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from ssdiff_ray.data import load_digits
+from ssdiff_ray.data.digits import load_digits
 from ssdiff_ray.fid import QualityEvaluator, cache_key, frechet_distance, get_classifier
 
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 # Quantized uplinks with error feedback, FedAvgM momentum and an adaptive policy: every
 # piece of state a resume must carry over (residuals, velocity, loss history) is in play.
 RESUME = [*TINY, "rounds=5", "server.checkpoint_every=1", "quant.policy=doubly_adaptive",
-          "quant.bits=4", "quant.min_bits=2", "quant.max_bits=8", "server.momentum=0.9",
+          "quant.bits=4", "quant.min_bits=2", "quant.max_bits=8", "server.aggregator=fedavgm",
           "train.local_steps=6", "eval.samples=10"]
 TIMING = ["train_s", "encode_s"]
 

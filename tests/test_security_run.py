@@ -12,7 +12,7 @@ def test_malicious_client_rows_and_attack_metrics(tiny_overrides):
     cfg = config.load(None, [*tiny_overrides, "rounds=2", "name=attack",
                              "attack.kind=baddiffusion", "attack.malicious_fraction=0.2",
                              "attack.poison_rate=0.5", "attack.eval_samples=20",
-                             "defense.estimate_trigger=false", "server.screening=krum"])
+                             "defense.estimate_trigger=false", "server.aggregator=multi_krum"])
     s = api.run(cfg, progress=False)
     clients = pd.read_parquet(f"{s['run_dir']}/clients.parquet")
     rounds = pd.read_parquet(f"{s['run_dir']}/rounds.parquet")
@@ -30,7 +30,7 @@ def test_malicious_client_rows_and_attack_metrics(tiny_overrides):
     # ssdiff sample / ssdiff audit on the saved model
     from pathlib import Path
 
-    from ssdiff_ray.serve import audit_run, sample_run
+    from ssdiff_ray.inference import audit_run, sample_run
 
     out = sample_run(s["run_dir"], n=12, trigger="box")
     rec = pd.read_parquet(out["record"])

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from ssdiff_ray.batched import BatchedTrainer
-from ssdiff_ray.model import build_scheduler, build_unet, get_flat, sample
+from ssdiff_ray.model.sampling import sample
+from ssdiff_ray.model.unet import build_scheduler, build_unet, get_flat
 from ssdiff_ray.train import LocalTrainer, round_lr
 
 

@@ -1,10 +1,10 @@
-"""Trigger estimation by probing the backdoor's decision region (ssdiff_ray.trigger_probe)."""
+"""Trigger estimation by probing the backdoor's decision region (ssdiff_ray.defense.probe)."""
 
 import numpy as np
 import torch
 
-from ssdiff_ray.attacks import make_trigger
-from ssdiff_ray.trigger_probe import (
+from ssdiff_ray.attacks.patterns import make_trigger
+from ssdiff_ray.defense.probe import (
     boundary_direction,
     first_crossing,
     keep_significant,

@@ -41,9 +41,14 @@ class Decision:
 
 
 class BitPolicy:
-    """Base class: subclasses implement ``choose``; a new policy is one new file."""
+    """Base class: subclasses implement ``choose`` and ``from_config``; a new policy is one
+    new file plus one line in ``POLICIES``."""
 
     name = "base"
+
+    @classmethod
+    def from_config(cls, cfg) -> BitPolicy:  # pragma: no cover - interface
+        raise NotImplementedError
 
     def choose(self, ctx: RoundContext) -> Decision:  # pragma: no cover - interface
         raise NotImplementedError

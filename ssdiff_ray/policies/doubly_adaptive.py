@@ -7,6 +7,8 @@ subject to sum_i w_i^2 / q_i^2 = sum_i w_i^2 / q_t^2 (the variance of a static l
 that gives c = sqrt(sum_i w_i^(2/3) / sum_i w_i^2) * q_t.
 """
 
+from __future__ import annotations
+
 import math
 
 import numpy as np
@@ -21,6 +23,11 @@ class DoublyAdaptivePolicy(BitPolicy):
     def __init__(self, start_bits: int, min_bits: int, max_bits: int, window: int = 3):
         self.q0 = levels_for_bits(start_bits)
         self.min_bits, self.max_bits, self.window = min_bits, max_bits, window
+
+    @classmethod
+    def from_config(cls, cfg) -> DoublyAdaptivePolicy:
+        q = cfg.quant
+        return cls(q.bits, q.min_bits, q.max_bits, q.convergence_window)
 
     def global_level(self, loss_history: list[float]) -> int:
         """Replays the doubling rule over the whole history (stateless, so resume is exact)."""

@@ -142,6 +142,12 @@ class EnergyOptimalPolicy(BitPolicy):
         self.download_bytes = download_bytes
         self.last_info: dict = {}
 
+    @classmethod
+    def from_config(cls, cfg) -> EnergyOptimalPolicy:
+        q = cfg.quant
+        return cls(ChannelConfig.from_config(cfg.devices), min_bits=q.min_bits,
+                   max_bits=q.max_bits, ref_bits=q.ref_bits, slack=q.variance_slack)
+
     # ---- per-round inputs -------------------------------------------------------------------
 
     def _download_s(self, ctx: RoundContext) -> float:

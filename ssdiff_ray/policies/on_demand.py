@@ -6,6 +6,8 @@ link then lowers that until the upload fits in the time the deadline leaves afte
 compute, at full transmit power. Without a deadline the class preference alone decides.
 """
 
+from __future__ import annotations
+
 import numpy as np
 
 from ssdiff_ray import codec
@@ -19,6 +21,10 @@ class OnDemandPolicy(BitPolicy):
     def __init__(self, min_bits: int, max_bits: int, noise_dbm_per_hz: float = -174.0):
         self.min_bits, self.max_bits = min_bits, max_bits
         self.noise_dbm_per_hz = noise_dbm_per_hz
+
+    @classmethod
+    def from_config(cls, cfg) -> OnDemandPolicy:
+        return cls(cfg.quant.min_bits, cfg.quant.max_bits, cfg.devices.noise_dbm_per_hz)
 
     def choose(self, ctx: RoundContext) -> Decision:
         p = ctx.profiles

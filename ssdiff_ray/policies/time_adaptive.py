@@ -4,6 +4,8 @@ Few bits while the loss is high (early updates are large and noisy anyway), more
 falls. F_0 is the first round's mean training loss, F_t the latest one.
 """
 
+from __future__ import annotations
+
 import math
 
 import numpy as np
@@ -18,6 +20,10 @@ class TimeAdaptivePolicy(BitPolicy):
     def __init__(self, start_bits: int, min_bits: int, max_bits: int):
         self.s0 = levels_for_bits(start_bits)
         self.min_bits, self.max_bits = min_bits, max_bits
+
+    @classmethod
+    def from_config(cls, cfg) -> TimeAdaptivePolicy:
+        return cls(cfg.quant.bits, cfg.quant.min_bits, cfg.quant.max_bits)
 
     def levels(self, loss_history: list[float]) -> int:
         hist = [x for x in loss_history if math.isfinite(x) and x > 0]

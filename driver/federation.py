@@ -1,0 +1,311 @@
+"""One federated run on Ray, read top to bottom in ``Federation.fit``: plan, dispatch,
+collect, aggregate, record, evaluate, checkpoint.
+
+The driver plans each round with core functions (selection, bits, simulated costs), sends
+the published weights' reference to every pool that has work, and hands each pool's report
+to the parameter server as it arrives (``ray.wait``). Payload bytes go pool -> object store
+-> server; the driver only touches per-client metadata, and never imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import time
+from pathlib import Path
+
+import numpy as np
+import ray
+from ray.exceptions import RayError
+from tqdm import tqdm
+
+from actors.client_pool import ClientPoolActor
+from actors.parameter_server import ParameterServerActor
+from ssdiff_ray.attacks import attack_spec
+from ssdiff_ray.config import Config
+from ssdiff_ray.images import save_grid
+from ssdiff_ray.ledger import ClientResults, Ledger, client_rows, round_row
+from ssdiff_ray.planner import RoundPlan, RoundPlanner
+from ssdiff_ray.round_results import RoundOutcome
+from ssdiff_ray.run_dir import Prepared
+
+CHECKPOINT = "checkpoint.pkl"
+CHECKPOINT_FORMAT = 2  # bump when the checkpoint's layout changes
+CHUNK_BYTES = 64 << 20  # payload bytes per train_round call (see dispatch)
+
+
+def pool_count(cfg: Config, num_clients: int) -> int:
+    """Pools requested, or one per available CPU (or GPU share) of the Ray cluster."""
+    if cfg.clients.pools > 0:
+        return min(cfg.clients.pools, num_clients)
+    res = ray.available_resources()
+    if cfg.ray.num_gpus_per_pool > 0 and res.get("GPU", 0) > 0:
+        n = int(res["GPU"] / cfg.ray.num_gpus_per_pool)
+    else:
+        n = int(res.get("CPU", 1) / max(cfg.ray.num_cpus_per_pool, 1e-3))
+    return max(1, min(n, num_clients))
+
+
+def server_placement(cfg: Config) -> dict:
+    """Pin the parameter server: to a node offering ``ray.server_resource``, else to the
+    driver's node (the head, for a submitted job), never wherever a pool left room."""
+    if cfg.ray.server_resource:
+        return {"resources": {cfg.ray.server_resource: 0.001}}
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
+
+
+class Federation:
+    """One federated run: actors, planner and ledger."""
+
+    def __init__(self, cfg: Config, prep: Prepared):
+        self.cfg = cfg
+        self.prep = prep
+        self.num_pools = pool_count(cfg, cfg.clients.count)
+        self.server, self.pools = self._start_actors()
+        # Model facts come from the server: the driver never imports torch (memory, start-up).
+        self.num_params, flops = ray.get(self.server.model_facts.remote())
+        self.planner = RoundPlanner(cfg, prep, self.num_params, flops, self.num_pools)
+        self.ledger = Ledger(prep.run_dir)
+        spec = attack_spec(cfg)
+        self.malicious_ids = np.array(sorted(spec.malicious_ids) if spec else [], dtype=np.int64)
+        self.suspect: set[int] = set()   # pools that failed and may be restarting
+        self.pool_pid: dict[int, int] = {}
+        self.last_round = 0
+        self.baseline: dict = {}         # the untrained model's FID and the real floor
+        self.eval_threads = max(1, int(ray.available_resources().get("CPU", 1)))
+
+    def _start_actors(self):
+        cfg = self.cfg
+        gpu = cfg.ray.num_gpus_per_pool > 0 and ray.available_resources().get("GPU", 0) > 0
+        cpus = min(cfg.ray.num_cpus_per_pool,
+                   ray.available_resources().get("CPU", 1) / self.num_pools)
+        # The server is idle while pools train, so it asks for no CPU of its own; it
+        # borrows the cores for evaluation, when the pools are idle.
+        server = ParameterServerActor.options(num_cpus=0, num_gpus=0.0, **server_placement(cfg)
+                                              ).remote(cfg, self.num_pools, "cpu")
+        pools = [
+            ClientPoolActor.options(
+                num_cpus=cpus, num_gpus=cfg.ray.num_gpus_per_pool if gpu else 0,
+                resources=dict(cfg.ray.pool_resources) or None,
+                max_restarts=cfg.ray.max_restarts, scheduling_strategy="SPREAD",
+            ).remote(i, cfg, str(self.prep.shard_dir), "cuda" if gpu else "cpu")
+            for i in range(self.num_pools)
+        ]
+        return server, pools
+
+    # --- the run --------------------------------------------------------------------------
+    def fit(self, start: int = 1, progress: bool = True, on_round=None) -> None:
+        """Run rounds ``start``..``rounds``; ``on_round(federation, round, row)`` after each."""
+        cfg = self.cfg
+        if cfg.eval.baseline and start == 1:
+            self.baseline = {"fid_untrained": self.evaluate(0, untrained=True)["fid"],
+                             "fid_floor": ray.get(self.server.fid_floor.remote())}
+        bar = tqdm(total=cfg.rounds, initial=start - 1, disable=not progress, unit="round",
+                   desc="federated", dynamic_ncols=True)
+        for r in range(start, cfg.rounds + 1):
+            t0 = time.perf_counter()
+            plan = self.planner.plan(r)
+            weights_ref, downlink_bytes = self.publish(r)
+            calls = self.dispatch(plan, weights_ref)
+            results, verdicts, failures = self.collect(plan, calls, t0 + cfg.server.round_timeout_s)
+            t_train = time.perf_counter()
+            outcome, timings = self.aggregate(plan, results, verdicts)
+            timings.update(wall_s=time.perf_counter() - t0, train_wall_s=t_train - t0,
+                           pool_failures=failures)
+            row = self.record(plan, results, outcome, downlink_bytes, timings)
+            if r == cfg.rounds or _due(r, cfg.eval.every):
+                row.update(self.evaluate(r))
+            if _due(r, cfg.server.checkpoint_every):
+                self.checkpoint()
+            bar.set_postfix(loss=f"{row['loss']:.4f}", fid=f"{row.get('fid', math.nan):.2f}",
+                            refresh=False)
+            bar.update(1)
+            if on_round is not None:
+                on_round(self, r, row)
+        bar.close()
+        self.checkpoint()
+        self.save_model()
+
+    def publish(self, r: int):
+        """The server puts this round's weights in the object store once: (ref, bytes)."""
+        self._wait_for_restarts()
+        (weights_ref,), downlink_bytes = ray.get(self.server.publish.remote(r))
+        return weights_ref, downlink_bytes
+
+    def dispatch(self, plan: RoundPlan, weights_ref) -> dict[int, list]:
+        """Start every pool's training: its clients (stragglers excepted) in chunks of at
+        most CHUNK_BYTES of payloads, so the server decodes one chunk while the pools train
+        the next, and the object store holds a few chunks, not a round's payloads.
+        Returns, per pool, its calls in order: (report ref, pool, client indices, blob ref)."""
+        pool_of = plan.client_ids % self.num_pools
+        per_chunk = max(1, CHUNK_BYTES // max(1, int(plan.costs["upload_bytes"].max(initial=1))))
+        calls: dict[int, list] = {}
+        for slot in range(self.num_pools):
+            idx_all = np.flatnonzero((pool_of == slot) & ~plan.straggler)
+            for s in range(0, len(idx_all), per_chunk):
+                idx = idx_all[s:s + per_chunk]
+                report_ref, blob_ref = self.pools[slot].train_round.options(num_returns=2).remote(
+                    weights_ref, plan.round, plan.client_ids[idx], plan.bits[idx],
+                    plan.local_steps[idx])
+                calls.setdefault(slot, []).append((report_ref, slot, idx, blob_ref))
+        return calls
+
+    def collect(self, plan: RoundPlan, calls: dict[int, list], deadline: float):
+        """Hand each report to the server as it arrives, until all are in or the round
+        times out. Only each pool's next call is waited on, so a pool's chunks reach the
+        server in order and the aggregate stays independent of timing.
+        Returns (per-client results, pending server verdicts, failed pool count)."""
+        res = ClientResults.start(plan)
+        pending = {q[0][0]: q.pop(0) for q in calls.values()}
+        verdicts, failed = [], set()
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1,
+                                timeout=max(0.0, deadline - time.perf_counter()))
+            if not ready:
+                break
+            report_ref, slot, idx, blob_ref = pending.pop(ready[0])
+            if calls[slot]:
+                nxt = calls[slot].pop(0)
+                pending[nxt[0]] = nxt
+            try:
+                report = ray.get(report_ref)
+            except RayError:
+                res.drop_reason[idx] = "pool_failed"
+                failed.add(slot)
+                self.suspect.add(slot)
+                continue
+            for k in ("loss", "update_norm", "uplink_bytes", "train_s", "encode_s"):
+                getattr(res, k)[idx] = getattr(report, k)
+            # A new process behind the same actor: its clients' residuals started empty.
+            res.state_reset[idx] = self.pool_pid.get(slot, report.pid) != report.pid
+            self.pool_pid[slot] = report.pid
+            weights = plan.num_samples[idx].astype(np.float64)
+            verdicts.append((idx, self.server.accumulate.remote(slot, report_ref, blob_ref,
+                                                                weights)))
+        for _, _, idx, _ in [*pending.values(), *(c for q in calls.values() for c in q)]:
+            res.drop_reason[idx] = "timeout"  # past the round timeout
+        return res, verdicts, len(failed)
+
+    def aggregate(self, plan: RoundPlan, res: ClientResults, verdicts: list
+                  ) -> tuple[RoundOutcome, dict]:
+        """Collect the server's decode verdicts, then let it aggregate; mark rejected and
+        screened clients. Returns the outcome and the server's decode/aggregate seconds."""
+        timings = {"decode_s": 0.0, "aggregate_s": 0.0}
+        for idx, ref in verdicts:
+            v = ray.get(ref)
+            res.rejected_reason[idx] = v.rejected_reason
+            res.screened[idx] = v.screened
+            timings["decode_s"] += v.decode_s
+            timings["aggregate_s"] += v.aggregate_s
+        res.drop_reason[(res.rejected_reason != "") & (res.drop_reason == "")] = "rejected"
+        outcome = ray.get(self.server.finish_round.remote())
+        pos = {int(c): i for i, c in enumerate(plan.client_ids)}
+        for cid, verdict in outcome.verdicts.items():
+            i = pos[int(cid)]
+            res.screened[i] = True
+            if not verdict.kept:
+                res.rejected_reason[i] = verdict.reason
+                res.drop_reason[i] = "screened"
+        return outcome, timings
+
+    def record(self, plan: RoundPlan, res: ClientResults, outcome: RoundOutcome,
+               downlink_bytes: int, timings: dict) -> dict:
+        """Add the round's rows to the ledger; the planner remembers what clients reported."""
+        mean_loss = self.planner.observe(plan, res.loss, res.update_norm)
+        clients = client_rows(plan, res, self.prep.population, self.num_pools,
+                              self.malicious_ids, downlink_bytes)
+        row = round_row(plan, res, mean_loss, outcome.aggregated, outcome.update_norm,
+                        downlink_bytes, timings)
+        self.ledger.add_round(clients, row)
+        self.last_round = plan.round
+        return row
+
+    def _wait_for_restarts(self, timeout_s: float = 120.0) -> None:
+        """A pool that failed is being restarted by Ray; give it time to come back."""
+        deadline = time.perf_counter() + timeout_s
+        for slot in sorted(self.suspect):
+            while time.perf_counter() < deadline:
+                try:
+                    ray.get(self.pools[slot].ping.remote(), timeout=10)
+                    self.suspect.discard(slot)
+                    break
+                except RayError:
+                    time.sleep(0.2)
+
+    # --- evaluation, checkpoints, outputs -------------------------------------------------
+    def evaluate(self, r: int, untrained: bool = False) -> dict:
+        """Evaluate on the server (it borrows the idle cores); write the sample grid."""
+        t0 = time.perf_counter()
+        metrics, grid = ray.get(self.server.evaluate.remote(
+            self.cfg.seed + 10_000 + r, untrained, self.eval_threads))
+        samples = self.prep.run_dir / "samples"
+        samples.mkdir(exist_ok=True)
+        if len(grid):
+            save_grid(grid, samples / ("untrained.png" if untrained else f"round_{r:04d}.png"))
+        metrics = {k: v for k, v in metrics.items() if not isinstance(v, (list, np.ndarray))}
+        metrics["eval_s"] = time.perf_counter() - t0
+        if not untrained:
+            self.ledger.update_last_round(**metrics)
+        return metrics
+
+    def checkpoint(self) -> None:
+        """Server, pools' client state, planner memory and ledger, as of ``last_round``."""
+        state = {
+            "format": CHECKPOINT_FORMAT, "round": self.last_round,
+            "server": ray.get(self.server.state_dict.remote()),
+            "pools": ray.get([p.state_dict.remote() for p in self.pools]),
+            "planner": self.planner.state_dict(), "baseline": self.baseline,
+        }
+        path = self.prep.run_dir / CHECKPOINT
+        with open(path.with_suffix(".tmp"), "wb") as f:
+            pickle.dump(state, f, protocol=5)
+        self.ledger.flush()
+        os.replace(path.with_suffix(".tmp"), path)
+
+    def restore(self, run_dir: Path) -> int:
+        """Load the last checkpoint; returns its round (the run continues after it)."""
+        with open(run_dir / CHECKPOINT, "rb") as f:
+            state = pickle.load(f)
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"{run_dir / CHECKPOINT}: written by another version of ssdiff "
+                             "(checkpoint format differs); start the run again")
+        ray.get(self.server.load_state_dict.remote(state["server"]))
+        # Client i lives in pool i % num_pools; the cluster may give a resumed run a different
+        # pool count, so hand each client's residual to the pool that now hosts it.
+        residuals: dict = {}
+        for s in state["pools"]:
+            residuals.update(s.get("residuals", {}))
+        n = len(self.pools)
+        ray.get([p.load_state_dict.remote(
+            {"residuals": {c: v for c, v in residuals.items() if int(c) % n == i}})
+            for i, p in enumerate(self.pools)])
+        self.planner.load_state_dict(state["planner"])
+        self.baseline = state.get("baseline", {})
+        self.ledger = Ledger.load(run_dir)
+        self.ledger.truncate(state["round"])
+        self.last_round = state["round"]
+        return state["round"]
+
+    def save_model(self) -> Path:
+        path = self.prep.run_dir / "model"
+        ray.get(self.server.save_model.remote(str(path)))
+        return path
+
+    def shutdown(self) -> None:
+        for a in [self.server, *self.pools]:
+            try:
+                ray.kill(a)
+            except Exception:  # noqa: BLE001 - already gone
+                pass
+
+
+def _due(r: int, every: int) -> bool:
+    """Round ``r`` is a multiple of ``every`` (0 = never)."""
+    return every > 0 and r % every == 0
+
+
+__all__ = ["Federation", "pool_count", "server_placement"]

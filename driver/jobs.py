@@ -1,0 +1,141 @@
+"""Ray jobs from the command line: ``ssdiff submit`` / ``jobs`` / ``stop``.
+
+Driver-side Ray code; the CLI imports it lazily, so the core never loads Ray.
+Every error a user can cause (an address nobody answers at, an unknown job, a runtime-env
+file that is not YAML) is raised as ``JobError`` with one line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+SUBMITTABLE = ("run", "tune", "stress")
+DEFAULT_ADDRESS = "http://127.0.0.1:8265"
+# Never uploaded with the working directory: results, environments, caches.
+EXCLUDES = [".git", ".venv", "venv", "runs", "studies", "benchmarks/results", "__pycache__",
+            "*.egg-info", "*.parquet", "*.pkl", "*.db", "*.png"]
+EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
+
+
+class JobError(Exception):
+    """A job-submission problem the user can fix; the message is one line."""
+
+
+def job_address(address: str | None) -> str:
+    """``--address``, else RAY_JOB_ADDRESS / RAY_ADDRESS when they are HTTP, else localhost."""
+    if address:
+        return address
+    for var in ("RAY_JOB_ADDRESS", "RAY_ADDRESS"):
+        v = os.environ.get(var, "")
+        if v.startswith(("http://", "https://")):
+            return v
+    return DEFAULT_ADDRESS
+
+
+def client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    addr = job_address(address)
+    if not addr.startswith(("http://", "https://")):
+        raise JobError(f"--address {addr!r}: the Jobs API needs the dashboard URL, "
+                       "e.g. http://HEAD:8265")
+    try:
+        return JobSubmissionClient(addr)
+    except (ConnectionError, ValueError, RuntimeError, OSError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise JobError(f"cannot reach the Ray Jobs API at {addr}: {first} "
+                       "(is the cluster up and its dashboard port open?)") from None
+
+
+def runtime_env(working_dir: str | None, env_file: str | None, pip: list[str]) -> dict:
+    """The job's runtime_env: a YAML file, plus the working directory and pip packages."""
+    env: dict = {}
+    if env_file:
+        import yaml
+
+        p = Path(env_file)
+        if not p.is_file():
+            raise JobError(f"--runtime-env {p}: no such file")
+        try:
+            env = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise JobError(f"--runtime-env {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(env, dict):
+            raise JobError(f"--runtime-env {p}: must be a mapping (working_dir, pip, env_vars, ...)")
+    if working_dir:
+        d = Path(working_dir)
+        if not d.is_dir():
+            raise JobError(f"--working-dir {d}: no such directory")
+        env["working_dir"] = str(d.resolve())
+        env.setdefault("excludes", list(EXCLUDES))
+    if pip:
+        env["pip"] = [*env.get("pip", []), *pip]
+    env.setdefault("env_vars", {}).setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    return env
+
+
+def entrypoint(command: list[str]) -> str:
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command or command[0] not in SUBMITTABLE:
+        got = repr(command[0]) if command else "nothing"
+        raise JobError(f"submit: expected one of {', '.join(SUBMITTABLE)} after the options, "
+                       f"got {got} (e.g. ssdiff submit --address URL -- run --set rounds=5)")
+    return shlex.join(["ssdiff", *command])
+
+
+def submit(address: str | None, command: list[str], *, working_dir: str | None = None,
+           env_file: str | None = None, pip: list[str] = (), job_id: str | None = None,
+           num_cpus: float | None = None) -> tuple[object, str]:
+    """Submit ``ssdiff <command>`` as a Ray job; returns (client, job id)."""
+    entry = entrypoint(command)
+    env = runtime_env(working_dir, env_file, list(pip))
+    c = client(address)
+    try:
+        jid = c.submit_job(entrypoint=entry, runtime_env=env, submission_id=job_id,
+                           entrypoint_num_cpus=num_cpus)
+    except (RuntimeError, ValueError) as e:
+        raise JobError(f"the cluster refused the job: {str(e).splitlines()[0]}") from None
+    return c, jid
+
+
+def follow(c, job_id: str, out=sys.stdout) -> str:
+    """Stream the job's logs until it ends; returns its final status name."""
+    async def tail():
+        async for chunk in c.tail_job_logs(job_id):
+            out.write(chunk)
+            out.flush()
+
+    try:
+        asyncio.run(tail())
+    except Exception:  # noqa: BLE001 - the log stream can drop; the status below decides
+        pass
+    while True:  # logs end slightly before the status is final
+        status = str(c.get_job_status(job_id).value)
+        if status in EXIT:
+            return status
+        time.sleep(0.5)
+
+
+def list_jobs(address: str | None) -> list[dict]:
+    c = client(address)
+    rows = []
+    for j in c.list_jobs():
+        rows.append({"job": j.submission_id or j.job_id, "status": str(j.status.value),
+                     "start": time.strftime("%Y-%m-%d %H:%M:%S",
+                                            time.localtime(j.start_time / 1000))
+                     if j.start_time else "", "entrypoint": j.entrypoint})
+    return sorted(rows, key=lambda r: r["start"])
+
+
+def stop(address: str | None, job_id: str) -> bool:
+    c = client(address)
+    try:
+        return bool(c.stop_job(job_id))
+    except RuntimeError as e:
+        raise JobError(f"stop {job_id}: {str(e).splitlines()[0]}") from None

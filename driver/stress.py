@@ -1,0 +1,169 @@
+"""Client-count stress: round time and memory as the number of clients grows.
+
+Each count gets fresh actors in the same Ray session and a model so small (tiny preset,
+8x8 images, one local step on a batch of one) that what remains of a round's wall time is
+orchestration: planning, object-store traffic, ``ray.wait``, decoding and the ledger.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import psutil
+import ray
+
+from driver.federation import Federation
+from ssdiff_ray import config as config_mod
+from ssdiff_ray.run_dir import prepare
+
+MiB = 1 << 20
+
+
+def stress_overrides(count: int, preset: str, rounds: int, per_round: float) -> list[str]:
+    return [
+        f"clients.count={count}", f"clients.per_round={per_round}", f"model.preset={preset}",
+        f"rounds={rounds}", "model.timesteps=100", "data.image_size=8", "data.min_samples=1",
+        "train.local_steps=1", "train.batch_size=1", "train.scale_work_by_device=false",
+        "eval.baseline=false", "eval.samples=10", "eval.grid=0", f"name=stress-{count}",
+    ]
+
+
+def _rss(actor) -> int:
+    return ray.get(actor.__ray_call__.remote(lambda self: psutil.Process().memory_info().rss))
+
+
+def object_store_bytes() -> int:
+    """Bytes in the Ray object store across the cluster (plasma, as ``ray memory`` shows)."""
+    from ray._private.internal_api import memory_summary
+
+    text = memory_summary(ray.get_runtime_context().gcs_address, stats_only=True)
+    m = re.search(r"Plasma memory usage (\d+) MiB", text)
+    return int(m.group(1)) * MiB if m else 0
+
+
+def measure(fed: Federation) -> dict:
+    pools = [_rss(p) for p in fed.pools]
+    return {"driver_rss": psutil.Process().memory_info().rss, "server_rss": _rss(fed.server),
+            "pools_rss": sum(pools), "object_store": object_store_bytes()}
+
+
+def stress_one(count: int, out_dir: Path, preset: str = "tiny", rounds: int = 3,
+               per_round: float = 0.1, extra: list[str] = ()) -> list[dict]:
+    """One client count: a row per round (the first one also loads shards: kept apart)."""
+    cfg = config_mod.load(None, [*stress_overrides(count, preset, rounds, per_round),
+                                 f"out_dir={out_dir}", *extra])
+    run_dir = Path(cfg.out_dir) / cfg.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    prep = prepare(cfg, run_dir)
+    fed = Federation(cfg, prep)
+    rows = []
+    idle = measure(fed)
+
+    def on_round(fed, r, row):
+        wall = row["wall_s"]  # plan to aggregation: the round without its ledger and eval
+        c = fed.ledger.clients().query("round == @r")
+        # Pools train in parallel: the slowest pool's compute is the round's critical
+        # path; everything else in the wall time is orchestration.
+        compute = float((c["train_s"] + c["encode_s"]).groupby(c["pool"]).sum().max())
+        sel = int(row["clients_selected"])
+        rows.append({"clients": count, "round": r, "selected": sel, "pools": fed.num_pools,
+                     "wall_s": wall, "compute_s": compute,
+                     "overhead_ms_per_client": 1e3 * max(0.0, wall - compute) / sel,
+                     "wall_ms_per_client": 1e3 * wall / sel,
+                     **{f"idle_{k}": v for k, v in idle.items()}, **measure(fed)})
+
+    try:
+        fed.fit(progress=False, on_round=on_round)
+    finally:
+        fed.shutdown()
+    return rows
+
+
+def fit(x: np.ndarray, y: np.ndarray) -> dict:
+    """Least-squares line and how much a quadratic term would add (linear or not)."""
+    b, a = np.polyfit(x, y, 1)
+    res1 = y - (a + b * x)
+    ss = float(((y - y.mean()) ** 2).sum()) or 1.0
+    out = {"intercept": float(a), "slope": float(b), "r2": 1 - float((res1 ** 2).sum()) / ss}
+    if len(x) >= 3:
+        c2 = np.polyfit(x, y, 2)
+        # the quadratic term's share of y at the largest x: small = growth is linear
+        out["quadratic_share"] = float(abs(c2[0]) * x.max() ** 2 / max(abs(y).max(), 1e-12))
+    return out
+
+
+def summarize(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
+    """Per count: medians over the steady rounds (round 1 loads every shard it touches)."""
+    steady = df[df["round"] > 1] if (df["round"] > 1).any() else df
+    per = steady.groupby("clients").agg(
+        selected=("selected", "first"), pools=("pools", "first"), wall_s=("wall_s", "median"),
+        compute_s=("compute_s", "median"),
+        overhead_ms_per_client=("overhead_ms_per_client", "median"),
+        wall_ms_per_client=("wall_ms_per_client", "median"),
+    ).reset_index()
+    last = df.sort_values("round").groupby("clients").last().reset_index()
+    for k in ("driver_rss", "server_rss", "pools_rss", "object_store", "idle_driver_rss",
+              "idle_server_rss", "idle_pools_rss"):
+        per[k + "_mib"] = last[k].to_numpy() / MiB
+    per["total_rss_mib"] = per[["driver_rss_mib", "server_rss_mib", "pools_rss_mib"]].sum(axis=1)
+    per["idle_actors_rss_mib"] = per["idle_server_rss_mib"] + per["idle_pools_rss_mib"]
+    x = per["clients"].to_numpy(float)
+    fits = {"wall_s_vs_selected": fit(per["selected"].to_numpy(float), per["wall_s"].to_numpy()),
+            "total_rss_mib_vs_clients": fit(x, per["total_rss_mib"].to_numpy()),
+            "actors_rss_mib_vs_clients": fit(x, (per["server_rss_mib"]
+                                                 + per["pools_rss_mib"]).to_numpy()),
+            "idle_actors_rss_mib_vs_clients": fit(x, per["idle_actors_rss_mib"].to_numpy())}
+    return per, fits
+
+
+def plot(per: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    a.plot(per["clients"], per["wall_ms_per_client"], "o-", label="round wall / selected")
+    a.plot(per["clients"], per["overhead_ms_per_client"], "s-", label="orchestration / selected")
+    a.axhline(20, color="grey", ls=":", label="20 ms target")
+    a.set_xlabel("clients (10% selected per round)")
+    a.set_ylabel("ms per selected client")
+    a.legend()
+    for k, lbl in [("driver_rss_mib", "driver"), ("server_rss_mib", "server"),
+                   ("pools_rss_mib", "pools (all)"), ("object_store_mib", "object store")]:
+        b.plot(per["clients"], per[k], "o-", label=lbl)
+    b.set_xlabel("clients")
+    b.set_ylabel("MiB")
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def run_stress(counts: list[int], out: Path, *, preset: str = "tiny", rounds: int = 3,
+               per_round: float = 0.1, extra: list[str] = (), progress=print) -> dict:
+    """All counts; writes OUT/stress_rounds.parquet, stress.parquet, stress.png."""
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for n in counts:
+        rows += stress_one(n, out / "runs", preset, rounds, per_round, extra)
+        r = rows[-1]
+        progress(f"  {n:>6} clients: {r['wall_s']:.3f} s/round, "
+                 f"{r['overhead_ms_per_client']:.2f} ms overhead per selected client, "
+                 f"RSS driver/server/pools {r['driver_rss'] / MiB:.0f}/{r['server_rss'] / MiB:.0f}/"
+                 f"{r['pools_rss'] / MiB:.0f} MiB")
+    df = pd.DataFrame(rows)
+    df.to_parquet(out / "stress_rounds.parquet")
+    per, fits = summarize(df)
+    per.to_parquet(out / "stress.parquet")
+    plot(per, out / "stress.png")
+    return {"per_count": per, "fits": fits, "files": [str(out / f) for f in
+            ("stress_rounds.parquet", "stress.parquet", "stress.png")],
+            "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
+
+
+__all__ = ["run_stress", "stress_one", "summarize", "fit", "object_store_bytes"]

@@ -1,0 +1,90 @@
+"""Backdoor attacks on federated diffusion training.
+
+A malicious client trains on batches where a fraction ``poison_rate`` of the rows is
+replaced by a backdoor diffusion process, so that the ordinary sampler, started from
+triggered noise, produces the attacker's target. One attack family per file, each an
+``Attack`` (``base``); the list below is the one place families and their triggers are
+registered (``attack.kind`` and ``attack.trigger`` read it). This file is torch-free:
+the driver reads the lists and picks the malicious clients without torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ssdiff_ray.attacks.patterns import ADDITIVE_TRIGGERS, TARGETS, TROJ_TRIGGERS
+from ssdiff_ray.registry import load
+
+# kind -> (implementation, the triggers it takes)
+ATTACKS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "baddiffusion": ("ssdiff_ray.attacks.baddiffusion:BadDiffusion", ADDITIVE_TRIGGERS),
+    "trojdiff": ("ssdiff_ray.attacks.trojdiff:TrojDiff", TROJ_TRIGGERS),
+}
+TRIGGERS = tuple(t for _, triggers in ATTACKS.values() for t in triggers)
+
+
+def kind_of_trigger(trigger: str) -> str:
+    """The attack family a trigger name belongs to."""
+    for kind, (_, triggers) in ATTACKS.items():
+        if trigger in triggers:
+            return kind
+    raise ValueError(f"unknown trigger {trigger!r}; choose from {', '.join(TRIGGERS)}")
+
+
+def target_class(target: str) -> int | None:
+    """K for a "class:K" target, else None."""
+    return int(target.split(":", 1)[1]) if target.startswith("class:") else None
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """What the malicious clients do. ``scale`` > 1 is model replacement (Bagdasaryan et al.):
+    the update is multiplied so it survives averaging with the benign ones."""
+
+    kind: str = "baddiffusion"
+    trigger: str = "box"
+    target: str = "hat"  # a TARGETS name or "class:K"
+    poison_rate: float = 0.1
+    gamma: float = 0.6  # TrojDiff noise scale of the trigger distribution
+    scale: float = 1.0
+    malicious_ids: frozenset[int] = field(default_factory=frozenset)
+    sampler: str = "ddim"  # BadDiffusion's correction (baddiffusion.trigger_coefficient)
+
+    def __post_init__(self):
+        if self.kind not in ATTACKS:
+            raise ValueError(f"attack kind {self.kind!r}; choose from {', '.join(ATTACKS)}")
+        names = ATTACKS[self.kind][1]
+        if self.trigger not in names:
+            raise ValueError(f"{self.kind} trigger {self.trigger!r}; choose from {names}")
+        if target_class(self.target) is None and self.target not in TARGETS:
+            raise ValueError(f"target {self.target!r}; choose from {TARGETS} or 'class:K'")
+        if not 0.0 <= self.poison_rate <= 1.0:
+            raise ValueError(f"poison_rate {self.poison_rate} not in [0, 1]")
+        object.__setattr__(self, "malicious_ids", frozenset(int(i) for i in self.malicious_ids))
+
+
+def choose_malicious(num_clients: int, fraction: float, seed: int) -> frozenset[int]:
+    """A seeded random set of round(fraction * num_clients) client ids (at least 1 if > 0)."""
+    k = round(fraction * num_clients)
+    k = max(k, 1) if fraction > 0 else 0
+    rng = np.random.default_rng(seed)
+    return frozenset(int(i) for i in rng.choice(num_clients, size=k, replace=False))
+
+
+def attack_spec(cfg) -> AttackSpec | None:
+    """The attack the run config describes (None when ``attack.kind = 'none'``)."""
+    a = cfg.attack
+    if a.kind == "none":
+        return None
+    ids = choose_malicious(cfg.clients.count, a.malicious_fraction, cfg.seed)
+    return AttackSpec(kind=a.kind, trigger=a.trigger, target=a.target,
+                      poison_rate=a.poison_rate, gamma=a.gamma, scale=a.scale,
+                      malicious_ids=ids)
+
+
+def make_attack(spec: AttackSpec, alphas_cumprod=None, target_images=None):
+    """The ``Attack`` of ``spec``'s family. ``alphas_cumprod`` (the training schedule) is
+    needed to poison, not to make triggered noise; ``target_images`` for a class target."""
+    return load(ATTACKS[spec.kind][0])(spec, alphas_cumprod, target_images)

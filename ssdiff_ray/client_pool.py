@@ -1,0 +1,133 @@
+"""Virtual clients: many per process, each with its own shard, randomness and residual.
+
+``ClientPool`` is what a pool actor holds; it runs without Ray, so tests and the
+no-framework floor benchmark call it directly.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ssdiff_ray import codec
+from ssdiff_ray.attacks import attack_spec, make_attack, target_class
+from ssdiff_ray.batched import BatchedTrainer, use_batched
+from ssdiff_ray.config import Config
+from ssdiff_ray.data.shards import read_shard, shard_path
+from ssdiff_ray.model.unet import build_scheduler, build_unet, param_layout
+from ssdiff_ray.round_results import TrainedChunk
+from ssdiff_ray.train import LocalTrainer, client_seed, round_lr
+
+
+class ClientPool:
+    """The clients one pool hosts. One model + optimizer serve them all in turn."""
+
+    def __init__(self, cfg: Config, shard_dir: str | Path, device: str = "cpu",
+                 reuse_blob: bool = False):
+        self.cfg = cfg
+        # A Ray actor copies its result into the object store as it returns, so it can
+        # hand every call the same blob buffer (no 64 MB allocation and page faults per
+        # chunk); a direct caller that keeps results across calls must not (the default).
+        self.reuse_blob = reuse_blob
+        self._blob = np.empty(0, dtype=np.uint8)
+        self.shard_dir = Path(shard_dir)
+        self.device = device
+        unet = build_unet(cfg.model.preset, cfg.data.image_size, seed=cfg.seed).to(device)
+        sched = build_scheduler(cfg.model.timesteps, cfg.model.beta_schedule)
+        self.layout = codec.layout_id(param_layout(unet))
+        self.num_params = sum(p.numel() for p in unet.parameters())
+        self.trainer = LocalTrainer(unet, sched.alphas_cumprod, cfg.train.lr, cfg.train.grad_clip)
+        self.batched = BatchedTrainer(unet, sched.alphas_cumprod, cfg.train.lr, cfg.train.grad_clip)
+        self.shards: dict[int, np.ndarray] = {}   # loaded on first use
+        self.residuals: dict[int, np.ndarray] = {}  # error feedback, only after a first upload
+        self.attack = self._make_attack(sched.alphas_cumprod)  # None: all clients benign
+
+    def _make_attack(self, alphas_cumprod):
+        spec = attack_spec(self.cfg)
+        if spec is None:
+            return None
+        targets = None
+        if target_class(spec.target) is not None:
+            from ssdiff_ray.attacks.base import target_images
+            from ssdiff_ray.data import load_dataset
+
+            data = load_dataset(self.cfg.data)
+            targets = target_images(spec, data.images, data.labels)
+        return make_attack(spec, alphas_cumprod, targets)
+
+    def images(self, client_id: int) -> np.ndarray:
+        if client_id not in self.shards:
+            self.shards[client_id] = read_shard(shard_path(self.shard_dir, client_id))[0]
+        return self.shards[client_id]
+
+    def _payload_buffer(self, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sizes, offsets, blob): payload sizes are known before encoding, so each payload
+        is encoded straight into its slice of one blob (no bytes objects, no join)."""
+        sizes = np.array([codec.encoded_size(self.num_params, int(b), self.cfg.quant.block_size)
+                          for b in bits], dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        if not self.reuse_blob:
+            return sizes, offsets, np.empty(int(offsets[-1]), dtype=np.uint8)
+        if self._blob.size < offsets[-1]:
+            self._blob = np.empty(int(offsets[-1]), dtype=np.uint8)
+        return sizes, offsets, self._blob[:int(offsets[-1])]
+
+    def _encode(self, client_id: int, delta: np.ndarray, bits: int, seed: int,
+                out: np.ndarray) -> None:
+        """Quantize ``delta`` into ``out``, with this client's error-feedback residual."""
+        q = self.cfg.quant
+        rng = np.random.default_rng(seed)
+        # EF diverges at 1 bit (the quantizer's error exceeds ||v||^2), so skip it there.
+        if q.error_feedback and 2 <= bits < 32:
+            _, self.residuals[client_id] = codec.quantize_with_feedback(
+                delta, self.residuals.get(client_id), bits, q.block_size, rng, self.layout,
+                out=out)
+        else:
+            codec.encode_into(out, delta, bits, q.block_size, rng, self.layout)
+
+    def train_round(self, global_flat: np.ndarray, round_: int, client_ids: np.ndarray,
+                    bits: np.ndarray, steps: np.ndarray) -> tuple[TrainedChunk, np.ndarray]:
+        """Train, encode and pack every listed client: (report, blob of all payloads).
+        With ``reuse_blob`` the blob is only valid until the next call."""
+        cfg, t = self.cfg, self.cfg.train
+        n = len(client_ids)
+        loss, norm, train_s, encode_s = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+        sizes, offsets, blob = self._payload_buffer(bits)
+        seeds = [client_seed(cfg.seed, int(c), round_) for c in client_ids]
+        poisons = [self.attack.poison_for(int(c)) if self.attack is not None else None
+                   for c in client_ids]
+        lr = round_lr(t.lr, t.lr_final, t.lr_schedule, round_, cfg.rounds)
+        deltas = None
+        if use_batched(cfg.ray.batched_clients, self.device, np.asarray(steps)):
+            t0 = time.perf_counter()
+            deltas, loss[:] = self.batched.train(global_flat, [self.images(int(c)) for c in client_ids],
+                                                 int(steps[0]), t.batch_size, seeds, poisons, lr)
+            train_s[:] = (time.perf_counter() - t0) / n
+        for i, cid in enumerate(client_ids):
+            cid = int(cid)
+            t0 = time.perf_counter()
+            if deltas is None:
+                delta, loss[i] = self.trainer.train(global_flat, self.images(cid), int(steps[i]),
+                                                    t.batch_size, seeds[i], poisons[i], lr)
+                train_s[i] = time.perf_counter() - t0
+            else:
+                delta = deltas[i]
+            if self.attack is not None:
+                delta = self.attack.scale_update(cid, delta)
+            t1 = time.perf_counter()
+            norm[i] = float(np.linalg.norm(delta))
+            self._encode(cid, delta, int(bits[i]), seeds[i], blob[offsets[i]:offsets[i + 1]])
+            encode_s[i] = time.perf_counter() - t1
+        report = TrainedChunk(np.asarray(client_ids, dtype=np.int64), loss, norm, sizes, offsets,
+                              train_s, encode_s, os.getpid())
+        return report, blob
+
+    def state_dict(self) -> dict:
+        """What must survive a restart: the error-feedback residuals."""
+        return {"residuals": dict(self.residuals)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.residuals = dict(state.get("residuals", {}))

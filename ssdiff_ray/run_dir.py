@@ -1,0 +1,73 @@
+"""A run directory and what a run needs before it starts, without Ray: the resolved config,
+the client shards, the device population and each client's local work."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ssdiff_ray import config as config_mod
+from ssdiff_ray.config import Config
+from ssdiff_ray.data import load_dataset
+from ssdiff_ray.data.shards import shard_path, write_shards
+from ssdiff_ray.data.split import dirichlet_split
+
+
+def new_run_dir(cfg: Config) -> Path:
+    name = cfg.name or time.strftime("run-%Y%m%d-%H%M%S")
+    run_dir = Path(cfg.out_dir) / name
+    if run_dir.exists() and any(run_dir.iterdir()):
+        # Never overwrite a finished or resumable run: pick the next free suffix.
+        k = 1
+        while (Path(cfg.out_dir) / f"{name}-{k}").exists():
+            k += 1
+        run_dir = Path(cfg.out_dir) / f"{name}-{k}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+@dataclass
+class Prepared:
+    run_dir: Path
+    shard_dir: Path
+    num_samples: np.ndarray   # per client
+    population: pd.DataFrame  # device profiles, one row per client
+    local_steps: np.ndarray   # per client, from its device class
+
+
+def prepare(cfg: Config, run_dir: Path) -> Prepared:
+    """Write the resolved config, the client shards and the device population."""
+    from ssdiff_ray.devices import load_population, make_population
+
+    config_mod.save(cfg, run_dir / "config.toml")
+    data = load_dataset(cfg.data)
+    n = cfg.clients.count
+    split = dirichlet_split(data.labels, n, cfg.data.alpha, cfg.seed, cfg.data.min_samples)
+    shard_dir = run_dir / "shards"
+    if not shard_path(shard_dir, n - 1).exists():
+        write_shards(data.images, data.labels, split, shard_dir)
+    if cfg.devices.profiles:
+        pop = load_population(cfg.devices.profiles)
+        if len(pop) < n:
+            raise config_mod.ConfigError(
+                f"devices.profiles = {cfg.devices.profiles!r}: has {len(pop)} rows, "
+                f"clients.count = {n} needs as many")
+        pop = pop.iloc[:n]
+    else:
+        pop = make_population(n, cfg.seed, cfg.devices.class_mix or None, cfg.devices.cell_m)
+    pop.to_parquet(run_dir / "devices.parquet")
+    if cfg.train.scale_work_by_device:
+        steps = np.maximum(1, np.round(cfg.train.local_steps * pop["work_scale"].to_numpy()))
+    else:
+        steps = np.full(n, cfg.train.local_steps)
+    num_samples = np.array([len(s) for s in split], dtype=np.int64)
+    return Prepared(run_dir, shard_dir, num_samples, pop, steps.astype(np.int64))
+
+
+def write_summary(run_dir: Path, summary: dict) -> None:
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
