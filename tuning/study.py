@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +17,10 @@ from typing import Any
 
 from ssdiff_ray import config as config_mod
 from ssdiff_ray.config import Config, ConfigError
+from tuning.recovery import HEARTBEAT, OWNER, owner_of_this_process, recover_interrupted
 from tuning.space import Space, load_space, overrides
 from tuning.storage import absolute_url, open_storage
 from tuning.trial import OBJECTIVES, make_pruner
-
-OWNER = "ssdiff:owner"          # system attr: {"host", "pid", "ctime"} of the driver running it
-HEARTBEAT = "ssdiff:heartbeat"  # system attr: time.time() of the driver's last sign of life
 
 
 @dataclass
@@ -151,49 +147,6 @@ def trial_config(prep: Prepared, params: dict, number: int, cpus: float, gpus: f
     return config_mod.load(o.config, [*sets, *res])
 
 
-def _owner() -> dict:
-    import psutil
-
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "ctime": psutil.Process().create_time()}
-
-
-def _alive(owner: dict) -> bool:
-    import psutil
-
-    try:
-        return abs(psutil.Process(owner["pid"]).create_time() - owner["ctime"]) < 1e-3
-    except (psutil.Error, KeyError, TypeError):
-        return False
-
-
-def recover_interrupted(study, stale_after_s: float) -> list[int]:
-    """Trials left RUNNING by a driver that is gone: mark FAIL, enqueue their params again.
-
-    Gone = a dead process on this host, or no heartbeat for ``stale_after_s`` (other hosts).
-    Returns the numbers of the trials recovered.
-    """
-    from optuna.trial import TrialState
-
-    host, now, done = socket.gethostname(), time.time(), []
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.system_attrs.get(OWNER)
-        beat = t.system_attrs.get(HEARTBEAT, 0.0)
-        local_dead = owner is not None and owner.get("host") == host and not _alive(owner)
-        if not (local_dead or now - beat > stale_after_s):
-            continue
-        study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted (driver died)")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        params = t.params or t.system_attrs.get("fixed_params", {})
-        if params:
-            attrs = {"retry_of": t.number}
-            if t.user_attrs.get("reference"):
-                attrs["reference"] = True
-            study.enqueue_trial(params, user_attrs=attrs)
-        done.append(t.number)
-    return done
-
-
 def _finished(study) -> int:
     from optuna.trial import TrialState
 
@@ -271,13 +224,9 @@ def run_study(opts: TuneOptions, progress: bool = True, log=print) -> dict:
 
 def _run_study(opts: TuneOptions, progress: bool, log) -> dict:
     import ray
-    from optuna.trial import TrialState
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-    from tqdm import tqdm
 
     from ssdiff_ray.api import init_ray
     from tuning.export import export
-    from tuning.trial import run_trial
 
     prep = prepare(opts)
     prep.out.mkdir(parents=True, exist_ok=True)
@@ -285,84 +234,13 @@ def _run_study(opts: TuneOptions, progress: bool, log) -> dict:
     recovered = recover_interrupted(study, opts.stale_after_s)
     if recovered:
         log(f"resumed: trials {', '.join(map(str, recovered))} were interrupted; retrying them")
-    if prep.reference is not None:
-        has_ref = any(t.user_attrs.get("reference") for t in study.get_trials(deepcopy=False)
-                      if t.state != TrialState.FAIL)
-        if not has_ref:
-            study.enqueue_trial(prep.reference, user_attrs={"reference": True})
+    _enqueue_reference(study, prep)
     started = init_ray(opts.address)
-    running: dict = {}
+    loop = _StudyLoop(opts, prep, study)
     try:
-        cluster = ray.cluster_resources()
-        cpus, gpus = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
-        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        bar = tqdm(total=opts.trials, initial=min(_finished(study), opts.trials),
-                   disable=not progress, unit="trial", desc=f"study {opts.study}", dynamic_ncols=True)
-        failures, last_beat, last_error = 0, time.time(), ""
-        owner = _owner()
-        while True:
-            done = _finished(study)
-            bar.n = min(done, opts.trials)
-            bar.set_postfix_str(best_text(study, opts.objectives), refresh=True)
-            while len(running) < opts.parallel and done + len(running) < opts.trials:
-                trial = study.ask()
-                params = prep.space.suggest(trial)
-                study._storage.set_trial_system_attr(trial._trial_id, OWNER, owner)
-                study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT, time.time())
-                try:
-                    cfg = trial_config(prep, params, trial.number, cpus, gpus)
-                except ConfigError as e:
-                    # A combination the schema forbids (e.g. min_bits > max_bits): skip it.
-                    trial.set_user_attr("error", str(e))
-                    study.tell(trial, state=TrialState.FAIL)
-                    failures += 1
-                    last_error = str(e)
-                    if failures >= opts.max_failures:
-                        raise ConfigError(f"{failures} trials failed in a row; last: {e}") from None
-                    continue
-                trial.set_user_attr("config", config_mod.to_toml(cfg))
-                trial.set_user_attr("run_dir", str(Path(cfg.out_dir) / cfg.name))
-                info = {"objectives": opts.objectives, "prune": prep.pruner != "none",
-                        "pruner": prep.pruner, "pruner_startup": opts.pruner_startup,
-                        "storage": prep.storage_url, "study": opts.study, "trial_id": trial._trial_id}
-                ref = run_trial.options(scheduling_strategy=here).remote(cfg, info)
-                running[ref] = (trial, time.perf_counter())
-            if not running:
-                break
-            ready, _ = ray.wait(list(running), num_returns=1, timeout=opts.heartbeat_s)
-            if time.time() - last_beat >= opts.heartbeat_s:
-                for trial, _ in running.values():
-                    study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT, time.time())
-                last_beat = time.time()
-            for ref in ready:
-                trial, t0 = running.pop(ref)
-                try:
-                    res = ray.get(ref)
-                except Exception as e:  # noqa: BLE001 - worker died, OOM, ...
-                    res = {"status": "error", "error": f"{type(e).__name__}: "
-                           f"{(str(e).splitlines() or [''])[0]}"}
-                ok = _tell(prep, study, trial, res, time.perf_counter() - t0)
-                if ok:
-                    failures = 0
-                else:
-                    failures += 1
-                    last_error = res.get("error", "objective is not a number")
-                    bar.write(f"trial {trial.number} failed: {last_error.splitlines()[0]}")
-                    if failures >= opts.max_failures:
-                        raise ConfigError(f"{failures} trials failed in a row; last: "
-                                          f"{last_error.splitlines()[0]}")
-        bar.n = min(_finished(study), opts.trials)
-        bar.set_postfix_str(best_text(study, opts.objectives), refresh=True)
-        bar.close()
+        loop.run(progress)
     except BaseException:
-        # Ctrl-C or an error: what was running is lost; mark it failed and queue it again
-        # so the same command retries it.
-        for ref, (trial, _) in running.items():
-            ray.cancel(ref, force=True)
-            trial.set_user_attr("error", "interrupted")
-            study.tell(trial, state=TrialState.FAIL)
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **(
-                {"reference": True} if trial.user_attrs.get("reference") else {})})
+        loop.requeue_running()
         raise
     finally:
         if started:
@@ -370,6 +248,125 @@ def _run_study(opts: TuneOptions, progress: bool, log) -> dict:
     result = export(study, prep)
     result.update(study=opts.study, storage=prep.storage_url, out=str(prep.out))
     return result
+
+
+def _enqueue_reference(study, prep: Prepared) -> None:
+    """Queue the ``--reference`` trial once (again if every earlier copy failed)."""
+    from optuna.trial import TrialState
+
+    if prep.reference is None:
+        return
+    if not any(t.user_attrs.get("reference") for t in study.get_trials(deepcopy=False)
+               if t.state != TrialState.FAIL):
+        study.enqueue_trial(prep.reference, user_attrs={"reference": True})
+
+
+class _StudyLoop:
+    """Keeps ``--parallel`` trials running as Ray tasks until ``--trials`` have finished."""
+
+    def __init__(self, opts: TuneOptions, prep: Prepared, study):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.opts, self.prep, self.study = opts, prep, study
+        cluster = ray.cluster_resources()
+        self.cpus, self.gpus = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
+        self.here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                   soft=True)
+        self.running: dict = {}  # ray ref -> (trial, start time)
+        self.failures, self.last_beat, self.owner = 0, time.time(), owner_of_this_process()
+
+    def run(self, progress: bool) -> None:
+        import ray
+        from tqdm import tqdm
+
+        opts, study = self.opts, self.study
+        self.bar = tqdm(total=opts.trials, initial=min(_finished(study), opts.trials),
+                        disable=not progress, unit="trial", desc=f"study {opts.study}",
+                        dynamic_ncols=True)
+        while True:
+            done = _finished(study)
+            self.bar.n = min(done, opts.trials)
+            self.bar.set_postfix_str(best_text(study, opts.objectives), refresh=True)
+            while len(self.running) < opts.parallel and done + len(self.running) < opts.trials:
+                self.launch()
+            if not self.running:
+                break
+            ready, _ = ray.wait(list(self.running), num_returns=1, timeout=opts.heartbeat_s)
+            self.heartbeat()
+            for ref in ready:
+                self.collect(ref)
+        self.bar.n = min(_finished(study), opts.trials)
+        self.bar.set_postfix_str(best_text(study, opts.objectives), refresh=True)
+        self.bar.close()
+
+    def launch(self) -> None:
+        """Ask Optuna for a trial and start its run (a config the schema forbids fails it)."""
+        from optuna.trial import TrialState
+
+        from tuning.trial import run_trial
+
+        study, prep, opts = self.study, self.prep, self.opts
+        trial = study.ask()
+        params = prep.space.suggest(trial)
+        study._storage.set_trial_system_attr(trial._trial_id, OWNER, self.owner)
+        study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT, time.time())
+        try:
+            cfg = trial_config(prep, params, trial.number, self.cpus, self.gpus)
+        except ConfigError as e:
+            # A combination the schema forbids (e.g. min_bits > max_bits): skip it.
+            trial.set_user_attr("error", str(e))
+            study.tell(trial, state=TrialState.FAIL)
+            self.failed(str(e))
+            return
+        trial.set_user_attr("config", config_mod.to_toml(cfg))
+        trial.set_user_attr("run_dir", str(Path(cfg.out_dir) / cfg.name))
+        info = {"objectives": opts.objectives, "prune": prep.pruner != "none",
+                "pruner": prep.pruner, "pruner_startup": opts.pruner_startup,
+                "storage": prep.storage_url, "study": opts.study, "trial_id": trial._trial_id}
+        ref = run_trial.options(scheduling_strategy=self.here).remote(cfg, info)
+        self.running[ref] = (trial, time.perf_counter())
+
+    def heartbeat(self) -> None:
+        """Mark running trials alive, so a resume tells them from a dead driver's."""
+        if time.time() - self.last_beat >= self.opts.heartbeat_s:
+            for trial, _ in self.running.values():
+                self.study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT, time.time())
+            self.last_beat = time.time()
+
+    def collect(self, ref) -> None:
+        import ray
+
+        trial, t0 = self.running.pop(ref)
+        try:
+            res = ray.get(ref)
+        except Exception as e:  # noqa: BLE001 - worker died, OOM, ...
+            res = {"status": "error", "error": f"{type(e).__name__}: "
+                   f"{(str(e).splitlines() or [''])[0]}"}
+        if _tell(self.prep, self.study, trial, res, time.perf_counter() - t0):
+            self.failures = 0
+            return
+        error = res.get("error", "objective is not a number").splitlines()[0]
+        self.bar.write(f"trial {trial.number} failed: {error}")
+        self.failed(error)
+
+    def failed(self, error: str) -> None:
+        self.failures += 1
+        if self.failures >= self.opts.max_failures:
+            raise ConfigError(f"{self.failures} trials failed in a row; last: {error}")
+
+    def requeue_running(self) -> None:
+        """Ctrl-C or an error: what was running is lost; mark it failed and queue it again
+        so the same command retries it."""
+        import ray
+        from optuna.trial import TrialState
+
+        for ref, (trial, _) in self.running.items():
+            ray.cancel(ref, force=True)
+            trial.set_user_attr("error", "interrupted")
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **(
+                {"reference": True} if trial.user_attrs.get("reference") else {})})
 
 
 def _tell(prep: Prepared, study, trial, res: dict, trial_s: float) -> bool:
