@@ -193,6 +193,21 @@ def test_three_trials_on_postgres(ray_local, tmp_path, postgres):
     _study_checks(res, out, postgres, 3)
 
 
+def _trial_states(db: Path) -> list[str]:
+    """Trial states read straight from the SQLite file, read-only: optuna.load_study would
+    create the schema itself and race the study process doing the same."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1)
+        try:
+            return [r[0] for r in con.execute("select state from trials")]
+        finally:
+            con.close()
+    except sqlite3.Error:  # not created yet, or being written
+        return []
+
+
 @pytest.mark.slow
 def test_resume_after_killing_the_study_process(tmp_path):
     db = tmp_path / "study.db"
@@ -208,17 +223,12 @@ def test_resume_after_killing_the_study_process(tmp_path):
         deadline = time.time() + 600
         while time.time() < deadline and proc.poll() is None:
             time.sleep(1.0)
-            if not db.exists():
-                continue
-            try:
-                trials = optuna.load_study(study_name="s", storage=storage).get_trials()
-            except (KeyError, Exception):  # noqa: BLE001 - study not created yet / locked
-                continue
-            states = [t.state.name for t in trials]
+            states = _trial_states(db)
             if states.count("COMPLETE") >= 1 and "RUNNING" in states:
-                killed = next(t for t in trials if t.state.name == "RUNNING")
                 time.sleep(3)  # inside the second run
                 os.killpg(proc.pid, signal.SIGKILL)
+                killed = next(t for t in optuna.load_study(study_name="s", storage=storage)
+                              .get_trials() if t.state.name == "RUNNING")
                 break
     finally:
         if proc.poll() is None and killed is None:
