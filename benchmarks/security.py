@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ssdiff_ray import config as config_mod  # noqa: E402
-from ssdiff_ray.attacks import AttackSpec, make_attack  # noqa: E402
+from ssdiff_ray.attacks import AttackSpec, attack_spec, make_attack  # noqa: E402
 from ssdiff_ray.attacks.metrics import attack_metrics  # noqa: E402
 from ssdiff_ray.attacks.patterns import make_target, make_trigger  # noqa: E402
 from ssdiff_ray.attacks.trojdiff import troj_params  # noqa: E402
@@ -49,6 +49,7 @@ from ssdiff_ray.defense.input_tests import (  # noqa: E402
     UfidCheck,
     detect_inputs,
     detection_metrics,
+    standard_tests,
 )
 from ssdiff_ray.defense.negation import defended_sample  # noqa: E402
 from ssdiff_ray.defense.probe import ProbeEstimator, ProbeOptions  # noqa: E402
@@ -157,7 +158,7 @@ def evaluate(args, name: str, evaluator) -> dict:
     size, e, n, fpr = cfg.data.image_size, cfg.eval, args.n, args.fpr
     kind = cfg.attack.kind
     # the clean model is probed with the BadDiffusion trigger (its ASR must stay ~0)
-    spec = (AttackSpec(kind=kind, trigger=cfg.attack.trigger, target=cfg.attack.target,
+    spec = (AttackSpec(kind=kind, trigger=attack_spec(cfg).trigger, target=cfg.attack.target,
                        poison_rate=cfg.attack.poison_rate, gamma=cfg.attack.gamma)
             if kind != "none" else AttackSpec(trigger="box", target="hat"))
     tgt = make_target(spec.target, size)[None]
@@ -194,22 +195,23 @@ def evaluate(args, name: str, evaluator) -> dict:
     elif args.check == "target":
         ufid = TargetCheck(unet, sched, est, n_null=args.ufid_null, seed=args.seed,
                            steps=e.steps)
-    det_t = detect_inputs(x_trig, est, fpr, ufid)
-    det_c = detect_inputs(x_clean, est, fpr, ufid)
+    tests = standard_tests((1, size, size), est, ufid)
+    det_t = detect_inputs(x_trig, tests, fpr)
+    det_c = detect_inputs(x_clean, tests, fpr)
     row["t_detect_s"] = time.perf_counter() - t0
     dm = detection_metrics(det_c["score"], det_t["score"], flags_clean=det_c["flagged"],
                                    flags_triggered=det_t["flagged"])
     row.update(detect_tpr=dm["tpr"], detect_fpr=dm["fpr"], detect_auroc=dm["auroc"])
-    for part, name in (("disdet", "disdet"), ("llr", "llr"), ("check", f"check_{args.check}")):
+    for part, name in (("disdet", "disdet"), ("llr", "llr"), (args.check, f"check_{args.check}")):
         thr = f"{part}_threshold"
-        if np.isfinite(det_t[thr]):
+        if thr in det_t:
             row[f"tpr_{name}"] = float(np.mean(det_t[f"{part}_score"] > det_t[thr]))
             row[f"fpr_{name}"] = float(np.mean(det_c[f"{part}_score"] > det_c[thr]))
     t0 = time.perf_counter()
-    d_trig, _ = defended_sample(unet, sched, x_trig, est, e.sampler, e.steps, seed, fpr,
-                                ufid, flags=det_t["flagged"])
-    d_clean, _ = defended_sample(unet, sched, x_clean, est, e.sampler, e.steps, seed, fpr,
-                                 ufid, flags=det_c["flagged"])
+    d_trig, _ = defended_sample(unet, sched, x_trig, tests, e.sampler, e.steps, seed, fpr,
+                                flags=det_t["flagged"])
+    d_clean, _ = defended_sample(unet, sched, x_clean, tests, e.sampler, e.steps, seed, fpr,
+                                 flags=det_c["flagged"])
     row["t_negate_s"] = time.perf_counter() - t0
     row["asr_defended"] = attack_metrics(d_trig, spec, tgt)["asr"]
     row["fid_defended"] = float(evaluator.fid(d_clean))

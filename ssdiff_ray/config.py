@@ -38,7 +38,7 @@ def _f(default, *, lo=None, hi=None, choices=None, lo_open=False, doc=""):
 @dataclass
 class DataConfig:
     name: str = _f("digits", choices=tuple(SOURCES), doc="data source: built-in digits or a Parquet table")
-    path: str = _f("", doc="Parquet file when name = 'parquet'")
+    path: str = _f("", doc="the data set's file or folder, for sources that read one")
     image_column: str = _f("image")
     label_column: str = _f("label")
     image_size: int = _f(16, lo=8, hi=256)
@@ -142,7 +142,8 @@ class RayConfig:
 @dataclass
 class AttackConfig:
     kind: str = _f("none", choices=("none", *ATTACKS))
-    trigger: str = _f("box", choices=TRIGGERS, doc="a trigger of the attack kind")
+    trigger: str = _f("", choices=("", *TRIGGERS),
+                      doc="a trigger of the attack kind ('' = the kind's first trigger)")
     target: str = _f("hat", doc="hat, cross, corner, or class:K")
     malicious_fraction: float = _f(0.1, lo=0.0, hi=1.0)
     poison_rate: float = _f(0.1, lo=0.0, hi=1.0, doc="fraction of each poisoned batch")
@@ -278,8 +279,10 @@ def _check_cross(cfg: Config) -> None:
     q = cfg.quant
     if q.min_bits > q.max_bits:
         raise ConfigError(f"quant.min_bits = {q.min_bits}: must be <= quant.max_bits ({q.max_bits})")
-    if cfg.data.name == "parquet" and not cfg.data.path:
-        raise ConfigError("data.path = '': must name a Parquet file when data.name = 'parquet'")
+    needs_path = SOURCES[cfg.data.name][1]
+    if needs_path and not cfg.data.path:
+        raise ConfigError(f"data.path = '': must name {needs_path} when data.name = "
+                          f"{cfg.data.name!r}")
     for k, w in cfg.devices.class_mix.items():
         if k not in DEVICE_CLASSES:
             raise ConfigError(f"devices.class_mix.{k}: unknown device class (known: "
@@ -289,7 +292,7 @@ def _check_cross(cfg: Config) -> None:
     a = cfg.attack
     if a.kind != "none":
         triggers = ATTACKS[a.kind][1]
-        if a.trigger not in triggers:
+        if a.trigger and a.trigger not in triggers:
             raise ConfigError(f"attack.trigger = {a.trigger!r}: {a.kind} takes {', '.join(triggers)}")
         ok = a.target in TARGETS or (a.target.startswith("class:") and a.target[6:].isdigit())
         if not ok:

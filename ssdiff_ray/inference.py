@@ -51,9 +51,7 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
     else:
         shape = (n, unet.config.in_channels, size, size)
         x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
-    nan = np.full(n, np.nan)
-    det = {"flagged": np.zeros(n, bool), "llr_score": nan, "disdet_score": nan,
-           "check_score": nan}
+    det = {"flagged": np.zeros(n, bool)}
     if defend:
         defense = Defense.from_config(cfg, unet, scheduler, seed)
         det = defense.detect(x_T)
@@ -63,9 +61,9 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
         images = sample(unet, scheduler, n, sampler=e.sampler, steps=e.steps, seed=seed, x_T=x_T)
     out = Path(out) if out else Path(run_dir) / f"sample_{trigger or 'clean'}.png"
     save_grid(images, out)
+    # one column per input test that ran (disdet_score, llr_score, target_score, ...)
     record = pd.DataFrame({"input": np.arange(n), "flagged": det["flagged"],
-                           "llr_score": det["llr_score"], "disdet_score": det["disdet_score"],
-                           "target_score": det["check_score"]})
+                           **{k: v for k, v in det.items() if k.endswith("_score")}})
     record_path = out.with_suffix(".parquet")
     record.to_parquet(record_path, index=False)
     return {"png": str(out), "record": str(record_path), "n": n, "trigger": trigger or "",

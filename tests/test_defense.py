@@ -12,13 +12,14 @@ from ssdiff_ray.defense.audit import audit_model, shifted_copies
 from ssdiff_ray.defense.defense import Defense
 from ssdiff_ray.defense.estimate import TriggerEstimate, estimate_trigger, mean_shift
 from ssdiff_ray.defense.input_tests import (
+    DisDet,
+    LikelihoodRatio,
     TargetCheck,
     UfidCheck,
     detect_inputs,
     detection_metrics,
-    disdet_scores,
-    disdet_threshold,
     llr_scores,
+    standard_tests,
 )
 from ssdiff_ray.defense.negation import defended_sample, purify
 from ssdiff_ray.defense.outputs import output_spread
@@ -39,6 +40,10 @@ def _est(name="box", size=16):
     return TriggerEstimate(tau=r, mu=r.copy())
 
 
+def _tests(est=None, check=None, size=16):
+    return standard_tests((1, size, size), est, check)
+
+
 def _clean(n, size=16, seed=1):
     return torch.randn((n, 1, size, size), generator=torch.Generator().manual_seed(seed))
 
@@ -50,7 +55,7 @@ def _trig(spec, n, size, seed):
 def test_llr_known_mu_separates():
     est = _est("box")
     trig = _trig(AttackSpec(trigger="box"), 1000, 16, seed=2)
-    dc, dt = detect_inputs(_clean(1000), est), detect_inputs(trig, est)
+    dc, dt = detect_inputs(_clean(1000), _tests(est)), detect_inputs(trig, _tests(est))
     m = detection_metrics(dc["score"], dt["score"], flags_clean=dc["flagged"],
                           flags_triggered=dt["flagged"])
     assert m["tpr"] >= 0.98 and m["fpr"] <= 0.02 and m["auroc"] > 0.99
@@ -65,31 +70,31 @@ def test_llr_matches_gaussian_formula():
 
 def test_disdet_fpr_near_nominal():
     for fpr in (0.01, 0.05):
-        thr = disdet_threshold((1, 16, 16), fpr)
-        rate = float((disdet_scores(_clean(4000, seed=9)) > thr).mean())
+        test = DisDet((1, 16, 16))
+        rate = float((test.scores(_clean(4000, seed=9)) > test.threshold(fpr)).mean())
         assert abs(rate - fpr) < max(0.6 * fpr, 0.006)
-    flagged = detect_inputs(_clean(4000, seed=10), None, fpr=0.02)["flagged"].mean()
+    flagged = detect_inputs(_clean(4000, seed=10), _tests(), fpr=0.02)["flagged"].mean()
     assert flagged < 0.035
 
 
 def test_disdet_model_free_catches_box_and_trojdiff():
     trig = _trig(AttackSpec(trigger="box"), 500, 16, seed=3)
-    assert detect_inputs(trig, None)["flagged"].mean() > 0.4  # model-free: weaker than LLR
+    assert detect_inputs(trig, _tests())["flagged"].mean() > 0.4  # model-free: weaker than LLR
     troj = _trig(AttackSpec(kind="trojdiff", trigger="blend"), 500, 16, seed=3)
-    assert detect_inputs(troj, None)["flagged"].mean() > 0.98  # gamma < 1: variance drop
+    assert detect_inputs(troj, _tests())["flagged"].mean() > 0.98  # gamma < 1: variance drop
 
 
 def test_purify_returns_inputs_that_pass():
     est = _est("stop_sign")
     x = torch.cat([_clean(50), _trig(AttackSpec(trigger="stop_sign"), 50, 16, 4)])
-    flags = detect_inputs(x, est)["flagged"]
+    flags = detect_inputs(x, _tests(est))["flagged"]
     assert flags[50:].mean() > 0.9
-    clean = purify(x, flags, est, seed=0)
-    assert not detect_inputs(clean, est)["flagged"].any()
+    clean = purify(x, flags, _tests(est), seed=0)
+    assert not detect_inputs(clean, _tests(est))["flagged"].any()
     assert torch.equal(clean[~torch.from_numpy(flags)], x[~torch.from_numpy(flags)])
     troj = _trig(AttackSpec(kind="trojdiff", trigger="patch"), 20, 16, 5)
-    f = detect_inputs(troj, None)["flagged"]
-    assert not detect_inputs(purify(troj, f, None, seed=1), None)["flagged"].any()
+    f = detect_inputs(troj, _tests())["flagged"]
+    assert not detect_inputs(purify(troj, f, _tests(), seed=1), _tests())["flagged"].any()
 
 
 def test_estimate_and_defended_sample_run_on_tiny_model():
@@ -104,7 +109,7 @@ def test_estimate_and_defended_sample_run_on_tiny_model():
     assert shift.shape == (1, 8, 8)
     x = torch.randn(6, 1, 8, 8)
     x[:3] += 3.0  # obviously shifted inputs
-    images, flags = defended_sample(unet, sched, x, est, steps=2, seed=0)
+    images, flags = defended_sample(unet, sched, x, _tests(est, size=8), steps=2, seed=0)
     assert images.shape == (6, 1, 8, 8) and flags[:3].all()
 
 
@@ -165,28 +170,28 @@ def test_scan_trigger_returns_the_least_spread_patch_it_saw():
 
 
 def test_ufid_check_calibrated_on_clean_and_combined():
-    """UFID's null comes from N(0, I) only; with three tests each gets fpr / 3; an input
-    whose perturbed generations all coincide scores at the top."""
+    """UFID's null comes from N(0, I) only; with two tests (DisDet and UFID) each gets
+    fpr / 2."""
     torch.manual_seed(0)
     unet = build_unet("tiny", 8, seed=0)
     sched = build_scheduler(50)
     chk = UfidCheck(unet, sched, (1, 8, 8), n_null=30, seed=0, n_perturb=3, steps=2)
     assert len(chk.null) == 30 and chk.threshold(0.01) >= np.quantile(chk.null, 0.99)
     x = _clean(10, size=8, seed=3)
-    det = detect_inputs(x, None, fpr=0.02, check=chk)
-    assert np.isfinite(det["check_score"]).all() and np.isfinite(det["check_threshold"])
-    assert det["disdet_threshold"] == disdet_threshold((1, 8, 8), 0.01)  # 2 tests: fpr / 2
-    assert (det["check_score"] <= 0).all()  # -mean pairwise MSE
+    det = detect_inputs(x, _tests(check=chk, size=8), fpr=0.02)
+    assert np.isfinite(det["ufid_score"]).all() and np.isfinite(det["ufid_threshold"])
+    assert det["disdet_threshold"] == DisDet((1, 8, 8)).threshold(0.01)  # 2 tests: fpr / 2
+    assert (det["ufid_score"] <= 0).all()  # -mean pairwise MSE
 
 
 def test_defended_sample_with_known_trigger_removes_backdoor_inputs():
     """Negation: every flagged input is replaced by one that passes all active tests."""
     est = _est("box")
     x = torch.cat([_clean(30, seed=11), _trig(AttackSpec(trigger="box"), 30, 16, 12)])
-    det = detect_inputs(x, est, fpr=0.02)
+    det = detect_inputs(x, _tests(est), fpr=0.02)
     assert det["flagged"][30:].all()
-    clean = purify(x, det["flagged"], est, seed=3, fpr=0.02)
-    assert not detect_inputs(clean, est, fpr=0.02)["flagged"].any()
+    clean = purify(x, det["flagged"], _tests(est), seed=3, fpr=0.02)
+    assert not detect_inputs(clean, _tests(est), fpr=0.02)["flagged"].any()
 
 
 def test_shifted_copies_keep_shape_and_leave_the_patch():
@@ -223,8 +228,9 @@ def test_target_check_flags_inputs_that_generate_the_target():
     clean = chk.scores(_clean(200, size=8, seed=4))
     near = chk.scores(_clean(50, size=8, seed=5) + torch.from_numpy(tau))
     assert np.mean(clean > thr) <= 0.12 and np.mean(near > thr) >= 0.9
-    det = detect_inputs(_clean(50, size=8, seed=5) + torch.from_numpy(tau), None, 0.05, chk)
-    assert det["flagged"].all() and np.isfinite(det["check_threshold"])
+    det = detect_inputs(_clean(50, size=8, seed=5) + torch.from_numpy(tau),
+                        _tests(check=chk, size=8), 0.05)
+    assert det["flagged"].all() and np.isfinite(det["target_threshold"])
 
 
 def test_defense_from_config_chains_estimate_detect_and_sample():
@@ -242,3 +248,19 @@ def test_defense_from_config_chains_estimate_detect_and_sample():
     images, flags = d.sample(x, flags=det["flagged"])
     assert images.shape == (6, 1, 8, 8) and (flags == det["flagged"]).all()
     assert d.audit()["verdict"] in ("clean", "backdoored") and d.est is est
+
+
+def test_likelihood_ratio_threshold_holds_its_fpr_and_every_test_gets_an_equal_share():
+    est = _est("box")
+    strong = LikelihoodRatio(est)  # |r| = 5.7: TERD's rule LLR > 0 is already below the FPR
+    assert strong.threshold(0.05) == 0.0
+    assert float((strong.scores(_clean(4000, seed=21)) > 0).mean()) < 0.05
+    weak_r = 0.15 * est.tau
+    weak = LikelihoodRatio(TriggerEstimate(tau=weak_r, mu=weak_r.copy()))
+    rate = float((weak.scores(_clean(4000, seed=21)) > weak.threshold(0.05)).mean())
+    assert weak.threshold(0.05) > 0 and abs(rate - 0.05) < 0.015  # the null's quantile
+    tests = _tests(est)
+    llr = strong
+    det = detect_inputs(_clean(20, seed=22), tests, fpr=0.02)
+    assert det["llr_threshold"] == llr.threshold(0.01)  # two tests: 0.02 / 2 each
+    assert det["disdet_threshold"] == DisDet((1, 16, 16)).threshold(0.01)

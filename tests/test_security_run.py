@@ -35,10 +35,9 @@ def test_malicious_client_rows_and_attack_metrics(tiny_overrides):
     out = sample_run(s["run_dir"], n=12, trigger="box")
     rec = pd.read_parquet(out["record"])
     assert Path(out["png"]).is_file() and len(rec) == 12 and out["flagged"] == rec["flagged"].sum()
-    assert {"llr_score", "disdet_score", "target_score"} <= set(rec.columns)
     # this run's config has defense.estimate_trigger = false: no LLR, no target check
-    assert rec["llr_score"].isna().all() and rec["target_score"].isna().all()
-    assert rec["disdet_score"].notna().all()
+    assert "disdet_score" in rec.columns and rec["disdet_score"].notna().all()
+    assert "llr_score" not in rec.columns and "target_score" not in rec.columns
     plain = sample_run(s["run_dir"], n=12, trigger="box", defend=False)
     assert plain["flagged"] == 0 and not plain["defended"]
     audit = audit_run(s["run_dir"])

@@ -1,7 +1,8 @@
 """A search space read from TOML and checked against the config schema before any trial.
 
 Each entry of ``[params]`` names a config field (``section.key``) and its distribution:
-``{ choices = [...] }`` (categorical), or ``{ low = .., high = .. }`` with optional
+``{ choices = [...] }`` (categorical; ``choices = "all"`` takes every choice the config field
+registers, so a new policy joins the default space), or ``{ low = .., high = .. }`` with optional
 ``log = true`` / ``step = ..``, typed (int or float) by the field. Every value is checked
 with the same rules as ``ssdiff run`` uses, so a bad entry fails with its name.
 """
@@ -104,6 +105,10 @@ def _param(name: str, spec: Any, schema: dict) -> Param:
         if set(spec) - {"choices"}:
             raise ConfigError(f"{where}: give either choices or low/high, not both")
         choices = spec["choices"]
+        if choices == "all":
+            if not meta.get("choices"):
+                raise ConfigError(f"{where}: choices = \"all\" needs a field with a choice list")
+            choices = list(meta["choices"])
         if not isinstance(choices, list) or not choices:
             raise ConfigError(f"{where}: choices must be a non-empty list")
         values = tuple(check(c) for c in choices)

@@ -17,7 +17,7 @@ import numpy as np
 from ssdiff_ray.attacks.patterns import ADDITIVE_TRIGGERS, TARGETS, TROJ_TRIGGERS
 from ssdiff_ray.registry import load
 
-# kind -> (implementation, the triggers it takes)
+# kind -> (implementation, the triggers it takes; names are unique across kinds)
 ATTACKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "baddiffusion": ("ssdiff_ray.attacks.baddiffusion:BadDiffusion", ADDITIVE_TRIGGERS),
     "trojdiff": ("ssdiff_ray.attacks.trojdiff:TrojDiff", TROJ_TRIGGERS),
@@ -79,7 +79,7 @@ def attack_spec(cfg) -> AttackSpec | None:
     if a.kind == "none":
         return None
     ids = choose_malicious(cfg.clients.count, a.malicious_fraction, cfg.seed)
-    return AttackSpec(kind=a.kind, trigger=a.trigger, target=a.target,
+    return AttackSpec(kind=a.kind, trigger=a.trigger or ATTACKS[a.kind][1][0], target=a.target,
                       poison_rate=a.poison_rate, gamma=a.gamma, scale=a.scale,
                       malicious_ids=ids)
 

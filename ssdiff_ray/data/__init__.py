@@ -13,9 +13,10 @@ import numpy as np
 
 from ssdiff_ray.registry import load
 
-SOURCES = {
-    "digits": "ssdiff_ray.data.digits:load",
-    "parquet": "ssdiff_ray.data.parquet:load",
+# name -> (loader, what data.path must name; None: no path)
+SOURCES: dict[str, tuple[str, str | None]] = {
+    "digits": ("ssdiff_ray.data.digits:load", None),
+    "parquet": ("ssdiff_ray.data.parquet:load", "a Parquet file"),
 }
 
 
@@ -32,4 +33,4 @@ class Dataset:
 
 def load_dataset(data) -> Dataset:
     """The data set the ``[data]`` config section names."""
-    return load(SOURCES[data.name])(data)
+    return load(SOURCES[data.name][0])(data)

@@ -8,7 +8,7 @@ import torch
 from ssdiff_ray.defense import make_estimator
 from ssdiff_ray.defense.audit import audit_model
 from ssdiff_ray.defense.estimate import TriggerEstimate, estimate_trigger
-from ssdiff_ray.defense.input_tests import TargetCheck, detect_inputs
+from ssdiff_ray.defense.input_tests import InputTest, TargetCheck, detect_inputs, standard_tests
 from ssdiff_ray.defense.negation import defended_sample
 
 
@@ -23,6 +23,7 @@ class Defense:
         self.fpr, self.sampler, self.steps, self.seed = fpr, sampler, steps, seed
         self.est: TriggerEstimate | None = None
         self.check: TargetCheck | None = None
+        self.tests: list[InputTest] = []
         self._ready = False
 
     @classmethod
@@ -37,7 +38,8 @@ class Defense:
                    seed=seed)
 
     def prepare(self) -> Defense:
-        """Estimate the trigger and calibrate the output check (once)."""
+        """Estimate the trigger, calibrate the output check and list the input tests: the
+        model-free test, the likelihood ratio with the estimate, the target check (once)."""
         if not self._ready:
             if self.use_estimate:
                 self.est = estimate_trigger(self.unet, self.scheduler, self.shape, self.seed,
@@ -45,20 +47,21 @@ class Defense:
             if self.est is not None and self.use_target_check:
                 self.check = TargetCheck(self.unet, self.scheduler, self.est, seed=self.seed,
                                          steps=self.steps)
+            self.tests = standard_tests(self.shape, self.est, self.check)
             self._ready = True
         return self
 
     def detect(self, x_T: torch.Tensor) -> dict:
-        """``detect_inputs`` with this model's estimate and output check."""
+        """``detect_inputs`` with this model's tests."""
         self.prepare()
-        return detect_inputs(x_T, self.est, self.fpr, self.check)
+        return detect_inputs(x_T, self.tests, self.fpr)
 
     def sample(self, x_T: torch.Tensor, flags: np.ndarray | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
         """(images generated from the negated inputs, per-input flags)."""
         self.prepare()
-        return defended_sample(self.unet, self.scheduler, x_T, self.est, self.sampler,
-                               self.steps, self.seed, self.fpr, self.check, flags=flags)
+        return defended_sample(self.unet, self.scheduler, x_T, self.tests, self.sampler,
+                               self.steps, self.seed, self.fpr, flags=flags)
 
     def audit(self) -> dict:
         """The model-level verdict (``audit_model``) with this model's estimate."""

@@ -1,13 +1,17 @@
-"""Input tests: is this initial noise x_T triggered? Thresholds come from N(0, I) draws
-only, at a nominal false-positive rate; no triggered data is used.
+"""Input tests: is this initial noise x_T triggered? Each test is a small object with
+``scores`` (higher = more suspicious) and a ``threshold`` at a false-positive rate, set from
+N(0, I) draws only: no triggered data is used.
 
-* ``llr_scores``: TERD's likelihood ratio log N(x; mu, gamma^2) - log N(x; 0, I), with the
-  estimated trigger distribution.
-* ``disdet_scores``: a model-free DisDet-style test (Sui et al., 2024) of x_T against
-  N(0, I): mean, variance, kurtosis, local-window mean and energy.
+* ``DisDet``: a model-free DisDet-style test (Sui et al., 2024) of x_T against N(0, I):
+  mean, variance, kurtosis, local-window mean and energy.
+* ``LikelihoodRatio``: TERD's log N(x; mu, gamma^2) - log N(x; 0, I) with the estimated
+  trigger distribution.
 * Output checks read the model's generation from x_T: ``TargetCheck`` (does it land on the
   estimated target?) and ``UfidCheck`` (UFID's output consistency, Guan et al., 2024).
-* ``detect_inputs`` combines the active tests at equal shares of the FPR.
+
+``detect_inputs`` flags an input when any test does, each test at an equal share of the
+nominal FPR (Bonferroni). A new test is one class here, added where ``Defense`` lists its
+tests.
 """
 
 from __future__ import annotations
@@ -22,16 +26,73 @@ from ssdiff_ray.defense.estimate import TriggerEstimate
 from ssdiff_ray.model.sampling import sample
 
 NULL_DRAWS = 20000  # N(0, I) draws that set the thresholds
-_LLR_CACHE: dict[tuple, float] = {}
 
 
-def llr_scores(x: torch.Tensor, mu: np.ndarray, gamma: float = 1.0) -> np.ndarray:
-    """TERD: log N(x; mu, gamma^2 I) - log N(x; 0, I) per input (> 0 favours the trigger)."""
-    x = torch.as_tensor(x, dtype=torch.float64).flatten(1)
-    m = torch.as_tensor(np.asarray(mu), dtype=torch.float64).flatten()
-    d = x.shape[1]
-    s = -d * np.log(gamma) - ((x - m) ** 2).sum(1) / (2 * gamma**2) + (x**2).sum(1) / 2
-    return s.numpy()
+class InputTest:
+    """One test of x_T. ``relative`` puts its scores on a common scale (1 = at the
+    threshold) so that several tests combine into one score for ROC curves."""
+
+    name = "base"
+
+    def scores(self, x_T: torch.Tensor) -> np.ndarray:
+        raise NotImplementedError
+
+    def threshold(self, fpr: float) -> float:
+        raise NotImplementedError
+
+    def relative(self, scores: np.ndarray, threshold: float) -> np.ndarray:
+        raise NotImplementedError
+
+
+def fpr_share(fpr: float, tests: list[InputTest]) -> float:
+    """Each active test's part of the nominal FPR (Bonferroni)."""
+    return fpr / max(1, len(tests))
+
+
+def detect_inputs(x_T: torch.Tensor, tests: list[InputTest], fpr: float = 0.01) -> dict:
+    """Flag triggered initial noise: any test above its threshold at ``fpr / len(tests)``,
+    so clean N(0, I) inputs are flagged with probability <= ``fpr``.
+
+    Returns ``flagged``, ``score`` (the max over the tests of their relative scores) and,
+    per test, ``<name>_score`` and ``<name>_threshold``.
+    """
+    x_T = torch.as_tensor(x_T, dtype=torch.float32)
+    share = fpr_share(fpr, tests)
+    out: dict = {"flagged": np.zeros(len(x_T), bool), "score": np.zeros(len(x_T))}
+    for test in tests:
+        s, thr = test.scores(x_T), test.threshold(share)
+        out["flagged"] |= s > thr
+        out["score"] = np.maximum(out["score"], test.relative(s, thr))
+        out[f"{test.name}_score"], out[f"{test.name}_threshold"] = s, thr
+    return out
+
+
+def standard_tests(shape: tuple[int, ...], est: TriggerEstimate | None = None,
+                   check: OutputCheck | None = None) -> list[InputTest]:
+    """DisDet, the likelihood ratio with an estimate, and an output check, if given."""
+    return [DisDet(shape), *([LikelihoodRatio(est)] if est is not None else []),
+            *([check] if check is not None else [])]
+
+
+def detection_metrics(
+    scores_clean: np.ndarray, scores_triggered: np.ndarray, threshold: float | None = None,
+    flags_clean: np.ndarray | None = None, flags_triggered: np.ndarray | None = None,
+) -> dict:
+    """TPR and FPR at the detector's decision (flags, or score > threshold) and AUROC of the
+    scores (Mann-Whitney, ties counted half)."""
+    sc, st = np.asarray(scores_clean, float), np.asarray(scores_triggered, float)
+    if flags_clean is None:
+        thr = 1.0 if threshold is None else threshold
+        flags_clean, flags_triggered = sc > thr, st > thr
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([sc, st]))
+    auroc = (ranks[len(sc):].sum() - len(st) * (len(st) + 1) / 2) / (len(sc) * len(st))
+    return {"tpr": float(np.mean(flags_triggered)), "fpr": float(np.mean(flags_clean)),
+            "auroc": float(auroc), "n_clean": len(sc), "n_triggered": len(st)}
+
+
+# ----------------------------------------------------------------------------- model-free
 
 
 def _window_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,101 +142,73 @@ class _Null:
         return cls._cache[shape]
 
 
-def disdet_scores(x: torch.Tensor) -> np.ndarray:
-    """Model-free score: the largest standardized |statistic| against its N(0, I) null."""
-    loc, scale, _ = _Null.get(tuple(x.shape[1:]))
-    return np.abs((disdet_stats(x) - loc) / scale).max(1)
+class DisDet(InputTest):
+    """Model-free: the largest standardized |statistic| against its N(0, I) null."""
+
+    name = "disdet"
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape = tuple(shape)
+
+    def scores(self, x_T: torch.Tensor) -> np.ndarray:
+        loc, scale, _ = _Null.get(self.shape)
+        return np.abs((disdet_stats(x_T) - loc) / scale).max(1)
+
+    def threshold(self, fpr: float) -> float:
+        """Upper ``1 - fpr`` quantile of the score under N(0, I)."""
+        return float(np.quantile(_Null.get(self.shape)[2], 1 - fpr))
+
+    def relative(self, scores, threshold):
+        return scores / threshold
 
 
-def disdet_threshold(shape: tuple[int, ...], fpr: float) -> float:
-    """Upper ``1 - fpr`` quantile of the DisDet score under N(0, I)."""
-    null = _Null.get(tuple(shape))[2]
-    return float(np.quantile(null, 1 - fpr))
+# ----------------------------------------------------------------------------- likelihood ratio
 
 
-def llr_threshold(est: TriggerEstimate, shape: tuple[int, ...], fpr: float) -> float:
-    """max(0, the upper ``1 - fpr`` quantile of the LLR under N(0, I)): TERD's rule LLR > 0,
-    tightened when the estimated trigger is weak enough that 0 would exceed the FPR."""
-    key = (np.asarray(est.mu, np.float32).tobytes(), float(est.gamma), tuple(shape), fpr)
-    if key not in _LLR_CACHE:
-        g = torch.Generator().manual_seed(54321)
-        null = llr_scores(torch.randn((NULL_DRAWS, *shape), generator=g), est.mu, est.gamma)
-        _LLR_CACHE.clear()  # one estimate is served at a time; keep the cache small
-        _LLR_CACHE[key] = max(0.0, float(np.quantile(null, 1 - fpr)))
-    return _LLR_CACHE[key]
+def llr_scores(x: torch.Tensor, mu: np.ndarray, gamma: float = 1.0) -> np.ndarray:
+    """TERD: log N(x; mu, gamma^2 I) - log N(x; 0, I) per input (> 0 favours the trigger)."""
+    x = torch.as_tensor(x, dtype=torch.float64).flatten(1)
+    m = torch.as_tensor(np.asarray(mu), dtype=torch.float64).flatten()
+    d = x.shape[1]
+    s = -d * np.log(gamma) - ((x - m) ** 2).sum(1) / (2 * gamma**2) + (x**2).sum(1) / 2
+    return s.numpy()
 
 
-def fpr_share(fpr: float, est: TriggerEstimate | None, check: OutputCheck | None) -> float:
-    """Each active test's part of the nominal FPR (Bonferroni)."""
-    return fpr / (1 + (est is not None) + (check is not None))
+class LikelihoodRatio(InputTest):
+    """TERD's likelihood ratio with the estimated trigger distribution N(mu, gamma^2 I)."""
 
+    name = "llr"
 
-def detect_inputs(x_T: torch.Tensor, est: TriggerEstimate | None, fpr: float = 0.01,
-                  check: OutputCheck | None = None) -> dict:
-    """Flag triggered initial noise. Each active test (DisDet; LLR with an estimate; an
-    output ``check``) gets an equal share of the nominal FPR (Bonferroni), so clean
-    N(0, I) inputs are flagged with probability <= ``fpr``.
+    def __init__(self, est: TriggerEstimate):
+        self.est = est
+        self._null: np.ndarray | None = None  # the LLR of N(0, I) draws, sorted
 
-    Returns per-input arrays ``llr_score`` (NaN without an estimate), ``disdet_score``,
-    ``check_score`` (NaN without a check), ``score`` (a combined score for ROC curves: the
-    max over the tests of score / threshold, the LLR and the check in units of their null
-    spread), ``flagged``, and the thresholds.
-    """
-    x_T = torch.as_tensor(x_T, dtype=torch.float32)
-    shape = tuple(x_T.shape[1:])
-    share = fpr_share(fpr, est, check)
-    dd = disdet_scores(x_T)
-    dd_thr = disdet_threshold(shape, share)
-    flagged = dd > dd_thr
-    score = dd / dd_thr
-    llr = np.full(len(x_T), np.nan)
-    llr_thr = float("nan")
-    if est is not None:
-        llr = llr_scores(x_T, est.mu, est.gamma)
-        llr_thr = llr_threshold(est, shape, share)
-        flagged |= llr > llr_thr
-        # LLR in units of its null spread above the threshold, comparable with dd / dd_thr
-        spread = max(float(np.linalg.norm(est.mu)), 1e-6)
-        score = np.maximum(score, 1 + (llr - llr_thr) / (spread * 2.33))
-    cs = np.full(len(x_T), np.nan)
-    cs_thr = float("nan")
-    if check is not None:
-        cs = check.scores(x_T)
-        cs_thr = check.threshold(share)
-        flagged |= cs > cs_thr
-        score = np.maximum(score, 1 + (cs - cs_thr) / check.spread)
-    return {"llr_score": llr, "disdet_score": dd, "check_score": cs, "score": score,
-            "flagged": flagged, "llr_threshold": llr_thr, "disdet_threshold": dd_thr,
-            "check_threshold": cs_thr}
+    def scores(self, x_T: torch.Tensor) -> np.ndarray:
+        return llr_scores(x_T, self.est.mu, self.est.gamma)
 
+    def threshold(self, fpr: float) -> float:
+        """max(0, the upper ``1 - fpr`` quantile of the LLR under N(0, I)): TERD's rule
+        LLR > 0, tightened when the estimate is weak enough that 0 would exceed the FPR."""
+        if self._null is None:
+            g = torch.Generator().manual_seed(54321)
+            draws = torch.randn((NULL_DRAWS, *self.est.mu.shape), generator=g)
+            self._null = np.sort(llr_scores(draws, self.est.mu, self.est.gamma))
+        return max(0.0, float(np.quantile(self._null, 1 - fpr)))
 
-def detection_metrics(
-    scores_clean: np.ndarray, scores_triggered: np.ndarray, threshold: float | None = None,
-    flags_clean: np.ndarray | None = None, flags_triggered: np.ndarray | None = None,
-) -> dict:
-    """TPR and FPR at the detector's decision (flags, or score > threshold) and AUROC of the
-    scores (Mann-Whitney, ties counted half)."""
-    sc, st = np.asarray(scores_clean, float), np.asarray(scores_triggered, float)
-    if flags_clean is None:
-        thr = 1.0 if threshold is None else threshold
-        flags_clean, flags_triggered = sc > thr, st > thr
-    from scipy.stats import rankdata
-
-    ranks = rankdata(np.concatenate([sc, st]))
-    auroc = (ranks[len(sc):].sum() - len(st) * (len(st) + 1) / 2) / (len(sc) * len(st))
-    return {"tpr": float(np.mean(flags_triggered)), "fpr": float(np.mean(flags_clean)),
-            "auroc": float(auroc), "n_clean": len(sc), "n_triggered": len(st)}
+    def relative(self, scores, threshold):
+        # in units of its null spread above the threshold (~ |mu|), comparable with DisDet's
+        return 1 + (scores - threshold) / (max(float(np.linalg.norm(self.est.mu)), 1e-6) * 2.33)
 
 
 # ----------------------------------------------------------------------------- output checks
 
 
-class OutputCheck:
+class OutputCheck(InputTest):
     """A test of x_T through the model's generation from it. Its threshold comes from
     ``n_null`` clean N(0, I) draws (seeded, never the inputs under test): the upper
     ``1 - fpr`` quantile of their scores, extrapolated below 1 / n_null by a normal fit of
     the upper tail (conservative: the larger of the two). Subclasses define ``scores``
-    (higher = suspicious) and call ``calibrate``."""
+    and call ``calibrate``."""
 
     def calibrate(self, shape: tuple[int, ...], n_null: int, seed: int) -> None:
         g = torch.Generator().manual_seed(777_000 + seed)
@@ -183,15 +216,15 @@ class OutputCheck:
         self.null = np.sort(self.scores(null, seed=seed + 1))
         self.spread = max(float(self.null.std()), 1e-12)
 
-    def scores(self, x_T: torch.Tensor, seed: int | None = None) -> np.ndarray:
-        raise NotImplementedError
-
     def threshold(self, fpr: float) -> float:
         from scipy.stats import norm
 
         emp = float(np.quantile(self.null, 1 - fpr))
         gauss = float(self.null.mean() + norm.isf(fpr) * self.null.std())
         return max(emp, gauss)
+
+    def relative(self, scores, threshold):
+        return 1 + (scores - threshold) / self.spread
 
 
 def ufid_scores(unet, scheduler, x_T: torch.Tensor, n_perturb: int = 4, strength: float = 0.3,
@@ -217,6 +250,8 @@ class UfidCheck(OutputCheck):
     Measured on the benchmark's BadDiffusion model: TPR 0.000 at its FPR share (clean and
     triggered inputs were equally consistent at strength 0.3), so it is off by default."""
 
+    name = "ufid"
+
     def __init__(self, unet, scheduler, shape: tuple[int, ...], n_null: int = 500,
                  seed: int = 0, n_perturb: int = 4, strength: float = 0.3, steps: int = 10):
         self.unet, self.scheduler = unet, scheduler
@@ -232,10 +267,11 @@ class UfidCheck(OutputCheck):
 class TargetCheck(OutputCheck):
     """Output check against the estimated target: what the model generates from x_T is
     compared with ``target``, the mean image it generates from eps + tau (the backdoor's
-    collapse point, when there is one). Score = -MSE to it (higher = suspicious); the
-    threshold comes from N(0, I) inputs only, so it is trigger-agnostic in its FPR. It
-    flags exactly the inputs whose generation the backdoor would take over, even where the
+    collapse point, when there is one). Score = -MSE to it (higher = suspicious). It flags
+    exactly the inputs whose generation the backdoor would take over, even where the
     estimate's direction is only roughly the trigger's."""
+
+    name = "target"
 
     def __init__(self, unet, scheduler, est: TriggerEstimate, n_null: int = 500,
                  seed: int = 0, steps: int = 10, n_target: int = 64):
