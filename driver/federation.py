@@ -68,6 +68,7 @@ class Federation:
         self.server, self.pools = self._start_actors()
         # Model facts come from the server: the driver never imports torch (memory, start-up).
         self.num_params, flops = ray.get(self.server.model_facts.remote())
+        ray.get([p.ping.remote() for p in self.pools])  # started: round timeouts exclude start-up
         self.planner = RoundPlanner(cfg, prep, self.num_params, flops, self.num_pools)
         self.ledger = Ledger(prep.run_dir)
         spec = attack_spec(cfg)
@@ -185,7 +186,7 @@ class Federation:
             self.pool_pid[slot] = report.pid
             weights = plan.num_samples[idx].astype(np.float64)
             verdicts.append((idx, self.server.accumulate.remote(slot, report_ref, blob_ref,
-                                                                weights)))
+                                                                weights, plan.bits[idx])))
         for _, _, idx, _ in [*pending.values(), *(c for q in calls.values() for c in q)]:
             res.drop_reason[idx] = "timeout"  # past the round timeout
         return res, verdicts, len(failed)
@@ -199,6 +200,7 @@ class Federation:
             v = ray.get(ref)
             res.rejected_reason[idx] = v.rejected_reason
             res.screened[idx] = v.screened
+            res.sent_bits[idx] = v.sent_bits
             timings["decode_s"] += v.decode_s
             timings["aggregate_s"] += v.aggregate_s
         res.drop_reason[(res.rejected_reason != "") & (res.drop_reason == "")] = "rejected"

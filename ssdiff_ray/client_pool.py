@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ssdiff_ray import codec
+from ssdiff_ray import codec, faults
 from ssdiff_ray.attacks import attack_spec, make_attack, target_class
 from ssdiff_ray.batched import BatchedTrainer, use_batched
 from ssdiff_ray.config import Config
@@ -44,6 +44,7 @@ class ClientPool:
         self.shards: dict[int, np.ndarray] = {}   # loaded on first use
         self.residuals: dict[int, np.ndarray] = {}  # error feedback, only after a first upload
         self.attack = self._make_attack(sched.alphas_cumprod)  # None: all clients benign
+        self.faults = faults.parse_faults(cfg.faults.inject)  # injected faults (tests, chaos)
 
     def _make_attack(self, alphas_cumprod):
         spec = attack_spec(self.cfg)
@@ -63,11 +64,17 @@ class ClientPool:
             self.shards[client_id] = read_shard(shard_path(self.shard_dir, client_id))[0]
         return self.shards[client_id]
 
-    def _payload_buffer(self, bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _payload_buffer(self, client_ids: np.ndarray, bits: np.ndarray
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sizes, offsets, blob): payload sizes are known before encoding, so each payload
         is encoded straight into its slice of one blob (no bytes objects, no join)."""
-        sizes = np.array([codec.encoded_size(self.num_params, int(b), self.cfg.quant.block_size)
-                          for b in bits], dtype=np.int64)
+        sizes = []
+        for c, b in zip(client_ids, bits):
+            fault = self.faults.get(int(c))
+            size = codec.encoded_size(self.num_params, faults.sent_bits(int(b), fault),
+                                      self.cfg.quant.block_size)
+            sizes.append(faults.payload_size(size, fault))
+        sizes = np.array(sizes, dtype=np.int64)
         offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
         if not self.reuse_blob:
             return sizes, offsets, np.empty(int(offsets[-1]), dtype=np.uint8)
@@ -76,10 +83,23 @@ class ClientPool:
         return sizes, offsets, self._blob[:int(offsets[-1])]
 
     def _encode(self, client_id: int, delta: np.ndarray, bits: int, seed: int,
-                out: np.ndarray) -> None:
-        """Quantize ``delta`` into ``out``, with this client's error-feedback residual."""
+                out: np.ndarray) -> str:
+        """Quantize ``delta`` into ``out``, with this client's error-feedback residual.
+        Returns "" or why nothing was sent: a diverged client (NaN, Inf) is rejected alone,
+        its pool's other clients go on."""
+        if not np.isfinite(delta).all():
+            return "non_finite"
         q = self.cfg.quant
         rng = np.random.default_rng(seed)
+        fault = self.faults.get(client_id)
+        bits = faults.sent_bits(bits, fault)
+        if fault is not None and fault[0] in ("truncate", "oversize"):
+            full = np.zeros(codec.encoded_size(self.num_params, bits, q.block_size), np.uint8)
+            codec.encode_into(full, delta, bits, q.block_size, rng, self.layout)
+            out[:] = 0
+            n = min(len(out), len(full))
+            out[:n] = full[:n]
+            return ""
         # EF diverges at 1 bit (the quantizer's error exceeds ||v||^2), so skip it there.
         if q.error_feedback and 2 <= bits < 32:
             _, self.residuals[client_id] = codec.quantize_with_feedback(
@@ -87,6 +107,7 @@ class ClientPool:
                 out=out)
         else:
             codec.encode_into(out, delta, bits, q.block_size, rng, self.layout)
+        return ""
 
     def train_round(self, global_flat: np.ndarray, round_: int, client_ids: np.ndarray,
                     bits: np.ndarray, steps: np.ndarray) -> tuple[TrainedChunk, np.ndarray]:
@@ -95,7 +116,8 @@ class ClientPool:
         cfg, t = self.cfg, self.cfg.train
         n = len(client_ids)
         loss, norm, train_s, encode_s = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
-        sizes, offsets, blob = self._payload_buffer(bits)
+        failed = np.full(n, "", dtype=object)
+        sizes, offsets, blob = self._payload_buffer(client_ids, bits)
         seeds = [client_seed(cfg.seed, int(c), round_) for c in client_ids]
         poisons = [self.attack.poison_for(int(c)) if self.attack is not None else None
                    for c in client_ids]
@@ -109,6 +131,7 @@ class ClientPool:
         for i, cid in enumerate(client_ids):
             cid = int(cid)
             t0 = time.perf_counter()
+            faults.before_training(self.faults.get(cid))
             if deltas is None:
                 delta, loss[i] = self.trainer.train(global_flat, self.images(cid), int(steps[i]),
                                                     t.batch_size, seeds[i], poisons[i], lr)
@@ -117,12 +140,15 @@ class ClientPool:
                 delta = deltas[i]
             if self.attack is not None:
                 delta = self.attack.scale_update(cid, delta)
+            delta = faults.corrupt_update(delta, self.faults.get(cid))
             t1 = time.perf_counter()
             norm[i] = float(np.linalg.norm(delta))
-            self._encode(cid, delta, int(bits[i]), seeds[i], blob[offsets[i]:offsets[i + 1]])
+            failed[i] = self._encode(cid, delta, int(bits[i]), seeds[i],
+                                     blob[offsets[i]:offsets[i + 1]])
             encode_s[i] = time.perf_counter() - t1
-        report = TrainedChunk(np.asarray(client_ids, dtype=np.int64), loss, norm, sizes, offsets,
-                              train_s, encode_s, os.getpid())
+        sent = np.where(failed == "", sizes, 0)  # a client that failed sent nothing
+        report = TrainedChunk(np.asarray(client_ids, dtype=np.int64), loss, norm, sent, offsets,
+                              train_s, encode_s, os.getpid(), failed)
         return report, blob
 
     def state_dict(self) -> dict:

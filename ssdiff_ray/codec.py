@@ -719,6 +719,15 @@ def decode(
     return _np_dequantize(_np_unpack(packed, bits, numel), scales, bits, block)
 
 
+def header_bits(payload: bytes | memoryview) -> int:
+    """The bit width a payload's header declares (0 when it has no readable header)."""
+    raw = np.frombuffer(payload, np.uint8)
+    if raw.size < HEADER_SIZE:
+        return 0
+    magic, _, bits, *_ = _HEADER.unpack_from(raw)
+    return int(bits) if magic == _MAGIC else 0
+
+
 def _check_header(raw: np.ndarray, expected_layout: int | None,
                   expected_numel: int | None) -> tuple[int, int, int]:
     """(bits, block, numel) of a payload whose header, size and checksum are valid."""

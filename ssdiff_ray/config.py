@@ -19,6 +19,7 @@ from ssdiff_ray.codec import SUPPORTED_BITS as BITS
 from ssdiff_ray.data import SOURCES
 from ssdiff_ray.defense import ESTIMATORS
 from ssdiff_ray.devices import DEVICE_CLASSES
+from ssdiff_ray.faults import parse_fault
 from ssdiff_ray.model import BETA_SCHEDULES, PRESETS, SAMPLERS
 from ssdiff_ray.policies import POLICIES
 
@@ -168,6 +169,12 @@ class DefenseConfig:
 
 
 @dataclass
+class FaultsConfig:
+    inject: dict = _f({}, doc="client id -> fault injected in that client: nan, inf, wrong_bits, "
+                      "truncate, oversize or slow:SECONDS (reliability tests, chaos runs)")
+
+
+@dataclass
 class Config:
     seed: int = _f(0, lo=0, hi=2**31 - 1)
     rounds: int = _f(24, lo=1, hi=1_000_000)
@@ -184,6 +191,7 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -304,6 +312,13 @@ def _check_cross(cfg: Config) -> None:
         if k in ("CPU", "GPU", "memory", "object_store_memory"):
             raise ConfigError(f"ray.pool_resources.{k}: built-in resource, use ray.num_cpus_per_pool"
                               " / ray.num_gpus_per_pool")
+    for k, v in cfg.faults.inject.items():
+        if not str(k).isdigit() or int(k) >= cfg.clients.count:
+            raise ConfigError(f"faults.inject.{k}: not a client id (0..{cfg.clients.count - 1})")
+        try:
+            parse_fault(v)
+        except ValueError as e:
+            raise ConfigError(f"faults.inject.{k} = {e}") from None
     if cfg.devices.class_mix and sum(cfg.devices.class_mix.values()) <= 0:
         raise ConfigError("devices.class_mix: weights must not all be 0")
 
@@ -344,8 +359,18 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             node = node.setdefault(k, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {text!r}: {k} is not a section")
+        if _is_string_field(keys) and not isinstance(value, str):
+            value = text.partition("=")[2].strip()  # --set name=nan is the name "nan"
         node[keys[-1]] = value
     return from_dict(raw)
+
+
+def _is_string_field(keys: list[str]) -> bool:
+    cls = _sections().get(keys[0]) if len(keys) == 2 else Config if len(keys) == 1 else None
+    if cls is None:
+        return False
+    typ = _field_types(cls).get(keys[-1], (None,))[0]
+    return typ is str
 
 
 def _toml_value(v: Any) -> str:

@@ -35,6 +35,7 @@ class ClientResults:
     rejected_reason: np.ndarray  # the codec's or the aggregation rule's reason, "" if none
     screened: np.ndarray         # clipped or flagged by a rule
     state_reset: np.ndarray      # its pool restarted: its residual started empty
+    sent_bits: np.ndarray        # the bit width its payload declared (0: nothing sent)
 
     @classmethod
     def start(cls, plan) -> ClientResults:
@@ -42,7 +43,8 @@ class ClientResults:
         n = len(plan.client_ids)
         return cls(np.full(n, np.nan), np.full(n, np.nan), np.zeros(n, np.int64), np.zeros(n),
                    np.zeros(n), np.where(plan.straggler, "straggler", "").astype(object),
-                   np.full(n, "", dtype=object), np.zeros(n, bool), np.zeros(n, bool))
+                   np.full(n, "", dtype=object), np.zeros(n, bool), np.zeros(n, bool),
+                   np.zeros(n, np.int64))
 
 
 def client_rows(plan, res: ClientResults, population: pd.DataFrame, num_pools: int,
@@ -54,7 +56,7 @@ def client_rows(plan, res: ClientResults, population: pd.DataFrame, num_pools: i
         "round": plan.round, "client_id": plan.client_ids, "pool": plan.client_ids % num_pools,
         "device_class": prof["device_class"].to_numpy(),
         "num_samples": plan.num_samples, "local_steps": plan.local_steps, "bits": plan.bits,
-        "uplink_bytes": res.uplink_bytes, "downlink_bytes": downlink_bytes,
+        "sent_bits": res.sent_bits, "uplink_bytes": res.uplink_bytes, "downlink_bytes": downlink_bytes,
         "loss": res.loss, "update_norm": res.update_norm,
         "dropped": res.drop_reason != "", "drop_reason": res.drop_reason.astype(str),
         "straggler": plan.straggler, "screened": res.screened,

@@ -69,25 +69,35 @@ class ParameterServer:
         self.aggregator.begin_round(self.weights)
 
     def accumulate(self, slot: int, chunk: TrainedChunk, blob: np.ndarray,
-                   weights: np.ndarray) -> ChunkVerdicts:
-        """Decode one pool's payloads and hand them to the aggregator.
+                   weights: np.ndarray, assigned_bits: np.ndarray) -> ChunkVerdicts:
+        """Check and decode one pool's payloads and hand them to the aggregator.
 
-        A payload that fails to decode is rejected with the codec's reason and never
-        touches the model. Norm clipping (``server.max_update_norm``) marks the client
-        ``screened`` but keeps its (clipped) update.
+        A client whose pool reports it failed, a payload that fails to decode, and one
+        whose bit width is not the one its policy assigned (``bits_mismatch``) are rejected
+        with their reason and never touch the model. Norm clipping
+        (``server.max_update_norm``) marks the client ``screened`` but keeps its (clipped)
+        update.
         """
         n = len(chunk.client_id)
         rejected = np.full(n, "", dtype=object)
         screened = np.zeros(n, dtype=bool)
+        sent_bits = np.zeros(n, dtype=np.int64)
         view = memoryview(blob)
         decode_s = aggregate_s = 0.0
         for i in range(n):
+            if chunk.failed_reason[i]:
+                rejected[i] = chunk.failed_reason[i]
+                continue
             payload = view[int(chunk.offsets[i]):int(chunk.offsets[i + 1])]
+            sent_bits[i] = codec.header_bits(payload)
             t0 = time.perf_counter()
             try:
                 delta = codec.decode(payload, self.layout, self.num_params)
             except codec.PayloadError as e:
                 rejected[i] = e.reason
+                continue
+            if sent_bits[i] != assigned_bits[i]:
+                rejected[i] = "bits_mismatch"
                 continue
             t1 = time.perf_counter()
             delta, screened[i] = clip_to_norm(delta, self.cfg.server.max_update_norm)
@@ -95,7 +105,7 @@ class ParameterServer:
                                 float(weights[i]))
             decode_s += t1 - t0
             aggregate_s += time.perf_counter() - t1
-        return ChunkVerdicts(rejected, screened, decode_s, aggregate_s)
+        return ChunkVerdicts(rejected, screened, sent_bits, decode_s, aggregate_s)
 
     def finish_round(self) -> RoundOutcome:
         """The aggregator's step, then the server EMA of the new weights."""

@@ -18,11 +18,12 @@ class TrainedChunk:
     client_id: np.ndarray
     loss: np.ndarray
     update_norm: np.ndarray
-    uplink_bytes: np.ndarray
+    uplink_bytes: np.ndarray  # bytes really sent (0 for a client that failed)
     offsets: np.ndarray      # client i's payload is blob[offsets[i]:offsets[i + 1]]
     train_s: np.ndarray
     encode_s: np.ndarray
     pid: int                 # the process that trained them: a change means a restart
+    failed_reason: np.ndarray  # str per client: "" = its payload was sent, else why not
 
 
 @dataclass
@@ -31,6 +32,7 @@ class ChunkVerdicts:
 
     rejected_reason: np.ndarray  # str per client: "" = decoded and added, else why not
     screened: np.ndarray         # bool per client: clipped to server.max_update_norm
+    sent_bits: np.ndarray        # int per client: the bit width of its payload (0: none)
     decode_s: float
     aggregate_s: float
 

@@ -18,7 +18,8 @@ def _pack(payloads):
     offsets = np.concatenate([[0], np.cumsum(sizes)])
     n = len(payloads)
     z = np.zeros(n)
-    chunk = TrainedChunk(np.arange(n), z, z, sizes, offsets, z, z, pid=0)
+    chunk = TrainedChunk(np.arange(n), z, z, sizes, offsets, z, z, pid=0,
+                         failed_reason=np.full(n, "", dtype=object))
     return chunk, np.frombuffer(b"".join(payloads), dtype=np.uint8)
 
 
@@ -37,12 +38,10 @@ def test_accumulate_rejects_malformed_and_averages_the_rest():
     w0 = s.weights.copy()
     s.begin_round()
     meta, blob = _pack([good[0], truncated, wrong_layout, bytes(forged)])
-    v = s.accumulate(0, meta, blob, np.array([1.0, 2.0, 3.0, 4.0]))
-    assert list(v.rejected_reason) == ["", "truncated", "layout_mismatch",
-                                       v.rejected_reason[3]]
-    assert v.rejected_reason[3] in ("checksum_mismatch", "non_finite")
+    v = s.accumulate(0, meta, blob, np.array([1.0, 2.0, 3.0, 4.0]), np.full(4, 32))
+    assert list(v.rejected_reason) == ["", "truncated", "layout_mismatch", "checksum_mismatch"]
     meta, blob = _pack([good[2]])
-    s.accumulate(1, meta, blob, np.array([3.0]))
+    s.accumulate(1, meta, blob, np.array([3.0]), np.array([32]))
     outcome = s.finish_round()
     assert outcome.aggregated == 2
     expected = w0 + (1.0 * deltas[0] + 3.0 * deltas[2]) / 4.0
@@ -81,7 +80,7 @@ def test_ema_of_global_weights_is_what_samples_and_checkpoints():
         delta = rng.normal(scale=1e-2, size=s.num_params).astype(np.float32)
         s.begin_round()
         meta, blob = _pack([codec.encode(delta, 32, 64, rng, s.layout)])
-        s.accumulate(0, meta, blob, np.array([1.0]))
+        s.accumulate(0, meta, blob, np.array([1.0]), np.array([32]))
         s.finish_round()
         history.append(s.weights.copy())
     # ema starts at the first round's weights, then ema <- 0.5 ema + 0.5 w
@@ -91,3 +90,41 @@ def test_ema_of_global_weights_is_what_samples_and_checkpoints():
     restored = ParameterServer(cfg, num_slots=1)
     restored.load_state_dict(s.state_dict())
     np.testing.assert_array_equal(restored.sampling_weights(), s.sampling_weights())
+
+
+def _forge(payload: bytes, value: float, at: int = 0) -> bytes:
+    """A well-formed 32-bit payload whose value ``at`` is ``value``: the checksum is
+    recomputed, so only the decoded values are wrong."""
+    raw = bytearray(payload)
+    start = codec.HEADER_SIZE + 4 * at
+    raw[start:start + 4] = np.float32(value).tobytes()
+    arr = np.frombuffer(bytes(raw), np.uint8)
+    check = codec._checksum(arr[:codec.HEADER_SIZE - 8], arr[codec.HEADER_SIZE:])
+    raw[codec.HEADER_SIZE - 8:codec.HEADER_SIZE] = int(check).to_bytes(8, "little")
+    return bytes(raw)
+
+
+def test_well_formed_payload_with_nan_or_inf_is_rejected_as_non_finite():
+    cfg = config.load(None, TINY)
+    s = ParameterServer(cfg, num_slots=1)
+    rng = np.random.default_rng(0)
+    delta = rng.normal(scale=1e-3, size=s.num_params).astype(np.float32)
+    good = codec.encode(delta, 32, 64, rng, s.layout)
+    s.begin_round()
+    meta, blob = _pack([_forge(good, np.nan, 5), _forge(good, np.inf, 7), good])
+    v = s.accumulate(0, meta, blob, np.ones(3), np.full(3, 32))
+    assert list(v.rejected_reason) == ["non_finite", "non_finite", ""]
+    assert s.finish_round().aggregated == 1
+
+
+def test_payload_at_other_bits_than_assigned_is_rejected_and_its_bits_recorded():
+    cfg = config.load(None, TINY)
+    s = ParameterServer(cfg, num_slots=1)
+    rng = np.random.default_rng(0)
+    delta = rng.normal(scale=1e-3, size=s.num_params).astype(np.float32)
+    s.begin_round()
+    meta, blob = _pack([codec.encode(delta, 32, 64, rng, s.layout),
+                        codec.encode(delta, 2, 64, rng, s.layout)])
+    v = s.accumulate(0, meta, blob, np.ones(2), np.array([2, 2]))  # both were assigned 2 bits
+    assert list(v.rejected_reason) == ["bits_mismatch", ""] and list(v.sent_bits) == [32, 2]
+    assert s.finish_round().aggregated == 1

@@ -77,8 +77,14 @@ def test_pool_killed_mid_round_run_survives(tiny_overrides):
     r2 = clients.query("round == 2")
     lost = r2[r2["pool"] == 0]
     assert (lost["drop_reason"] == "pool_failed").all() and lost["dropped"].all()
-    assert not r2[r2["pool"] == 1]["dropped"].any()
-    assert rounds.set_index("round").loc[2, "pool_failures"] == 1
+    assert (lost["uplink_bytes"] == 0).all() and lost["loss"].isna().all()
+    kept = r2[r2["pool"] == 1]
+    assert not kept["dropped"].any() and len(kept) == 3
+    # exactly pool 1's clients were aggregated, and only their bytes count
+    row2 = rounds.set_index("round").loc[2]
+    assert row2["pool_failures"] == 1 and row2["clients_aggregated"] == len(kept)
+    assert sorted(r2.loc[~r2["dropped"], "client_id"]) == sorted(kept["client_id"])
+    assert row2["uplink_bytes"] == kept["uplink_bytes"].sum()
     # round 3 trains on the restarted actor, which says its client state was reset
     r3 = clients.query("round == 3")
     assert not r3["dropped"].any()
