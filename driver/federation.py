@@ -78,6 +78,7 @@ class Federation:
         self.last_round = 0
         self.baseline: dict = {}         # the untrained model's FID and the real floor
         self.eval_threads = max(1, int(ray.available_resources().get("CPU", 1)))
+        self.placement = self._placement()
 
     def _start_actors(self):
         cfg = self.cfg
@@ -97,6 +98,19 @@ class Federation:
             for i in range(self.num_pools)
         ]
         return server, pools
+
+    def _placement(self) -> dict:
+        """Which node each actor runs on, and the server node's custom resources."""
+        def node_of(actor) -> str:
+            return ray.get(actor.__ray_call__.remote(
+                lambda _: ray.get_runtime_context().get_node_id()))
+
+        server = node_of(self.server)
+        res = next((n.get("Resources", {}) for n in ray.nodes() if n["NodeID"] == server), {})
+        custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU", "memory",
+                  "object_store_memory") and not k.startswith("node:")}
+        return {"server_node": server, "server_node_resources": custom,
+                "pool_nodes": [node_of(p) for p in self.pools]}
 
     # --- the run --------------------------------------------------------------------------
     def fit(self, start: int = 1, progress: bool = True, on_round=None) -> None:

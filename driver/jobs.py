@@ -37,19 +37,67 @@ def job_address(address: str | None) -> str:
     return DEFAULT_ADDRESS
 
 
+def auth_token() -> str | None:
+    """The cluster's token where Ray keeps it: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH
+    names, or ~/.ray/auth_token (written by `ray start` / `ray get-auth-token --generate`)."""
+    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
 def client(address: str | None):
+    """A Jobs API client that sends the cluster's token when one is available: Ray's own
+    client sends it only where RAY_AUTH_MODE=token is set in this process too."""
+    from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     addr = job_address(address)
     if not addr.startswith(("http://", "https://")):
         raise JobError(f"--address {addr!r}: the Jobs API needs the dashboard URL, "
                        "e.g. http://HEAD:8265")
+    token = auth_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
-        return JobSubmissionClient(addr)
+        return _Authenticated(JobSubmissionClient(addr, headers=headers), addr, token)
+    except AuthenticationError:
+        raise JobError(_auth_message(addr, token)) from None
     except (ConnectionError, ValueError, RuntimeError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise JobError(f"cannot reach the Ray Jobs API at {addr}: {first} "
                        "(is the cluster up and its dashboard port open?)") from None
+
+
+def _auth_message(addr: str, token: str | None) -> str:
+    if token:
+        return (f"the Ray cluster at {addr} refused this machine's token (RAY_AUTH_TOKEN or "
+                "~/.ray/auth_token): use the head node's (`ray get-auth-token` there prints it)")
+    return (f"the Ray cluster at {addr} requires a token: set RAY_AUTH_TOKEN or put it in "
+            "~/.ray/auth_token (`ray get-auth-token` on the head node prints it)")
+
+
+class _Authenticated:
+    """The Jobs client, whose calls turn a refused token into one JobError line."""
+
+    def __init__(self, c, addr: str, token: str | None):
+        self._c, self._addr, self._token = c, addr, token
+
+    def __getattr__(self, name):
+        from ray.exceptions import AuthenticationError
+
+        attr = getattr(self._c, name)
+        if not callable(attr):
+            return attr
+
+        def call(*a, **kw):
+            try:
+                return attr(*a, **kw)
+            except AuthenticationError:
+                raise JobError(_auth_message(self._addr, self._token)) from None
+        return call
 
 
 def runtime_env(working_dir: str | None, env_file: str | None, pip: list[str]) -> dict:

@@ -56,9 +56,7 @@ def stress_one(count: int, out_dir: Path, preset: str = "tiny", rounds: int = 3,
     """One client count: a row per round (the first one also loads shards: kept apart)."""
     cfg = config_mod.load(None, [*stress_overrides(count, preset, rounds, per_round),
                                  f"out_dir={out_dir}", *extra])
-    run_dir = Path(cfg.out_dir) / cfg.name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    prep = prepare(cfg, run_dir)
+    prep = prepare(cfg, Path(cfg.out_dir) / cfg.name)
     fed = Federation(cfg, prep)
     rows = []
     idle = measure(fed)

@@ -27,6 +27,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     address = address or os.environ.get("RAY_ADDRESS") or None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
+        check_reachable(address)
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         except (ConnectionError, ValueError, RuntimeError) as e:
@@ -37,6 +38,23 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
         ray.init(num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
     return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """A ``HOST:PORT`` (or ``ray://HOST:PORT``) address must accept a TCP connection:
+    ray.init waits minutes on an address nobody answers at, printing GCS time-outs."""
+    import socket
+
+    hostport = address.split("://", 1)[-1]
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit():
+        return  # "auto", a bare host, ...: ray.init answers these itself
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"cannot reach the Ray cluster at {address!r}: "
+                              f"{e.strerror or type(e).__name__} (is the head node up, "
+                              "and is its GCS port open?)") from None
 
 
 def run(
@@ -54,12 +72,15 @@ def run(
     import ray
 
     from driver.federation import CHECKPOINT, Federation
-    from ssdiff_ray.run_dir import new_run_dir, prepare, write_summary
+    from ssdiff_ray.run_dir import prepare, write_summary
 
     t_start = time.perf_counter()
-    run_dir = Path(resume) if resume else new_run_dir(cfg)
-    prep = prepare(cfg, run_dir)  # shards and population are rebuilt identically on resume
-    started = init_ray(address or cfg.ray.address)
+    address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+    if address and not ray.is_initialized():
+        check_reachable(address)  # before the run directory is made
+    prep = prepare(cfg, resume)  # shards and population are rebuilt identically on resume
+    run_dir = prep.run_dir
+    started = init_ray(address)
     fed = None
     try:
         fed = Federation(cfg, prep)
@@ -93,6 +114,7 @@ def summarize(fed, wall_s: float) -> dict:
         "energy_j": float(rounds["energy_j"].sum()),
         "stragglers": int(rounds["stragglers"].sum()),
         "final_loss": float(last["loss"]),
+        "placement": fed.placement,
     }
 
 

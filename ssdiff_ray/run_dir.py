@@ -40,26 +40,20 @@ class Prepared:
     local_steps: np.ndarray   # per client, from its device class
 
 
-def prepare(cfg: Config, run_dir: Path) -> Prepared:
-    """Write the resolved config, the client shards and the device population."""
-    from ssdiff_ray.devices import load_population, make_population
-
-    config_mod.save(cfg, run_dir / "config.toml")
+def prepare(cfg: Config, run_dir: str | Path | None = None) -> Prepared:
+    """Load and check the data set and the device population, then write the resolved
+    config, the client shards and the population into ``run_dir`` (a new one when None).
+    A bad data or profile file stops before anything is created."""
     data = load_dataset(cfg.data)
+    pop = population(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_mod.save(cfg, run_dir / "config.toml")
     n = cfg.clients.count
     split = dirichlet_split(data.labels, n, cfg.data.alpha, cfg.seed, cfg.data.min_samples)
     shard_dir = run_dir / "shards"
     if not shard_path(shard_dir, n - 1).exists():
         write_shards(data.images, data.labels, split, shard_dir)
-    if cfg.devices.profiles:
-        pop = load_population(cfg.devices.profiles)
-        if len(pop) < n:
-            raise config_mod.ConfigError(
-                f"devices.profiles = {cfg.devices.profiles!r}: has {len(pop)} rows, "
-                f"clients.count = {n} needs as many")
-        pop = pop.iloc[:n]
-    else:
-        pop = make_population(n, cfg.seed, cfg.devices.class_mix or None, cfg.devices.cell_m)
     pop.to_parquet(run_dir / "devices.parquet")
     if cfg.train.scale_work_by_device:
         steps = np.maximum(1, np.round(cfg.train.local_steps * pop["work_scale"].to_numpy()))
@@ -67,6 +61,21 @@ def prepare(cfg: Config, run_dir: Path) -> Prepared:
         steps = np.full(n, cfg.train.local_steps)
     num_samples = np.array([len(s) for s in split], dtype=np.int64)
     return Prepared(run_dir, shard_dir, num_samples, pop, steps.astype(np.int64))
+
+
+def population(cfg: Config) -> pd.DataFrame:
+    """The clients' device profiles: the user's table, or a seeded population."""
+    from ssdiff_ray.devices import load_population, make_population
+
+    n = cfg.clients.count
+    if not cfg.devices.profiles:
+        return make_population(n, cfg.seed, cfg.devices.class_mix or None, cfg.devices.cell_m)
+    pop = load_population(cfg.devices.profiles)
+    if len(pop) < n:
+        raise config_mod.ConfigError(
+            f"devices.profiles = {cfg.devices.profiles!r}: has {len(pop)} rows, "
+            f"clients.count = {n} needs as many")
+    return pop.iloc[:n]
 
 
 def write_summary(run_dir: Path, summary: dict) -> None:

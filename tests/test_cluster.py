@@ -75,9 +75,14 @@ def cluster():
     # short path: Ray's unix sockets live under it and must stay under 107 characters
     temp_dir = tempfile.mkdtemp(prefix="ssd7-", dir="/tmp")
     gcs, dash, client, agent, agent_grpc, rt_env, metrics, wmetrics, wrt_env = _free_ports(9)
-    # Ray 2.5x+ may turn on token auth: give this cluster, its nodes and clients one token.
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16)}
+    # Started the way a user does: plain `ray start`, whose token auth is on because a token
+    # sits in ~/.ray/auth_token (as any earlier embedded ray.init() leaves one); a HOME of
+    # its own keeps the user's real ~/.ray out of it. Clients find the token there too.
+    home = Path(temp_dir) / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(PATH=f"{BIN}:{os.environ['PATH']}", RAY_USAGE_STATS_ENABLED="0", HOME=str(home))
     env.pop("RAY_ADDRESS", None)
     common = ["--node-ip-address=127.0.0.1", "--object-store-memory=100000000",
               f"--temp-dir={temp_dir}", "--disable-usage-stats"]
@@ -88,10 +93,12 @@ def cluster():
              f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
              f"--runtime-env-agent-port={rt_env}", f"--metrics-export-port={metrics}",
              '--resources={"ps": 1}', *common], env)
+        # a joining node is told the mode, as Ray's docs say for every node of the cluster
         _ray_start(
             [f"--address=127.0.0.1:{gcs}", "--num-cpus=2",
              f"--metrics-export-port={wmetrics}", f"--runtime-env-agent-port={wrt_env}",
-             f"--dashboard-agent-listen-port={_free_ports(1)[0]}", *common], env)
+             f"--dashboard-agent-listen-port={_free_ports(1)[0]}", *common],
+            {**env, "RAY_AUTH_MODE": "token"})
         yield {"address": f"http://127.0.0.1:{dash}", "env": env, "temp_dir": temp_dir}
     finally:
         _teardown(temp_dir)
@@ -118,7 +125,13 @@ def test_submit_follow_runs_a_job_on_a_two_node_cluster(cluster, tmp_path):
     assert list(rounds["round"]) == [1, 2] and len(clients) == 12 and not clients["dropped"].any()
     assert sorted(clients["pool"].unique()) == [0, 1, 2]
     assert (run_dir / "model" / "model_index.json").is_file()
-    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 2
+    # the parameter server ran on the node holding the "ps" resource (the head), and the
+    # pools spread to the worker, which has the CPUs
+    place = summary["placement"]
+    assert place["server_node_resources"].get("ps") == 1
+    assert any(n != place["server_node"] for n in place["pool_nodes"])
 
     r = _ssdiff("jobs", "--address", addr, env=env, timeout=60)
     assert r.returncode == 0 and any(line.split()[:2] == ["ssd-e2e", "SUCCEEDED"]
@@ -127,6 +140,17 @@ def test_submit_follow_runs_a_job_on_a_two_node_cluster(cluster, tmp_path):
     assert r.returncode == 0 and "already finished" in r.stdout
     r = _ssdiff("stop", "no-such-job", "--address", addr, env=env, timeout=60)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "no-such-job" in r.stderr
+
+
+def test_cluster_with_token_auth_without_the_token_is_one_line(cluster, tmp_path):
+    env = {**cluster["env"], "HOME": str(tmp_path)}  # no ~/.ray/auth_token here
+    r = _ssdiff("jobs", "--address", cluster["address"], env=env, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert "requires a token: set RAY_AUTH_TOKEN or put it in ~/.ray/auth_token" in r.stderr
+    token = (Path(cluster["temp_dir"]) / "home" / ".ray" / "auth_token").read_text()
+    r = _ssdiff("jobs", "--address", cluster["address"], env={**env, "RAY_AUTH_TOKEN": token},
+                timeout=60)
+    assert r.returncode == 0, r.stderr
 
 
 def test_unreachable_address_is_one_line(tmp_path):

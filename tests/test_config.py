@@ -64,3 +64,36 @@ def test_cli_config_error_exits_2_before_ray(tmp_path):
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert lines == ["ssdiff: error: clients.count = -1: must be in [1, 1e+06]"]
     assert not any(tmp_path.iterdir())  # nothing written, Ray never started
+
+
+@pytest.mark.parametrize("what", ["data", "profiles", "profile_rows"])
+def test_bad_data_or_device_profiles_stop_before_anything_is_created(tmp_path, capsys, what):
+    from ssdiff_ray import cli
+
+    bad = tmp_path / "bad.parquet"
+    bad.write_bytes(b"not parquet at all")
+    few = tmp_path / "few.csv"
+    few.write_text("device_class,x_m,y_m,distance_m\nphone,3,4,5\n")
+    extra = {"data": ["data.name=parquet", f"data.path={bad}"],
+             "profiles": [f"devices.profiles={bad}"],
+             "profile_rows": [f"devices.profiles={few}"]}[what]
+    out = tmp_path / "runs"
+    args = ["run", "--set", f"out_dir={out}", "--set", "name=x", "--quiet"]
+    assert cli.main([*args, *(a for s in extra for a in ("--set", s))]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("ssdiff: error: ")
+    assert not out.exists()  # no run directory, not even an empty one
+
+
+def test_unreachable_ray_address_fails_fast_with_one_line(tmp_path, capsys):
+    import time
+
+    from ssdiff_ray import cli
+
+    t0 = time.perf_counter()
+    code = cli.main(["run", "--address", "127.0.0.1:1", "--set", f"out_dir={tmp_path / 'r'}"])
+    assert code == 2 and time.perf_counter() - t0 < 15
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["ssdiff: error: cannot reach the Ray cluster at '127.0.0.1:1': Connection "
+                   "refused (is the head node up, and is its GCS port open?)"]
+    assert not (tmp_path / "r").exists()
