@@ -19,7 +19,8 @@ from pathlib import Path
 import torch
 
 from ssdiff_ray.data.digits import load_digits
-from ssdiff_ray.fid import ARCH_VERSION, QualityEvaluator
+from ssdiff_ray.metrics.classifier import ARCH_VERSION
+from ssdiff_ray.metrics.quality import QualityEvaluator
 
 
 def main() -> None:
