@@ -180,13 +180,13 @@ def floor_main(run_dir: str, out_path: str) -> None:
     import pandas as pd
 
     from ssdiff_ray import config
-    from ssdiff_ray.model.unet import build_unet, get_flat
+    from ssdiff_ray.model.unet import get_flat, unet_for
 
     run = Path(run_dir)
     cfg = config.load(run / "config.toml")
     clients = pd.read_parquet(run / "clients.parquet")
     pools = int(json.loads((run / "summary.json").read_text())["pools"])
-    weights = get_flat(build_unet(cfg.model.preset, cfg.data.image_size, seed=cfg.seed))
+    weights = get_flat(unet_for(cfg))
     n = len(weights)
     w_shm = shared_memory.SharedMemory(create=True, size=n * 4)
     outs = [shared_memory.SharedMemory(create=True, size=n * 8) for _ in range(pools)]

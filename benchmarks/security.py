@@ -349,7 +349,7 @@ def main(argv=None) -> dict:
         return {}
 
     from ssdiff_ray.data import load_dataset
-    from ssdiff_ray.fid import QualityEvaluator
+    from ssdiff_ray.metrics.quality import QualityEvaluator
 
     cfg0 = config_mod.load(Path(args.runs_dir) / names[0] / "config.toml")
     data = load_dataset(cfg0.data)

@@ -61,8 +61,8 @@ def server_placement(cfg: Config) -> dict:
 class Federation:
     """One federated run: actors, planner and ledger."""
 
-    def __init__(self, cfg: Config, prep: Prepared):
-        self.cfg = cfg
+    def __init__(self, prep: Prepared):
+        self.cfg = cfg = prep.cfg
         self.prep = prep
         self.num_pools = pool_count(cfg, cfg.clients.count)
         self.server, self.pools = self._start_actors()

@@ -79,11 +79,11 @@ def run(
     if address and not ray.is_initialized():
         check_reachable(address)  # before the run directory is made
     prep = prepare(cfg, resume)  # shards and population are rebuilt identically on resume
-    run_dir = prep.run_dir
+    cfg, run_dir = prep.cfg, prep.run_dir
     started = init_ray(address)
     fed = None
     try:
-        fed = Federation(cfg, prep)
+        fed = Federation(prep)
         start = 1
         if resume and (run_dir / CHECKPOINT).exists():
             start = fed.restore(run_dir) + 1

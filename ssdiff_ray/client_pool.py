@@ -17,7 +17,7 @@ from ssdiff_ray.attacks import attack_spec, make_attack, target_class
 from ssdiff_ray.batched import BatchedTrainer, use_batched
 from ssdiff_ray.config import Config
 from ssdiff_ray.data.shards import read_shard, shard_path
-from ssdiff_ray.model.unet import build_scheduler, build_unet, param_layout
+from ssdiff_ray.model.unet import build_scheduler, param_layout, unet_for
 from ssdiff_ray.round_results import TrainedChunk
 from ssdiff_ray.train import LocalTrainer, client_seed, round_lr
 
@@ -35,13 +35,16 @@ class ClientPool:
         self._blob = np.empty(0, dtype=np.uint8)
         self.shard_dir = Path(shard_dir)
         self.device = device
-        unet = build_unet(cfg.model.preset, cfg.data.image_size, seed=cfg.seed).to(device)
+        unet = unet_for(cfg).to(device)
         sched = build_scheduler(cfg.model.timesteps, cfg.model.beta_schedule)
         self.layout = codec.layout_id(param_layout(unet))
         self.num_params = sum(p.numel() for p in unet.parameters())
-        self.trainer = LocalTrainer(unet, sched.alphas_cumprod, cfg.train.lr, cfg.train.grad_clip)
-        self.batched = BatchedTrainer(unet, sched.alphas_cumprod, cfg.train.lr, cfg.train.grad_clip)
-        self.shards: dict[int, np.ndarray] = {}   # loaded on first use
+        t = cfg.train
+        self.trainer = LocalTrainer(unet, sched.alphas_cumprod, t.lr, t.grad_clip, t.label_dropout)
+        self.batched = BatchedTrainer(unet, sched.alphas_cumprod, t.lr, t.grad_clip,
+                                      label_dropout=t.label_dropout)
+        self.conditional = cfg.model.conditional
+        self.shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # loaded on first use
         self.residuals: dict[int, np.ndarray] = {}  # error feedback, only after a first upload
         self.attack = self._make_attack(sched.alphas_cumprod)  # None: all clients benign
         self.faults = faults.parse_faults(cfg.faults.inject)  # injected faults (tests, chaos)
@@ -60,9 +63,17 @@ class ClientPool:
         return make_attack(spec, alphas_cumprod, targets)
 
     def images(self, client_id: int) -> np.ndarray:
+        return self.shard(client_id)[0]
+
+    def shard(self, client_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of a client's shard, read on first use."""
         if client_id not in self.shards:
-            self.shards[client_id] = read_shard(shard_path(self.shard_dir, client_id))[0]
+            self.shards[client_id] = read_shard(shard_path(self.shard_dir, client_id))
         return self.shards[client_id]
+
+    def labels(self, client_id: int) -> np.ndarray | None:
+        """A client's labels when the model is class-conditional, else None."""
+        return self.shard(client_id)[1] if self.conditional else None
 
     def _payload_buffer(self, client_ids: np.ndarray, bits: np.ndarray
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -125,8 +136,9 @@ class ClientPool:
         deltas = None
         if use_batched(cfg.ray.batched_clients, self.device, np.asarray(steps)):
             t0 = time.perf_counter()
-            deltas, loss[:] = self.batched.train(global_flat, [self.images(int(c)) for c in client_ids],
-                                                 int(steps[0]), t.batch_size, seeds, poisons, lr)
+            deltas, loss[:] = self.batched.train(
+                global_flat, [self.images(int(c)) for c in client_ids], int(steps[0]),
+                t.batch_size, seeds, poisons, lr, [self.labels(int(c)) for c in client_ids])
             train_s[:] = (time.perf_counter() - t0) / n
         for i, cid in enumerate(client_ids):
             cid = int(cid)
@@ -134,7 +146,8 @@ class ClientPool:
             faults.before_training(self.faults.get(cid))
             if deltas is None:
                 delta, loss[i] = self.trainer.train(global_flat, self.images(cid), int(steps[i]),
-                                                    t.batch_size, seeds[i], poisons[i], lr)
+                                                    t.batch_size, seeds[i], poisons[i], lr,
+                                                    self.labels(cid))
                 train_s[i] = time.perf_counter() - t0
             else:
                 delta = deltas[i]

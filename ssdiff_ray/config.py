@@ -38,11 +38,16 @@ def _f(default, *, lo=None, hi=None, choices=None, lo_open=False, doc=""):
 
 @dataclass
 class DataConfig:
-    name: str = _f("digits", choices=tuple(SOURCES), doc="data source: built-in digits or a Parquet table")
+    name: str = _f("digits", choices=tuple(SOURCES),
+                   doc="data source: digits, colour_digits (built in), parquet, image_folder")
     path: str = _f("", doc="the data set's file or folder, for sources that read one")
     image_column: str = _f("image")
     label_column: str = _f("label")
+    label_type: str = _f("auto", choices=("auto", "int", "name"),
+                         doc="labels are integers, class names, or whichever the column holds")
     image_size: int = _f(16, lo=8, hi=256)
+    channels: int = _f(0, choices=(0, 1, 3), doc="image channels; 0 = read from the data set")
+    num_classes: int = _f(0, lo=0, hi=100_000, doc="classes; 0 = read from the labels")
     alpha: float = _f(0.5, lo=0.0, lo_open=True, hi=1e6, doc="Dirichlet concentration (small = non-IID)")
     min_samples: int = _f(8, lo=1, hi=100000, doc="fewest samples any client holds")
 
@@ -57,6 +62,7 @@ class ClientsConfig:
 @dataclass
 class ModelConfig:
     preset: str = _f("small", choices=tuple(PRESETS))
+    conditional: bool = _f(False, doc="class-conditional UNet (classifier-free guidance)")
     timesteps: int = _f(1000, lo=10, hi=4000)
     beta_schedule: str = _f("linear", choices=BETA_SCHEDULES)
 
@@ -71,6 +77,8 @@ class TrainConfig:
     lr_final: float = _f(2e-4, lo=0.0, hi=10.0, doc="client lr at the last round (cosine)")
     grad_clip: float = _f(1.0, lo=0.0, hi=1e6, doc="0 = no clipping")
     scale_work_by_device: bool = _f(True, doc="local steps scale with the device class")
+    label_dropout: float = _f(0.1, lo=0.0, hi=1.0,
+                              doc="conditional: share of labels dropped to 'no class' (for guidance)")
 
 
 @dataclass
@@ -120,8 +128,12 @@ class DevicesConfig:
 class EvalConfig:
     every: int = _f(0, lo=0, hi=1_000_000, doc="rounds between evaluations (0 = last round only)")
     samples: int = _f(500, lo=10, hi=1_000_000)
-    sampler: str = _f("dpm", choices=SAMPLERS, doc="DPM-Solver++, DDIM or DDPM")
-    steps: int = _f(10, lo=1, hi=4000, doc="sampling steps (DPM-Solver++ / DDIM)")
+    sampler: str = _f("ddim", choices=SAMPLERS, doc="DPM-Solver++, DDIM or DDPM")
+    steps: int = _f(50, lo=1, hi=4000, doc="sampling steps (DPM-Solver++ / DDIM)")
+    guidance: float = _f(2.0, lo=0.0, hi=100.0,
+                         doc="conditional: classifier-free guidance scale (1 = none, 0 = unconditional)")
+    inception_weights: str = _f("", doc="Inception-v3 weights file for FID/KID in the field's "
+                                "feature space; '' = the run's own classifier")
     baseline: bool = _f(True, doc="also measure the untrained model (FID ceiling)")
     grid: int = _f(64, lo=0, hi=1024, doc="samples in the PNG grid")
 

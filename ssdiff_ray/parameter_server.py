@@ -14,7 +14,7 @@ from ssdiff_ray import codec
 from ssdiff_ray.aggregation import make_aggregator
 from ssdiff_ray.aggregation.base import ClientUpdate, clip_to_norm
 from ssdiff_ray.config import Config
-from ssdiff_ray.model.unet import build_scheduler, build_unet, get_flat, param_layout, set_flat
+from ssdiff_ray.model.unet import build_scheduler, get_flat, param_layout, set_flat, unet_for
 from ssdiff_ray.round_results import ChunkVerdicts, RoundOutcome, TrainedChunk
 
 
@@ -29,7 +29,7 @@ class ParameterServer:
     def __init__(self, cfg: Config, num_slots: int, device: str = "cpu"):
         self.cfg = cfg
         self.device = device
-        self.unet = build_unet(cfg.model.preset, cfg.data.image_size, seed=cfg.seed).to(device)
+        self.unet = unet_for(cfg).to(device)
         self.scheduler = build_scheduler(cfg.model.timesteps, cfg.model.beta_schedule)
         self.layout = codec.layout_id(param_layout(self.unet))
         self.weights = get_flat(self.unet)
@@ -122,8 +122,7 @@ class ParameterServer:
 
     def evaluate(self, seed: int, untrained: bool = False) -> tuple[dict, np.ndarray]:
         """Evaluate the sampling weights (or the untrained model): metrics and a grid."""
-        weights = get_flat(build_unet(self.cfg.model.preset, self.cfg.data.image_size,
-                                      seed=self.cfg.seed)) if untrained else self.sampling_weights()
+        weights = get_flat(unet_for(self.cfg)) if untrained else self.sampling_weights()
         set_flat(self.unet, weights)
         return self._evaluator().evaluate(self.unet, self.scheduler, seed,
                                           with_attack=not untrained)

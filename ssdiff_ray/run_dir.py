@@ -3,6 +3,7 @@ the client shards, the device population and each client's local work."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
@@ -13,7 +14,7 @@ import pandas as pd
 
 from ssdiff_ray import config as config_mod
 from ssdiff_ray.config import Config
-from ssdiff_ray.data import load_dataset
+from ssdiff_ray.data import Dataset, load_dataset
 from ssdiff_ray.data.shards import shard_path, write_shards
 from ssdiff_ray.data.split import dirichlet_split
 
@@ -33,6 +34,7 @@ def new_run_dir(cfg: Config) -> Path:
 
 @dataclass
 class Prepared:
+    cfg: Config               # resolved: data.channels and data.num_classes from the data
     run_dir: Path
     shard_dir: Path
     num_samples: np.ndarray   # per client
@@ -42,13 +44,17 @@ class Prepared:
 
 def prepare(cfg: Config, run_dir: str | Path | None = None) -> Prepared:
     """Load and check the data set and the device population, then write the resolved
-    config, the client shards and the population into ``run_dir`` (a new one when None).
-    A bad data or profile file stops before anything is created."""
+    config (channels and classes read from the data), the client shards and the
+    population into ``run_dir`` (a new one when None). A bad data or profile file stops
+    before anything is created."""
     data = load_dataset(cfg.data)
+    cfg = resolve(cfg, data)
     pop = population(cfg)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     config_mod.save(cfg, run_dir / "config.toml")
+    if data.class_names is not None:  # label k is class_names[k]
+        (run_dir / "class_names.json").write_text(json.dumps(data.class_names))
     n = cfg.clients.count
     split = dirichlet_split(data.labels, n, cfg.data.alpha, cfg.seed, cfg.data.min_samples)
     shard_dir = run_dir / "shards"
@@ -60,7 +66,26 @@ def prepare(cfg: Config, run_dir: str | Path | None = None) -> Prepared:
     else:
         steps = np.full(n, cfg.train.local_steps)
     num_samples = np.array([len(s) for s in split], dtype=np.int64)
-    return Prepared(run_dir, shard_dir, num_samples, pop, steps.astype(np.int64))
+    return Prepared(cfg, run_dir, shard_dir, num_samples, pop, steps.astype(np.int64))
+
+
+def resolve(cfg: Config, dataset: Dataset) -> Config:
+    """The config with ``data.channels`` and ``data.num_classes`` read from the data set
+    (when 0), checked against it; a conditional model needs labels."""
+    d = cfg.data
+    channels = int(dataset.images.shape[1])
+    if d.channels and d.channels != channels:
+        raise config_mod.ConfigError(f"data.channels = {d.channels}: the data set has {channels}")
+    labelled = dataset.labels.min() >= 0
+    found = int(dataset.labels.max()) + 1 if labelled else 0
+    if d.num_classes and labelled and found > d.num_classes:
+        raise config_mod.ConfigError(f"data.num_classes = {d.num_classes}: the labels go up "
+                                     f"to {found - 1}")
+    if cfg.model.conditional and not labelled:
+        raise config_mod.ConfigError("model.conditional = true: the data set has no labels "
+                                     f"(data.label_column = {d.label_column!r})")
+    data = dataclasses.replace(d, channels=channels, num_classes=d.num_classes or found)
+    return dataclasses.replace(cfg, data=data)
 
 
 def population(cfg: Config) -> pd.DataFrame:

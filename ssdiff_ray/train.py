@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssdiff_ray.model.unet import get_flat, set_flat
+from ssdiff_ray.model.unet import get_flat, null_label, predict_eps, set_flat
 
 
 def client_seed(seed: int, client_id: int, round_: int) -> int:
@@ -19,17 +19,15 @@ def client_seed(seed: int, client_id: int, round_: int) -> int:
     return int.from_bytes(h, "little") >> 1
 
 
-def ddpm_loss(
-    unet: torch.nn.Module,
-    x0: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    gen: torch.Generator,
-    poison=None,
-) -> torch.Tensor:
-    """DDPM epsilon-prediction loss: || eps - eps_theta(sqrt(ab) x0 + sqrt(1-ab) eps, t) ||^2.
+def noisy_batch(x0: torch.Tensor, alphas_cumprod: torch.Tensor, gen: torch.Generator,
+                poison=None, labels: torch.Tensor | None = None, label_dropout: float = 0.0,
+                null_label: int | None = None):
+    """One DDPM training batch: (x_t, t, regression target, class labels or None).
 
     ``poison`` (attacks) may rewrite the noisy input and the regression target of part of
-    the batch: ``poison(x0, xt, eps, t, gen) -> (xt, target)``.
+    the batch: ``poison(x0, xt, eps, t, gen) -> (xt, target)``. With ``labels`` (a
+    conditional model) a share ``label_dropout`` of them become ``null_label``, so one
+    network also learns the unconditional score that classifier-free guidance needs.
     """
     n = x0.shape[0]
     t = torch.randint(0, len(alphas_cumprod), (n,), generator=gen)
@@ -39,8 +37,21 @@ def ddpm_loss(
     target = eps
     if poison is not None:
         xt, target = poison(x0, xt, eps, t, gen)
+    if labels is not None:
+        drop = torch.rand(n, generator=gen) < label_dropout
+        labels = torch.where(drop, torch.full_like(labels, null_label), labels)
+    return xt, t, target, labels
+
+
+def ddpm_loss(unet: torch.nn.Module, x0: torch.Tensor, alphas_cumprod: torch.Tensor,
+              gen: torch.Generator, poison=None, labels: torch.Tensor | None = None,
+              label_dropout: float = 0.0) -> torch.Tensor:
+    """DDPM epsilon-prediction loss: || eps - eps_theta(sqrt(ab) x0 + sqrt(1-ab) eps, t) ||^2
+    on a ``noisy_batch``."""
+    xt, t, target, labels = noisy_batch(x0, alphas_cumprod, gen, poison, labels, label_dropout,
+                                        null_label(unet))
     dev = next(unet.parameters()).device
-    pred = unet(xt.to(dev), t.to(dev)).sample
+    pred = predict_eps(unet, xt.to(dev), t.to(dev), None if labels is None else labels.to(dev))
     return F.mse_loss(pred, target.to(dev))
 
 
@@ -56,10 +67,11 @@ class LocalTrainer:
     """One model and one optimizer, reused for every client a pool trains (no re-creation)."""
 
     def __init__(self, unet: torch.nn.Module, alphas_cumprod: torch.Tensor, lr: float,
-                 grad_clip: float = 1.0):
+                 grad_clip: float = 1.0, label_dropout: float = 0.0):
         self.unet = unet
         self.alphas_cumprod = alphas_cumprod.float()
         self.grad_clip = grad_clip
+        self.label_dropout = label_dropout
         self.opt = torch.optim.Adam(unet.parameters(), lr=lr)
 
     def train(
@@ -71,8 +83,10 @@ class LocalTrainer:
         seed: int,
         poison=None,
         lr: float | None = None,
+        labels: np.ndarray | None = None,
     ) -> tuple[np.ndarray, float]:
-        """Train from the global weights for ``steps`` steps; return (delta, mean loss)."""
+        """Train from the global weights for ``steps`` steps; return (delta, mean loss).
+        ``labels`` (aligned with ``images``) train a class-conditional model."""
         set_flat(self.unet, global_flat)
         if lr is not None:
             for group in self.opt.param_groups:
@@ -81,10 +95,12 @@ class LocalTrainer:
         self.unet.train()
         gen = torch.Generator().manual_seed(seed)
         data = torch.from_numpy(images)
+        classes = None if labels is None else torch.from_numpy(np.asarray(labels, np.int64))
         total = 0.0
         for _ in range(steps):
             idx = torch.randint(0, len(data), (min(batch_size, len(data)),), generator=gen)
-            loss = ddpm_loss(self.unet, data[idx], self.alphas_cumprod, gen, poison)
+            loss = ddpm_loss(self.unet, data[idx], self.alphas_cumprod, gen, poison,
+                             None if classes is None else classes[idx], self.label_dropout)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.grad_clip > 0:

@@ -19,8 +19,7 @@ from pathlib import Path
 import pandas as pd
 import psutil
 import pytest
-
-from tests.conftest import TINY
+from conftest import TINY
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

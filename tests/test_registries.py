@@ -9,6 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from test_policies import _ctx
 
 from ssdiff_ray import codec, config
 from ssdiff_ray.attacks import ATTACKS
@@ -16,7 +17,6 @@ from ssdiff_ray.data import SOURCES, load_dataset
 from ssdiff_ray.devices import DEVICE_CLASSES, make_population
 from ssdiff_ray.model import PRESETS, SAMPLERS
 from ssdiff_ray.policies import POLICIES, make_policy
-from tests.test_policies import _ctx
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
@@ -28,15 +28,31 @@ def test_every_policy_chooses_codec_widths_for_every_client(name):
     assert len(d.bits) == 12 and set(d.bits.tolist()) <= set(codec.SUPPORTED_BITS)
 
 
+def _write_small_set(tmp_path, name: str):
+    """Six 8 x 8 images with two labels, as the source reads them."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images = [(rng.random((8, 8)) * 255).astype(np.uint8) for _ in range(6)]
+    if name == "parquet":
+        path = tmp_path / "set.parquet"
+        pq.write_table(pa.table({"image": [im.astype(np.float32).tolist() for im in images],
+                                 "label": [0, 1] * 3}), path)
+        return path
+    if name == "image_folder":
+        for i, im in enumerate(images):
+            folder = tmp_path / "root" / f"class{i % 2}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(im).save(folder / f"{i}.png")
+        return tmp_path / "root"
+    raise AssertionError(f"no small set for source {name!r}: add one here")
+
+
 @pytest.mark.parametrize("name", list(SOURCES))
 def test_every_data_source_loads_images_in_range(name, tmp_path):
     overrides = [f"data.name={name}", "data.image_size=8"]
     if SOURCES[name][1]:  # a source that reads a file: write a small one of its kind
-        path = tmp_path / "set.parquet"
-        rng = np.random.default_rng(0)
-        pq.write_table(pa.table({"image": [rng.random((8, 8)).astype(np.float32).tolist()
-                                           for _ in range(6)], "label": [0, 1] * 3}), path)
-        overrides.append(f"data.path={path}")
+        overrides.append(f"data.path={_write_small_set(tmp_path, name)}")
     data = load_dataset(config.load(None, overrides).data)
     assert data.images.ndim == 4 and data.images.shape[-2:] == (8, 8)
     assert data.images.min() >= -1 and data.images.max() <= 1 and len(data.labels) == len(data.images)

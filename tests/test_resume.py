@@ -14,9 +14,8 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
+from conftest import TINY
 from safetensors.numpy import load_file
-
-from tests.conftest import TINY
 
 pytestmark = pytest.mark.slow
 

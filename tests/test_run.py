@@ -41,8 +41,10 @@ def test_two_rounds_ledgers_and_model(tiny_overrides):
 
     pipe = DDPMPipeline.from_pretrained(f"{run_dir}/model")
     assert pipe.unet.config.sample_size == 16
-    assert (config.load(f"{run_dir}/config.toml") == config.load(None, [*tiny_overrides,
-            "rounds=2", "name=e2e", "eval.every=1"]))
+    # the saved config is the run's, with channels and classes read from the data
+    assert config.load(f"{run_dir}/config.toml") == config.load(None, [
+        *tiny_overrides, "rounds=2", "name=e2e", "eval.every=1", "data.channels=1",
+        "data.num_classes=10"])
     import glob
 
     assert glob.glob(f"{run_dir}/samples/round_0001.png")

@@ -16,7 +16,9 @@ from ssdiff_ray.registry import load
 # name -> (loader, what data.path must name; None: no path)
 SOURCES: dict[str, tuple[str, str | None]] = {
     "digits": ("ssdiff_ray.data.digits:load", None),
+    "colour_digits": ("ssdiff_ray.data.colour_digits:load", None),
     "parquet": ("ssdiff_ray.data.parquet:load", "a Parquet file"),
+    "image_folder": ("ssdiff_ray.data.image_folder:load", "a folder of class folders"),
 }
 
 
@@ -34,3 +36,4 @@ class Dataset:
 def load_dataset(data) -> Dataset:
     """The data set the ``[data]`` config section names."""
     return load(SOURCES[data.name][0])(data)
+

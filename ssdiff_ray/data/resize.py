@@ -17,12 +17,12 @@ def _source_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.n
 
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:
-    """Bilinear resize of N x H x W float images to N x size x size; equal to torch's
+    """Bilinear resize of ... x H x W float images to ... x size x size; equal to torch's
     ``F.interpolate(mode="bilinear", align_corners=False)`` up to float rounding."""
     x = images.astype(np.float32)
     if x.shape[-1] == size and x.shape[-2] == size:
         return x
     r0, r1, wr = _source_weights(x.shape[-2], size)
     c0, c1, wc = _source_weights(x.shape[-1], size)
-    rows = x[:, r0, :] * (1 - wr)[None, :, None] + x[:, r1, :] * wr[None, :, None]
-    return (rows[:, :, c0] * (1 - wc) + rows[:, :, c1] * wc).astype(np.float32)
+    rows = x[..., r0, :] * (1 - wr)[:, None] + x[..., r1, :] * wr[:, None]
+    return (rows[..., c0] * (1 - wc) + rows[..., c1] * wc).astype(np.float32)

@@ -25,7 +25,8 @@ def write_shards(
         values = pa.array(flat.ravel(), type=pa.float32())
         col = pa.FixedSizeListArray.from_arrays(values, flat.shape[1])
         table = pa.table({"image": col, "label": pa.array(labels[idx], type=pa.int64())})
-        table = table.replace_schema_metadata({"image_side": str(side)})
+        table = table.replace_schema_metadata({"image_side": str(side),
+                                               "image_channels": str(images.shape[1])})
         path = shard_path(out_dir, cid)
         pq.write_table(table, path, compression="none")
         paths.append(path)
@@ -33,11 +34,12 @@ def write_shards(
 
 
 def read_shard(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """A client's shard back as (images N x 1 x S x S float32, labels int64)."""
+    """A client's shard back as (images N x C x S x S float32, labels int64)."""
     table = pq.read_table(path)
-    side = int(table.schema.metadata[b"image_side"])
+    meta = table.schema.metadata
+    side, channels = int(meta[b"image_side"]), int(meta.get(b"image_channels", b"1"))
     col = table.column("image").combine_chunks()
     flat = np.array(col.values.to_numpy(zero_copy_only=False), dtype=np.float32)  # writable
-    images = flat.reshape(len(table), 1, side, side)
+    images = flat.reshape(len(table), channels, side, side)
     labels = table.column("label").to_numpy()
     return images, labels

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ssdiff_ray.defense.outputs import output_spread
+from ssdiff_ray.model.unet import predict_eps
 
 
 @dataclass
@@ -39,7 +40,7 @@ class TriggerEstimate:
 def _eps_at(unet, x: torch.Tensor, t: int) -> torch.Tensor:
     """eps_theta(x, t) on the model's device, returned on the CPU."""
     dev = next(unet.parameters()).device
-    return unet(x.to(dev), torch.full((x.shape[0],), t, device=dev)).sample.cpu()
+    return predict_eps(unet, x.to(dev), torch.full((x.shape[0],), t, device=dev)).cpu()
 
 
 def mean_shift(unet, scheduler, tau: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:

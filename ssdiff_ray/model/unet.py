@@ -11,21 +11,36 @@ from diffusers import DDPMScheduler, UNet2DModel
 from ssdiff_ray.model import PRESETS
 
 
-def build_unet(preset: str, image_size: int, channels: int = 1, seed: int = 0) -> UNet2DModel:
-    """A diffusers UNet2DModel of the named size, initialised from ``seed``."""
-    p = PRESETS[preset]
-    n = len(p["block_out_channels"])
+def build_unet(preset: str, image_size: int, channels: int = 1, seed: int = 0,
+               num_classes: int = 0) -> UNet2DModel:
+    """A diffusers UNet2DModel of the named size, initialised from ``seed``. With
+    ``num_classes`` K > 0 it is class-conditional with K + 1 class embeddings: the last is
+    "no class", which classifier-free guidance trains (label dropout) and samples with."""
+    kw = dict(PRESETS[preset])
+    if num_classes:
+        kw["num_class_embeds"] = num_classes + 1
     torch.manual_seed(seed)
-    return UNet2DModel(
-        sample_size=image_size,
-        in_channels=channels,
-        out_channels=channels,
-        block_out_channels=p["block_out_channels"],
-        layers_per_block=p["layers_per_block"],
-        norm_num_groups=p["norm_num_groups"],
-        down_block_types=("DownBlock2D",) * n,
-        up_block_types=("UpBlock2D",) * n,
-    )
+    return UNet2DModel(sample_size=image_size, in_channels=channels, out_channels=channels, **kw)
+
+
+def unet_for(cfg) -> UNet2DModel:
+    """The run's UNet, initialised from its seed (the same on every pool and the server)."""
+    d = cfg.data
+    return build_unet(cfg.model.preset, d.image_size, d.channels or 1, cfg.seed,
+                      d.num_classes if cfg.model.conditional else 0)
+
+
+def null_label(unet: UNet2DModel) -> int | None:
+    """The "no class" label of a class-conditional UNet, None for an unconditional one."""
+    k = unet.config.num_class_embeds
+    return None if not k else k - 1
+
+
+def predict_eps(unet: UNet2DModel, x: torch.Tensor, t, class_labels=None) -> torch.Tensor:
+    """eps_theta(x, t[, class]); a conditional UNet without labels gets "no class"."""
+    if class_labels is None and null_label(unet) is not None:
+        class_labels = torch.full((x.shape[0],), null_label(unet), device=x.device)
+    return unet(x, t, class_labels=class_labels).sample
 
 
 def build_scheduler(timesteps: int = 1000, beta_schedule: str = "linear") -> DDPMScheduler:
@@ -62,6 +77,18 @@ def set_flat(model: torch.nn.Module, flat: np.ndarray) -> None:
         raise ValueError(f"flat vector has {vec.numel()} values, model has {offset}")
 
 
+def guided_eps(unet: UNet2DModel, x: torch.Tensor, t, class_labels: torch.Tensor | None,
+               guidance: float = 1.0) -> torch.Tensor:
+    """Classifier-free guidance (Ho & Salimans, 2022): eps_u + w (eps_c - eps_u), one batched
+    pass for both; w = 1 is the plain conditional prediction, w = 0 the unconditional one."""
+    if class_labels is None or guidance == 1.0:
+        return predict_eps(unet, x, t, class_labels)
+    null = torch.full_like(class_labels, null_label(unet))
+    both = unet(torch.cat([x, x]), t, class_labels=torch.cat([class_labels, null])).sample
+    eps_c, eps_u = both.chunk(2)
+    return eps_u + guidance * (eps_c - eps_u)
+
+
 def flops_per_sample_step(unet: UNet2DModel) -> float:
     """Training FLOPs per sample per local step: 3x the forward pass (the backward pass
     costs about twice the forward: gradients of activations and of weights)."""
@@ -70,4 +97,5 @@ def flops_per_sample_step(unet: UNet2DModel) -> float:
     c, s = unet.config.in_channels, unet.config.sample_size
     x = torch.zeros(1, c, s, s, device=next(unet.parameters()).device)
     t = torch.zeros(1, dtype=torch.long, device=x.device)
-    return 3.0 * forward_flops(unet, (x, t))
+    labels = None if null_label(unet) is None else torch.zeros(1, dtype=torch.long, device=x.device)
+    return 3.0 * forward_flops(unet, (x, t, labels))

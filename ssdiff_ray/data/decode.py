@@ -1,0 +1,106 @@
+"""Images from user files into one array: decoding (PNG/JPEG bytes, Hugging Face image
+structs, arrays), checks that name the offending row or file, resizing and scaling to
+[-1, 1], and labels (integers, or class names)."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+
+from ssdiff_ray.data import DataError
+from ssdiff_ray.data.resize import resize
+
+MIN_SIDE = 8  # smaller images carry too little to train a diffusion model on
+
+
+def read_image_bytes(data: bytes, where: str) -> np.ndarray:
+    """H x W x C uint8 from encoded bytes: grey stays 1 channel, everything else is RGB."""
+    from PIL import Image
+
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a data error
+        raise DataError(f"{where}: not a readable image ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    img = img.convert("L" if img.mode in ("1", "L", "I;16", "I", "F") else "RGB")
+    arr = np.asarray(img)
+    return arr[..., None] if arr.ndim == 2 else arr
+
+
+def decode_value(value, where: str) -> np.ndarray:
+    """One table cell as H x W x C (uint8 from bytes, float from arrays)."""
+    if isinstance(value, dict):  # Hugging Face `datasets`' image struct {"bytes", "path"}
+        if value.get("bytes"):
+            return read_image_bytes(value["bytes"], where)
+        path = value.get("path")
+        if not path:
+            raise DataError(f"{where}: image struct has neither bytes nor a path")
+        try:
+            with open(path, "rb") as f:
+                return read_image_bytes(f.read(), where)
+        except OSError as e:
+            raise DataError(f"{where}: image path {path!r}: {e.strerror}") from None
+    if isinstance(value, (bytes, bytearray)):
+        return read_image_bytes(bytes(value), where)
+    if value is None:
+        raise DataError(f"{where}: no image")
+    arr = np.asarray(value, dtype=np.float32)
+    if arr.ndim == 1:
+        side = int(round(np.sqrt(arr.size)))
+        if side * side != arr.size:
+            raise DataError(f"{where}: flat image of {arr.size} values is not square")
+        arr = arr.reshape(side, side)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[-1] not in (1, 3):
+        raise DataError(f"{where}: image has shape {arr.shape}, expected H x W or H x W x C "
+                        "with C = 1 or 3")
+    return arr
+
+
+def to_array(images: list[np.ndarray], wheres: list[str], image_size: int) -> np.ndarray:
+    """N x C x S x S float32 in [-1, 1] from H x W x C images: all with one channel count,
+    at least MIN_SIDE pixels on a side; uint8 or values > 1 are 0..255, else 0..1."""
+    channels = images[0].shape[-1]
+    for im, where in zip(images, wheres):
+        if im.shape[-1] != channels:
+            raise DataError(f"{where}: {im.shape[-1]} channels, but {wheres[0]} has {channels} "
+                            "(all images must be grey or all colour)")
+        if min(im.shape[:2]) < MIN_SIDE:
+            raise DataError(f"{where}: image is {im.shape[0]} x {im.shape[1]} px, "
+                            f"at least {MIN_SIDE} x {MIN_SIDE} is needed")
+        if not np.isfinite(np.asarray(im, np.float32)).all():
+            raise DataError(f"{where}: image contains NaN or Inf")
+    scale = 255.0 if any(im.dtype == np.uint8 or im.max() > 1.0 for im in images) else 1.0
+    out = np.empty((len(images), channels, image_size, image_size), np.float32)
+    for i, im in enumerate(images):
+        x = np.asarray(im, np.float32).transpose(2, 0, 1) / scale  # C x H x W in [0, 1]
+        out[i] = resize(x, image_size)
+    return np.clip(out, 0.0, 1.0) * 2.0 - 1.0  # each channel [0, 1] -> [-1, 1]
+
+
+def to_labels(values: list, label_type: str, where: str) -> tuple[np.ndarray, list[str] | None]:
+    """Integer labels, or class names mapped to 0..K-1 in sorted order (the names are
+    returned). ``label_type``: "int", "name", or "auto" (whichever the column holds)."""
+    is_name = [isinstance(v, str) for v in values]
+    is_int = [isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values]
+    for i, v in enumerate(values):
+        if not (is_name[i] or is_int[i]):
+            raise DataError(f"{where} row {i}: label {v!r} is neither an integer nor a name")
+    want = label_type if label_type != "auto" else ("name" if is_name[0] else "int")
+    bad = next((i for i in range(len(values)) if is_name[i] != (want == "name")), None)
+    if bad is not None:
+        kind = "a string" if is_name[bad] else "a number"
+        expect = "class names (strings)" if want == "name" else "integers"
+        raise DataError(f"{where} row {bad}: label {values[bad]!r} is {kind}; the column "
+                        f"holds {expect}" + (" (data.label_type)" if label_type != "auto" else ""))
+    if want == "int":
+        labels = np.asarray(values, dtype=np.int64)
+        if labels.min() < 0:
+            raise DataError(f"{where} row {int(labels.argmin())}: label {labels.min()} < 0")
+        return labels, None
+    names = sorted(set(values))
+    index = {n: k for k, n in enumerate(names)}
+    return np.array([index[v] for v in values], dtype=np.int64), names
