@@ -98,16 +98,22 @@ def run(
             ray.shutdown()
 
 
+# the final evaluation's figures that go into the summary when the run measured them
+QUALITY = ("feature_space", "kid", "precision", "recall", "bad_sample_share", "confidence",
+           "class_accuracy")
+
+
 def summarize(fed, wall_s: float) -> dict:
     """The run's summary: its size, the final evaluation and the totals of its ledger."""
     rounds = fed.ledger.rounds()
     last = rounds.iloc[-1]
+    quality = {k: (v if isinstance(v, str) else float(v)) for k in QUALITY
+               if isinstance(v := last.get(k), str) or (v is not None and math.isfinite(v))}
     return {
         "run_dir": str(fed.prep.run_dir), "num_params": fed.num_params, "pools": fed.num_pools,
         "clients": fed.cfg.clients.count, **fed.baseline,
         "rounds": int(fed.cfg.rounds), "wall_s": wall_s,
-        "fid": float(last.get("fid", math.nan)),
-        "confidence": float(last.get("confidence", math.nan)),
+        "fid": float(last.get("fid", math.nan)), **quality,
         "classes_present": int(last.get("classes_present", 0) or 0),
         "uplink_bytes": int(rounds["uplink_bytes"].sum()),
         "downlink_bytes": int(rounds["downlink_bytes"].sum()),

@@ -95,11 +95,13 @@ def cmd_sample(args) -> int:
     from ssdiff_ray.inference import RunModelError, sample_run
 
     try:
-        res = sample_run(args.run_dir, args.n, args.trigger, args.defend, args.seed, args.out)
+        res = sample_run(args.run_dir, args.n, args.trigger, args.defend, args.seed, args.out,
+                         args.class_name, args.guidance)
     except RunModelError as e:
         raise UserError(str(e)) from None
+    what = f", class {res['class']}" if res["class"] is not None else ""
     print(f"{res['n']} samples ({'triggered: ' + res['trigger'] if res['trigger'] else 'clean'}"
-          f" inputs, defense {'on' if res['defended'] else 'off'}): {res['flagged']} flagged")
+          f" inputs{what}, defense {'on' if res['defended'] else 'off'}): {res['flagged']} flagged")
     print(f"grid: {res['png']}\nrecord: {res['record']}")
     return 0
 
@@ -238,6 +240,10 @@ def _add_model_commands(sub) -> None:
     smp.add_argument("--n", type=int, default=64)
     smp.add_argument("--trigger", choices=TRIGGERS,
                      help="start from triggered noise (to test the defense)")
+    smp.add_argument("--class", dest="class_name", metavar="K",
+                     help="generate this class (index or name) of a class-conditional model")
+    smp.add_argument("--guidance", type=float, default=None,
+                     help="classifier-free guidance scale (default: the run's eval.guidance)")
     smp.add_argument("--defend", action=argparse.BooleanOptionalAction, default=True)
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--out", help="PNG path (default RUN_DIR/sample_<trigger>.png)")

@@ -31,9 +31,25 @@ def load_run_model(run_dir: str | Path):
     return cfg, unet, scheduler
 
 
+def class_index(run_dir: str | Path, cfg, name: str) -> int:
+    """A class of the run's data set, by index or by name (``class_names.json``)."""
+    if not cfg.model.conditional:
+        raise RunModelError(f"--class {name}: {run_dir}'s model is not class-conditional")
+    names_file = Path(run_dir) / "class_names.json"
+    names = json.loads(names_file.read_text()) if names_file.is_file() else []
+    if name in names:
+        return names.index(name)
+    if name.isdigit() and int(name) < cfg.data.num_classes:
+        return int(name)
+    known = ", ".join(names) if names else f"0..{cfg.data.num_classes - 1}"
+    raise RunModelError(f"--class {name}: not a class of this run ({known})")
+
+
 def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, defend: bool = True,
-               seed: int = 0, out: str | Path | None = None) -> dict:
-    """Generate ``n`` samples (optionally from triggered inputs), defended or not.
+               seed: int = 0, out: str | Path | None = None, class_name: str | None = None,
+               guidance: float | None = None) -> dict:
+    """Generate ``n`` samples (optionally from triggered inputs, or of one class of a
+    conditional model), defended or not.
 
     Writes a PNG grid and a Parquet record of the inputs (flagged or not, scores) and
     returns a summary.
@@ -45,6 +61,8 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
 
     cfg, unet, scheduler = load_run_model(run_dir)
     size = cfg.data.image_size
+    labels = None if class_name is None else np.full(n, class_index(run_dir, cfg, class_name))
+    w = cfg.eval.guidance if guidance is None else guidance
     if trigger:
         spec = AttackSpec(kind=kind_of_trigger(trigger), trigger=trigger)
         x_T = make_attack(spec).triggered_noise(n, size, seed)
@@ -55,11 +73,13 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
     if defend:
         defense = Defense.from_config(cfg, unet, scheduler, seed)
         det = defense.detect(x_T)
-        images, _ = defense.sample(x_T, flags=det["flagged"])
+        images, _ = defense.sample(x_T, flags=det["flagged"], labels=labels, guidance=w)
     else:
         e = cfg.eval
-        images = sample(unet, scheduler, n, sampler=e.sampler, steps=e.steps, seed=seed, x_T=x_T)
-    out = Path(out) if out else Path(run_dir) / f"sample_{trigger or 'clean'}.png"
+        images = sample(unet, scheduler, n, sampler=e.sampler, steps=e.steps, seed=seed, x_T=x_T,
+                        labels=labels, guidance=w)
+    tag = trigger or ("clean" if labels is None else f"class{int(labels[0])}")
+    out = Path(out) if out else Path(run_dir) / f"sample_{tag}.png"
     save_grid(images, out)
     # one column per input test that ran (disdet_score, llr_score, target_score, ...)
     record = pd.DataFrame({"input": np.arange(n), "flagged": det["flagged"],
@@ -67,7 +87,8 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
     record_path = out.with_suffix(".parquet")
     record.to_parquet(record_path, index=False)
     return {"png": str(out), "record": str(record_path), "n": n, "trigger": trigger or "",
-            "defended": defend, "flagged": int(np.sum(det["flagged"]))}
+            "class": None if labels is None else int(labels[0]), "defended": defend,
+            "flagged": int(np.sum(det["flagged"]))}
 
 
 def audit_run(run_dir: str | Path, seed: int = 0) -> dict:

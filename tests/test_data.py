@@ -148,7 +148,8 @@ def test_colour_digits_are_seeded_rgb_with_ten_classes():
 def _bad(tmp_path, kind):
     """(source, path, extra config) of one kind of bad data."""
     rng = np.random.default_rng(3)
-    grey, rgb = (rng.random((12, 12)) * 255).astype(np.uint8), (rng.random((12, 12, 3)) * 255).astype(np.uint8)
+    grey = (rng.random((12, 12)) * 255).astype(np.uint8)
+    rgb = (rng.random((12, 12, 3)) * 255).astype(np.uint8)
     p = tmp_path / "bad.parquet"
     if kind == "mixed_channels":
         pq.write_table(pa.table({"image": [_png(grey), _png(rgb)]}), p)

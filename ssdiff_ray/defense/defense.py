@@ -56,12 +56,14 @@ class Defense:
         self.prepare()
         return detect_inputs(x_T, self.tests, self.fpr)
 
-    def sample(self, x_T: torch.Tensor, flags: np.ndarray | None = None
-               ) -> tuple[np.ndarray, np.ndarray]:
-        """(images generated from the negated inputs, per-input flags)."""
+    def sample(self, x_T: torch.Tensor, flags: np.ndarray | None = None, labels=None,
+               guidance: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+        """(images generated from the negated inputs, per-input flags); ``labels`` and
+        ``guidance`` for a class-conditional model."""
         self.prepare()
         return defended_sample(self.unet, self.scheduler, x_T, self.tests, self.sampler,
-                               self.steps, self.seed, self.fpr, flags=flags)
+                               self.steps, self.seed, self.fpr, flags=flags, labels=labels,
+                               guidance=guidance)
 
     def audit(self) -> dict:
         """The model-level verdict (``audit_model``) with this model's estimate."""

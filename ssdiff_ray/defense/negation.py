@@ -38,12 +38,13 @@ def purify(x_T: torch.Tensor, flags: np.ndarray, tests: list[InputTest], seed: i
 
 def defended_sample(unet, scheduler, x_T: torch.Tensor, tests: list[InputTest],
                     sampler: str = "ddim", steps: int = 50, seed: int = 0, fpr: float = 0.01,
-                    flags: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    flags: np.ndarray | None = None, labels=None, guidance: float = 1.0
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Detect, negate, generate: (images from the purified inputs, per-input flags).
     ``flags`` skips the detection when the caller already ran ``detect_inputs``."""
     if flags is None:
         flags = detect_inputs(x_T, tests, fpr)["flagged"]
     clean = purify(x_T, flags, tests, seed + 7919, fpr)
     images = sample(unet, scheduler, len(clean), sampler=sampler, steps=steps, seed=seed,
-                    x_T=clean)
+                    x_T=clean, labels=labels, guidance=guidance)
     return images, flags
