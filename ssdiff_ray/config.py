@@ -54,8 +54,8 @@ class DataConfig:
 
 @dataclass
 class ClientsConfig:
-    count: int = _f(20, lo=1, hi=1_000_000)
-    per_round: float = _f(0.1, lo=0.0, lo_open=True, hi=1.0, doc="fraction selected each round")
+    count: int = _f(100, lo=1, hi=1_000_000)
+    per_round: float = _f(0.04, lo=0.0, lo_open=True, hi=1.0, doc="fraction selected each round")
     pools: int = _f(0, lo=0, hi=10_000, doc="ClientPool actors; 0 = one per CPU (or GPU)")
 
 

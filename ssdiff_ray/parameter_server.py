@@ -40,7 +40,6 @@ class ParameterServer:
         self.ema: np.ndarray | None = None
         # What the clients hold: equals ``weights`` unless the downlink is quantized.
         self.client_view = self.weights.copy()
-        self.downlink_residual: np.ndarray | None = None
         self.evaluator = None
 
     def flops_per_sample_step(self) -> float:
@@ -56,11 +55,12 @@ class ParameterServer:
         if bits == 32:
             self.client_view = self.weights.copy()
             return self.client_view, codec.encoded_size(self.num_params, 32, 1)
-        # Quantize the change since the last broadcast, with error feedback on the server.
+        # Send weights - view: the clients' view lags the weights by exactly what earlier
+        # broadcasts rounded off, so this carries that error forward (error feedback, with
+        # the view as the residual). Adding a separate residual too would count it twice.
         rng = np.random.default_rng([self.cfg.seed, round_, 7])
-        payload, self.downlink_residual = codec.quantize_with_feedback(
-            self.weights - self.client_view, self.downlink_residual, bits,
-            self.cfg.quant.block_size, rng, self.layout)
+        payload = codec.encode(self.weights - self.client_view, bits, self.cfg.quant.block_size,
+                               rng, self.layout)
         self.client_view = self.client_view + codec.decode(payload, self.layout, self.num_params)
         return self.client_view, len(payload)
 
@@ -141,14 +141,13 @@ class ParameterServer:
     def state_dict(self) -> dict:
         return {"weights": self.weights, "ema": self.ema,
                 "aggregator": self.aggregator.state_dict(),
-                "client_view": self.client_view, "downlink_residual": self.downlink_residual}
+                "client_view": self.client_view}
 
     def load_state_dict(self, state: dict) -> None:
         self.weights = state["weights"]
         self.ema = state.get("ema")
         self.aggregator.load_state_dict(state["aggregator"])
         self.client_view = state["client_view"]
-        self.downlink_residual = state["downlink_residual"]
 
     def save_model(self, path) -> None:
         from ssdiff_ray.model.pipeline import save_pipeline

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -190,11 +188,11 @@ def test_solve_fixed_caps_bits_at_device_max():
     np.testing.assert_array_equal(d.bits, ctx.profiles["max_bits"].to_numpy())
 
 
-def test_thousand_clients_well_under_a_second():
+def test_thousand_clients_get_a_feasible_decision():
+    """(Its speed is benchmarks/solver_time.py's: a wall-time assert does not belong here.)"""
     ctx = _context(2000, 0, num_params=1_000_000, deadline_s=30.0)
     assert len(ctx.client_ids) == 1000
-    policy = EnergyOptimalPolicy(CFG, ref_bits=4)
-    policy.choose(ctx)
-    start = time.perf_counter()
-    policy.choose(ctx)
-    assert time.perf_counter() - start < 0.5
+    d = EnergyOptimalPolicy(CFG, ref_bits=4).choose(ctx)
+    assert d.bits.shape == (1000,) and set(np.unique(d.bits)) <= set(codec.SUPPORTED_BITS)
+    assert d.tx_power_w is not None and np.isfinite(d.tx_power_w).all()
+

@@ -7,6 +7,7 @@ import pytest
 
 from ssdiff_ray import codec, config
 from ssdiff_ray.devices import make_population
+from ssdiff_ray.energy import rate_bps
 from ssdiff_ray.policies import RoundContext, make_policy
 from ssdiff_ray.policies.doubly_adaptive import DoublyAdaptivePolicy
 from ssdiff_ray.policies.levels import bits_for_levels
@@ -63,9 +64,11 @@ def test_doubly_adaptive_client_levels_match_static_variance_with_fewer_bits():
     w = samples / samples.sum()
     # q_i grows with w_i^(2/3): heavier clients get at least as many bits
     assert (np.diff(bits) >= 0).all() and bits[-1] > bits[0]
-    # variance sum_i w_i^2 / q_i^2 is no worse than the static level's
+    # variance sum_i w_i^2 / q_i^2 is no worse than the static level's...
     q = 2.0 ** bits - 1
     assert np.sum(w ** 2 / q ** 2) <= np.sum(w ** 2 / 15 ** 2) * (1 + 1e-9)
+    # ...with fewer bits in all: the static level sends 4 bits from every client
+    assert bits.sum() < 4 * len(bits) and (bits[:3] < 4).all()
 
 
 def test_on_demand_follows_device_class_and_link():
@@ -73,11 +76,19 @@ def test_on_demand_follows_device_class_and_link():
     d = OnDemandPolicy(min_bits=1, max_bits=8).choose(ctx)
     pref = ctx.profiles["preferred_bits"].to_numpy()
     assert (d.bits == np.clip(pref, 1, 8)).all()  # no deadline: the class preference
-    # a tight deadline on a weak link lowers bits for exactly the clients that cannot make it
-    tight = _ctx(n=200, deadline=2.0)
-    tight.channel_gain = np.full(200, 1e-14)
+    # a tight deadline lowers bits for exactly the clients whose upload at their preferred
+    # width does not fit in what the deadline leaves after local compute
+    tight = _ctx(n=200, deadline=20.0)
+    tight.channel_gain = np.geomspace(1e-16, 1e-6, 200)  # from far-off weak links to strong ones
     d2 = OnDemandPolicy(min_bits=1, max_bits=8).choose(tight)
-    assert (d2.bits <= d.bits).all() and (d2.bits < d.bits).any()
+    p = tight.profiles
+    budget = 20.0 - tight.local_flops / (p["flops_per_cycle"] * p["cpu_hz_max"]).to_numpy()
+    rate = rate_bps(tight.bandwidth_hz, p["tx_power_w_max"].to_numpy(), tight.channel_gain)
+    upload = np.array([codec.encoded_size(tight.num_params, int(b), 256) for b in d.bits]) * 8 / rate
+    misses = (upload > np.maximum(budget, 0)) & (d.bits > 1)
+    assert misses.any() and (~misses).any()
+    assert (d2.bits[misses] < d.bits[misses]).all()       # those that miss go lower...
+    assert (d2.bits[~misses] == d.bits[~misses]).all()    # ...and no one else does
     assert set(np.unique(d2.bits)) <= set(codec.SUPPORTED_BITS)
 
 
