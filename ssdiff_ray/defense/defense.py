@@ -10,6 +10,7 @@ from ssdiff_ray.defense.audit import audit_model
 from ssdiff_ray.defense.estimate import TriggerEstimate, estimate_trigger
 from ssdiff_ray.defense.input_tests import InputTest, TargetCheck, detect_inputs, standard_tests
 from ssdiff_ray.defense.negation import defended_sample
+from ssdiff_ray.defense.probe import ProbeEstimator
 
 
 class Defense:
@@ -19,7 +20,8 @@ class Defense:
                  estimate: bool = True, target_check: bool = True, fpr: float = 0.01,
                  sampler: str = "dpm", steps: int = 10, seed: int = 0):
         self.unet, self.scheduler, self.shape = unet, scheduler, tuple(shape)
-        self.estimator, self.use_estimate, self.use_target_check = estimator, estimate, target_check
+        self.estimator = estimator or ProbeEstimator()
+        self.use_estimate, self.use_target_check = estimate, target_check
         self.fpr, self.sampler, self.steps, self.seed = fpr, sampler, steps, seed
         self.est: TriggerEstimate | None = None
         self.check: TargetCheck | None = None

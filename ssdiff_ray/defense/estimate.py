@@ -37,6 +37,28 @@ class TriggerEstimate:
         return float(np.linalg.norm(self.tau))
 
 
+class TriggerEstimator:
+    """The estimator interface: ``estimate`` returns tau (C x S x S) and its statistics. A
+    new estimator is one file with a subclass (its ``Options`` dataclass has ``gen_steps``)
+    plus one line in ``ESTIMATORS``."""
+
+    name = "base"
+    Options: type = object
+
+    def __init__(self, options=None):
+        self.options = options or self.Options()
+
+    @classmethod
+    def from_config(cls, defense) -> TriggerEstimator:
+        """From the ``[defense]`` config section."""
+        return cls(cls.Options(gen_steps=defense.estimate_gen_steps))
+
+    def estimate(self, unet, scheduler, shape: tuple[int, ...], gen: torch.Generator,
+                 base: float) -> tuple[torch.Tensor, dict]:
+        """(tau, statistics); ``base`` is the output spread of clean noise."""
+        raise NotImplementedError
+
+
 def _eps_at(unet, x: torch.Tensor, t: int) -> torch.Tensor:
     """eps_theta(x, t) on the model's device, returned on the CPU."""
     dev = next(unet.parameters()).device
@@ -51,15 +73,11 @@ def mean_shift(unet, scheduler, tau: torch.Tensor, eps: torch.Tensor) -> torch.T
 
 
 @torch.no_grad()
-def estimate_trigger(unet, scheduler, shape: tuple[int, ...], seed: int = 0,
-                     estimator=None) -> TriggerEstimate:
-    """Run ``estimator`` (default: the probe) and describe its tau: the output spread of
-    eps + tau relative to clean noise, on held-out draws (``held_spread_ratio``) and on
-    fresh ones (``spread_ratio``), and Elijah's shift at t = T."""
-    if estimator is None:
-        from ssdiff_ray.defense.probe import ProbeEstimator
-
-        estimator = ProbeEstimator()
+def estimate_trigger(unet, scheduler, shape: tuple[int, ...], seed: int,
+                     estimator: TriggerEstimator) -> TriggerEstimate:
+    """Run ``estimator`` and describe its tau: the output spread of eps + tau relative to
+    clean noise, on held-out draws (``held_spread_ratio``) and on fresh ones
+    (``spread_ratio``), and Elijah's shift at t = T."""
     gen_steps = estimator.options.gen_steps
     gen = torch.Generator().manual_seed(seed)
     was_training = unet.training

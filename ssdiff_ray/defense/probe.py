@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ssdiff_ray.defense.estimate import TriggerEstimator
 from ssdiff_ray.defense.outputs import generate
 from ssdiff_ray.defense.scan import ScanEstimator, ScanOptions
 
@@ -163,15 +164,9 @@ class ProbeOptions:
     sparsify: float = 2.0    # drop pixels within this many noise deviations of 0
 
 
-class ProbeEstimator:
+class ProbeEstimator(TriggerEstimator):
     name = "probe"
-
-    def __init__(self, options: ProbeOptions | None = None):
-        self.options = options or ProbeOptions()
-
-    @classmethod
-    def from_config(cls, defense) -> ProbeEstimator:
-        return cls(ProbeOptions(gen_steps=defense.estimate_gen_steps))
+    Options = ProbeOptions
 
     def estimate(self, unet, scheduler, shape: tuple[int, ...], gen: torch.Generator,
                  base: float) -> tuple[torch.Tensor, dict]:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ssdiff_ray.defense.estimate import TriggerEstimator
 from ssdiff_ray.defense.outputs import generate
 
 
@@ -154,15 +155,9 @@ def prune_patch(unet, scheduler, tau: torch.Tensor, eps: torch.Tensor, base: flo
     return cur
 
 
-class ScanEstimator:
+class ScanEstimator(TriggerEstimator):
     name = "scan"
-
-    def __init__(self, options: ScanOptions | None = None):
-        self.options = options or ScanOptions()
-
-    @classmethod
-    def from_config(cls, defense) -> ScanEstimator:
-        return cls(ScanOptions(gen_steps=defense.estimate_gen_steps))
+    Options = ScanOptions
 
     def estimate(self, unet, scheduler, shape: tuple[int, ...], gen: torch.Generator,
                  base: float) -> tuple[torch.Tensor, dict]:
