@@ -1,5 +1,8 @@
 """One typed, validated run configuration: TOML file + ``section.key=value`` overrides.
 
+(Over 400 lines on purpose: the whole schema in one file, section by section, so a user
+reads every option with its range and its doc in one place.)
+
 Every field has a type and an allowed range in its metadata; ``validate`` checks them all
 and raises ``ConfigError`` with one line naming the field, the value and what is allowed.
 """

@@ -102,19 +102,27 @@ def _param(name: str, spec: Any, schema: dict) -> Param:
         return value
 
     if "choices" in spec:
-        if set(spec) - {"choices"}:
-            raise ConfigError(f"{where}: give either choices or low/high, not both")
-        choices = spec["choices"]
-        if choices == "all":
-            if not meta.get("choices"):
-                raise ConfigError(f"{where}: choices = \"all\" needs a field with a choice list")
-            choices = list(meta["choices"])
-        if not isinstance(choices, list) or not choices:
-            raise ConfigError(f"{where}: choices must be a non-empty list")
-        values = tuple(check(c) for c in choices)
-        if len(set(values)) != len(values):
-            raise ConfigError(f"{where}: choices has duplicates")
-        return Param(name, "categorical", choices=values)
+        return _categorical(name, where, spec, meta, check)
+    return _numeric(name, where, spec, typ, check)
+
+
+def _categorical(name: str, where: str, spec: dict, meta: dict, check) -> Param:
+    if set(spec) - {"choices"}:
+        raise ConfigError(f"{where}: give either choices or low/high, not both")
+    choices = spec["choices"]
+    if choices == "all":
+        if not meta.get("choices"):
+            raise ConfigError(f"{where}: choices = \"all\" needs a field with a choice list")
+        choices = list(meta["choices"])
+    if not isinstance(choices, list) or not choices:
+        raise ConfigError(f"{where}: choices must be a non-empty list")
+    values = tuple(check(c) for c in choices)
+    if len(set(values)) != len(values):
+        raise ConfigError(f"{where}: choices has duplicates")
+    return Param(name, "categorical", choices=values)
+
+
+def _numeric(name: str, where: str, spec: dict, typ: type, check) -> Param:
     if "low" not in spec or "high" not in spec:
         raise ConfigError(f"{where}: needs choices, or both low and high")
     if typ not in (int, float):
