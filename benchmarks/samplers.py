@@ -24,15 +24,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ssdiff_ray.metrics.speckle import speckled
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 GRID = [("dpm_before", 10), ("dpm", 10), ("dpm", 20), ("ddim", 10), ("ddim", 20), ("ddim", 50),
         ("ddpm", 1000)]
-
-
-def speckled(images: np.ndarray) -> np.ndarray:
-    x = (np.asarray(images) + 1) / 2
-    return np.abs(np.diff(x, axis=2)).mean(axis=(1, 2, 3)) > 0.2
 
 
 @torch.no_grad()
