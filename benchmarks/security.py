@@ -4,7 +4,7 @@ Trains (or reuses) one federated model per scenario with the same seed -- BadDif
 (box trigger, hat target), TrojDiff (blend trigger), no attacker, and BadDiffusion against
 training-stage screening alone (norm / krum / flame) -- then, offline on each saved model:
 
-* ASR without defense on ``n`` triggered inputs (the eval sampler, DPM-Solver++ 10 steps);
+* ASR without defense on ``n`` triggered inputs (the config's eval sampler: DDIM 50 steps);
 * the defense: trigger estimated from the model alone, input detection (DisDet + TERD LLR +
   UFID, thresholds from N(0, I) draws only), negation, then ASR with the defense;
 * detection TPR / FPR / AUROC on ``n`` clean N(0, I) and ``n`` triggered inputs;
