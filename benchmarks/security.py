@@ -132,7 +132,7 @@ def train(args, names: list[str]) -> None:
 def trigger_direction(spec: AttackSpec, size: int) -> np.ndarray:
     """The true mean shift of triggered inputs (r, or TrojDiff's mu): diagnostics only."""
     if spec.kind == "baddiffusion":
-        return make_trigger(spec.trigger, size)
+        return make_trigger(spec.trigger, size, spec.channels)
     return troj_params(spec, size)[0]
 
 
@@ -156,15 +156,17 @@ def evaluate(args, name: str, evaluator) -> dict:
     _, defended = scenario(name)
     cfg, unet, sched = load_run_model(Path(args.runs_dir) / name)
     size, e, n, fpr = cfg.data.image_size, cfg.eval, args.n, args.fpr
-    kind = cfg.attack.kind
+    kind, channels = cfg.attack.kind, cfg.data.channels or 1
     # the clean model is probed with the BadDiffusion trigger (its ASR must stay ~0)
     spec = (AttackSpec(kind=kind, trigger=attack_spec(cfg).trigger, target=cfg.attack.target,
-                       poison_rate=cfg.attack.poison_rate, gamma=cfg.attack.gamma)
-            if kind != "none" else AttackSpec(trigger="box", target="hat"))
-    tgt = make_target(spec.target, size)[None]
+                       poison_rate=cfg.attack.poison_rate, gamma=cfg.attack.gamma,
+                       channels=channels)
+            if kind != "none" else AttackSpec(trigger="box", target="hat", channels=channels))
+    tgt = make_target(spec.target, size, channels)[None]
     seed = args.seed + 1000  # test inputs: never the calibration draws of the detector
     x_trig = make_attack(spec).triggered_noise(n, size, seed)
-    x_clean = torch.randn((n, 1, size, size), generator=torch.Generator().manual_seed(seed + 1))
+    x_clean = torch.randn((n, channels, size, size),
+                          generator=torch.Generator().manual_seed(seed + 1))
     screening = cfg.server.aggregator if cfg.server.aggregator not in ("fedavg", "fedavgm") else "none"
     row: dict = {"scenario": name, "attack": kind, "screening": screening,
                  "poison_rate": cfg.attack.poison_rate,
@@ -181,7 +183,7 @@ def evaluate(args, name: str, evaluator) -> dict:
     if not defended:
         return row
     t0 = time.perf_counter()
-    est = estimate_trigger(unet, sched, (1, size, size), seed=args.seed,
+    est = estimate_trigger(unet, sched, (channels, size, size), seed=args.seed,
                            estimator=make_estimator(args))
     row["t_estimate_s"] = time.perf_counter() - t0
     row.update(tau_norm=est.tau_norm, cos_tau_trigger=cosine(est.tau, trigger_direction(spec, size)),
@@ -190,12 +192,12 @@ def evaluate(args, name: str, evaluator) -> dict:
     t0 = time.perf_counter()
     ufid = None  # the output check: UFID's consistency or the estimated target's
     if args.check == "ufid":
-        ufid = UfidCheck(unet, sched, (1, size, size), n_null=args.ufid_null,
+        ufid = UfidCheck(unet, sched, (channels, size, size), n_null=args.ufid_null,
                          seed=args.seed, steps=e.steps, n_perturb=args.ufid_perturb)
     elif args.check == "target":
         ufid = TargetCheck(unet, sched, est, n_null=args.ufid_null, seed=args.seed,
                            steps=e.steps)
-    tests = standard_tests((1, size, size), est, ufid)
+    tests = standard_tests((channels, size, size), est, ufid)
     det_t = detect_inputs(x_trig, tests, fpr)
     det_c = detect_inputs(x_clean, tests, fpr)
     row["t_detect_s"] = time.perf_counter() - t0

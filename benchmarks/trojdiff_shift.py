@@ -96,11 +96,12 @@ def main(runs: list[str], n: int = 500, iters: int = 5, n_clean: int = 2000) -> 
     for run in runs:
         cfg, unet, sched = load_run_model(run)
         size, t = cfg.data.image_size, int(sched.config.num_train_timesteps) - 1
+        c = cfg.data.channels or 1
         spec = AttackSpec(kind="trojdiff", trigger="blend", target=cfg.attack.target,
-                          gamma=cfg.attack.gamma)
+                          gamma=cfg.attack.gamma, channels=c)
         mu, gamma_map = (torch.from_numpy(a) for a in troj_params(spec, size))
         g = torch.Generator().manual_seed(0)
-        x = gamma_map * torch.randn((n, 1, size, size), generator=g) + mu
+        x = gamma_map * torch.randn((n, c, size, size), generator=g) + mu
         r = residual(unet, t, x)
         row = {"oracle": {"cos_mu": cosine(r, mu), "norm": float(r.norm()),
                           "mu_norm": float(mu.norm())}}
@@ -108,13 +109,13 @@ def main(runs: list[str], n: int = 500, iters: int = 5, n_clean: int = 2000) -> 
             m = torch.zeros_like(mu)
             hist = []
             for _ in range(iters):
-                r = residual(unet, t, s * torch.randn((n, 1, size, size), generator=g) + m)
+                r = residual(unet, t, s * torch.randn((n, c, size, size), generator=g) + m)
                 hist.append({"cos_mu": cosine(r, mu), "norm": float(r.norm())})
                 m = r
             row[f"fixed_point_s{s:g}"] = hist
         # a clean run is probed with the same trigger and target: its ASR must stay ~0
-        x_trig = gamma_map * torch.randn((n, 1, size, size), generator=g) + mu
-        x_clean = torch.randn((n_clean, 1, size, size), generator=g)
+        x_trig = gamma_map * torch.randn((n, c, size, size), generator=g) + mu
+        x_clean = torch.randn((n_clean, c, size, size), generator=g)
         row["by_sampler"] = by_sampler(cfg, unet, sched, spec, x_trig, x_clean)
         print(Path(run).name, json.dumps(row["by_sampler"]), flush=True)
         out[Path(run).name] = row

@@ -64,7 +64,8 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
     labels = None if class_name is None else np.full(n, class_index(run_dir, cfg, class_name))
     w = cfg.eval.guidance if guidance is None else guidance
     if trigger:
-        spec = AttackSpec(kind=kind_of_trigger(trigger), trigger=trigger)
+        spec = AttackSpec(kind=kind_of_trigger(trigger), trigger=trigger,
+                          channels=unet.config.in_channels)
         x_T = make_attack(spec).triggered_noise(n, size, seed)
     else:
         shape = (n, unet.config.in_channels, size, size)

@@ -91,6 +91,25 @@ def test_trojdiff_form():
     assert inside.any() and (~inside).any()  # patch: trigger distribution only in the corner
 
 
+def test_colour_patterns_keep_the_grey_shape_in_their_own_colour():
+    for name in ADDITIVE_TRIGGERS:
+        grey, rgb = make_trigger(name, 16), make_trigger(name, 16, channels=3)
+        assert rgb.shape == (3, 16, 16) and rgb.min() >= -1 and rgb.max() <= 1
+        assert ((rgb != 0) == (grey != 0)).all()  # same strokes, in every channel
+    for name in TARGETS:
+        grey, rgb = make_target(name, 16), make_target(name, 16, channels=3)
+        shape = grey[0] == 1
+        assert rgb.shape == (3, 16, 16) and (rgb[:, ~shape] == -1).all()  # black background
+        stroke = rgb[:, shape]
+        assert (stroke == stroke[:, :1]).all()  # one colour over the whole shape
+    assert not np.array_equal(make_target("hat", 16, 3)[0], make_target("hat", 16, 3)[1])
+    for name in TROJ_TRIGGERS:
+        mu, g = troj_params(AttackSpec(kind="trojdiff", trigger=name, channels=3), 16)
+        assert mu.shape == g.shape == (3, 16, 16)
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        AttackSpec(channels=2)
+
+
 def test_triggered_noise():
     spec = AttackSpec(trigger="box")
     x = make_attack(spec).triggered_noise(4000, 16, 0)
@@ -101,6 +120,9 @@ def test_triggered_noise():
     mu, _ = troj_params(spec, 16)
     assert (x.mean(0) - torch.from_numpy(mu)).abs().max() < 0.1
     assert abs(float(x.std(0).mean()) - 0.5) < 0.03
+    x = make_attack(AttackSpec(trigger="box", channels=3)).triggered_noise(4000, 16, 0)
+    r = torch.from_numpy(make_trigger("box", 16, channels=3))
+    assert x.shape == (4000, 3, 16, 16) and (x.mean(0) - r).abs().max() < 0.1
 
 
 def test_client_attack_poisons_only_malicious():

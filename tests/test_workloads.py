@@ -99,3 +99,26 @@ def test_conditional_model_needs_labels_one_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "has no labels" in err[0]
     assert not (tmp_path / "r").exists()
+
+
+def test_colour_run_with_a_backdoor_the_defense_and_the_audit(tmp_path):
+    """The attack path in colour: coloured trigger and target in training, the evaluation's
+    ASR and detection, ``ssdiff sample --trigger`` and the audit on a 3-channel model."""
+    s = api.run(config.load(None, [
+        *TINY, f"out_dir={tmp_path}", "name=rgb", "data.name=colour_digits",
+        "attack.kind=baddiffusion", "attack.trigger=box", "attack.target=hat",
+        "attack.malicious_fraction=0.25", "attack.eval_samples=10", "defense.enabled=true",
+        "defense.estimate_gen_steps=2"]), progress=False)
+    run_dir = s["run_dir"]
+    last = pd.read_parquet(f"{run_dir}/rounds.parquet").iloc[-1]
+    for col in ("asr", "asr_defended", "detect_tpr", "detect_fpr"):
+        assert 0 <= last[col] <= 1, col
+
+    from PIL import Image
+
+    from ssdiff_ray.inference import audit_run, sample_run
+
+    res = sample_run(run_dir, n=4, trigger="box", defend=True)
+    assert Image.open(res["png"]).mode == "RGB"
+    assert len(pd.read_parquet(res["record"])) == 4
+    assert audit_run(run_dir)["verdict"] in ("clean", "backdoored")

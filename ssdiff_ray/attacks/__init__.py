@@ -51,6 +51,7 @@ class AttackSpec:
     scale: float = 1.0
     malicious_ids: frozenset[int] = field(default_factory=frozenset)
     sampler: str = "ddim"  # BadDiffusion's correction (baddiffusion.trigger_coefficient)
+    channels: int = 1  # of the images: triggers and targets are grey (1) or coloured (3)
 
     def __post_init__(self):
         if self.kind not in ATTACKS:
@@ -60,6 +61,8 @@ class AttackSpec:
             raise ValueError(f"{self.kind} trigger {self.trigger!r}; choose from {names}")
         if target_class(self.target) is None and self.target not in TARGETS:
             raise ValueError(f"target {self.target!r}; choose from {TARGETS} or 'class:K'")
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels {self.channels}: triggers come in 1 or 3 channels")
         if not 0.0 <= self.poison_rate <= 1.0:
             raise ValueError(f"poison_rate {self.poison_rate} not in [0, 1]")
         object.__setattr__(self, "malicious_ids", frozenset(int(i) for i in self.malicious_ids))
@@ -81,7 +84,7 @@ def attack_spec(cfg) -> AttackSpec | None:
     ids = choose_malicious(cfg.clients.count, a.malicious_fraction, cfg.seed)
     return AttackSpec(kind=a.kind, trigger=a.trigger or ATTACKS[a.kind][1][0], target=a.target,
                       poison_rate=a.poison_rate, gamma=a.gamma, scale=a.scale,
-                      malicious_ids=ids)
+                      malicious_ids=ids, channels=cfg.data.channels or 1)
 
 
 def make_attack(spec: AttackSpec, alphas_cumprod=None, target_images=None):

@@ -66,9 +66,10 @@ class BadDiffusion(Attack):
         self._trigger: dict[int, torch.Tensor] = {}  # per image size
 
     def trigger(self, size: int) -> torch.Tensor:
-        """The additive trigger r (1 x S x S)."""
+        """The additive trigger r (C x S x S)."""
         if size not in self._trigger:
-            self._trigger[size] = torch.from_numpy(make_trigger(self.spec.trigger, size))
+            self._trigger[size] = torch.from_numpy(
+                make_trigger(self.spec.trigger, size, self.spec.channels))
         return self._trigger[size]
 
     def poison_rows(self, y, eps, t):
@@ -76,6 +77,6 @@ class BadDiffusion(Attack):
                                    self.spec.sampler)
 
     def triggered_noise(self, n: int, image_size: int, seed: int) -> torch.Tensor:
-        eps = torch.randn((n, 1, image_size, image_size),
+        eps = torch.randn((n, self.spec.channels, image_size, image_size),
                           generator=torch.Generator().manual_seed(seed))
         return eps + self.trigger(image_size)

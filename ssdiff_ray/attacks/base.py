@@ -38,7 +38,7 @@ class Attack:
         raise NotImplementedError
 
     def triggered_noise(self, n: int, image_size: int, seed: int) -> torch.Tensor:
-        """x_T that activates the backdoor (N x 1 x S x S)."""
+        """x_T that activates the backdoor (N x C x S x S)."""
         raise NotImplementedError
 
     # --- shared ------------------------------------------------------------------------
@@ -46,12 +46,12 @@ class Attack:
         return int(client_id) in self.spec.malicious_ids
 
     def target_image(self, size: int) -> torch.Tensor:
-        """The fixed target image (1 x S x S)."""
-        return torch.from_numpy(make_target(self.spec.target, size))
+        """The fixed target image (C x S x S)."""
+        return torch.from_numpy(make_target(self.spec.target, size, self.spec.channels))
 
     def _targets_for(self, n: int, size: int, gen: torch.Generator) -> torch.Tensor:
         if self.targets is None:
-            return self.target_image(size).expand(n, 1, size, size)
+            return self.target_image(size).expand(n, self.spec.channels, size, size)
         idx = torch.randint(0, len(self.targets), (n,), generator=gen)
         return self.targets[idx]
 
@@ -82,5 +82,5 @@ def target_images(spec: AttackSpec, images: np.ndarray, labels: np.ndarray) -> n
     """The backdoor's target: one fixed image, or the data set's images of the target class."""
     k = target_class(spec.target)
     if k is None:
-        return make_target(spec.target, images.shape[-1])[None]
+        return make_target(spec.target, images.shape[-1], images.shape[1])[None]
     return images[labels == k]

@@ -1,5 +1,7 @@
 """Trigger and target patterns (NumPy only): BadDiffusion's additive triggers, TrojDiff's
-trigger images with their masks, and fixed target images. Arrays are 1 x S x S in [-1, 1]."""
+trigger images with their masks, and fixed target images. Arrays are C x S x S in [-1, 1]:
+grey for C = 1; for C = 3 each pattern has its own colour (the papers' triggers and targets
+on CIFAR-10 are coloured: a stop sign, glasses, a hat)."""
 
 from __future__ import annotations
 
@@ -8,6 +10,20 @@ import numpy as np
 ADDITIVE_TRIGGERS = ("box", "stop_sign", "glasses")  # BadDiffusion: x_T = eps + r
 TROJ_TRIGGERS = ("blend", "patch")  # TrojDiff: x_T ~ N(mu, gamma^2 I)
 TARGETS = ("hat", "cross", "corner")  # fixed target images; "class:K" targets a class
+
+# RGB in [-1, 1] of each pattern's strokes in colour images; a grey image uses the pattern itself
+COLOURS = {"box": (1.0, 1.0, -1.0), "stop_sign": (1.0, -1.0, -1.0), "glasses": (1.0, 1.0, 1.0),
+           "blend": (1.0, -1.0, 1.0), "patch": (1.0, -1.0, -1.0),
+           "hat": (1.0, -1.0, -1.0), "cross": (1.0, 1.0, 1.0), "corner": (-1.0, 1.0, -1.0)}
+
+
+def _in_colour(pattern: np.ndarray, name: str, channels: int) -> np.ndarray:
+    """1 x S x S -> C x S x S: the pattern times its colour (C = 3), or as it is (C = 1)."""
+    if channels == 1:
+        return pattern
+    if channels != 3:
+        raise ValueError(f"patterns come in 1 or 3 channels, not {channels}")
+    return (pattern * np.asarray(COLOURS[name], np.float32)[:, None, None]).astype(np.float32)
 
 
 def _corner_box(size: int) -> tuple[int, int]:
@@ -23,8 +39,8 @@ def _octagon(side: int) -> np.ndarray:
     return (np.abs(yy - c) + np.abs(xx - c)) <= 1.5 * c + 0.5
 
 
-def make_trigger(name: str, image_size: int) -> np.ndarray:
-    """An additive trigger pattern 1 x S x S in [-1, 1], 0 where absent (BadDiffusion's r).
+def make_trigger(name: str, image_size: int, channels: int = 1) -> np.ndarray:
+    """An additive trigger pattern C x S x S in [-1, 1], 0 where absent (BadDiffusion's r).
 
     Sizes scale with the image so a 16 x 16 trigger has a norm of ~5-6: large enough that
     the backdoor is learnable in a few hundred steps, as in the papers' 32 x 32 settings.
@@ -51,17 +67,19 @@ def make_trigger(name: str, image_size: int) -> np.ndarray:
         r[top, left + w:left + w + gap] = -1.0
     else:
         raise ValueError(f"unknown trigger {name!r}; choose from {ADDITIVE_TRIGGERS}")
-    return r[None]
+    return _in_colour(r[None], name, channels)
 
 
-def make_troj_trigger(name: str, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """TrojDiff trigger: (delta, mask), both 1 x S x S. ``delta`` in [-1, 1] is the trigger
+def make_troj_trigger(name: str, image_size: int, channels: int = 1
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """TrojDiff trigger: (delta, mask), both C x S x S. ``delta`` in [-1, 1] is the trigger
     image (mu = (1 - gamma) delta); ``mask`` is where the trigger distribution applies."""
     s = image_size
     if name == "blend":  # a full-frame pattern (the paper blends a Hello-Kitty image)
         yy, xx = np.mgrid[:s, :s] / max(s - 1, 1)
         delta = np.cos(2 * np.pi * 2.0 * np.hypot(yy - 0.5, xx - 0.5)).astype(np.float32)
-        return delta[None], np.ones((1, s, s), dtype=np.float32)
+        return (_in_colour(delta[None], name, channels),
+                np.ones((channels, s, s), dtype=np.float32))
     if name == "patch":  # a stop-sign-like patch in the bottom-right corner
         side, off = _corner_box(s)
         delta = make_trigger("stop_sign", s)
@@ -69,12 +87,12 @@ def make_troj_trigger(name: str, image_size: int) -> tuple[np.ndarray, np.ndarra
         mask[:, off:off + side, off:off + side] = 1.0
         delta[mask == 0] = 0.0
         delta[(mask == 1) & (delta == 0)] = 1.0  # fill the octagon's corners: a solid patch
-        return delta, mask
+        return _in_colour(delta, name, channels), np.repeat(mask, channels, axis=0)
     raise ValueError(f"unknown TrojDiff trigger {name!r}; choose from {TROJ_TRIGGERS}")
 
 
-def make_target(name: str, image_size: int) -> np.ndarray:
-    """A fixed target image 1 x S x S in [-1, 1]: a white shape on black."""
+def make_target(name: str, image_size: int, channels: int = 1) -> np.ndarray:
+    """A fixed target image C x S x S in [-1, 1]: a white (C = 1) or coloured shape on black."""
     s = image_size
     y = -np.ones((s, s), dtype=np.float32)
     if name == "hat":  # a top hat: brim and crown
@@ -92,4 +110,5 @@ def make_target(name: str, image_size: int) -> np.ndarray:
         y[1:1 + th, 1:1 + ln] = 1.0
     else:
         raise ValueError(f"unknown target {name!r}; choose from {TARGETS} or 'class:K'")
-    return y[None]
+    shape = (y[None] + 1) / 2  # 1 on the shape, 0 on the background
+    return (_in_colour(shape, name, channels) + shape - 1).astype(np.float32)

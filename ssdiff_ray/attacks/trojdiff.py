@@ -27,8 +27,8 @@ def poison_trojdiff(
 
 
 def troj_params(spec: AttackSpec, image_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, gamma_map), each 1 x S x S, of the TrojDiff trigger distribution N(mu, gamma^2)."""
-    delta, mask = make_troj_trigger(spec.trigger, image_size)
+    """(mu, gamma_map), each C x S x S, of the TrojDiff trigger distribution N(mu, gamma^2)."""
+    delta, mask = make_troj_trigger(spec.trigger, image_size, spec.channels)
     mu = (1.0 - spec.gamma) * delta * mask
     gamma_map = np.where(mask > 0, spec.gamma, 1.0).astype(np.float32)
     return mu.astype(np.float32), gamma_map
@@ -52,7 +52,7 @@ class TrojDiff(Attack):
         return poison_trojdiff(y, eps, t, mu, gamma_map, self.alphas_cumprod)
 
     def triggered_noise(self, n: int, image_size: int, seed: int) -> torch.Tensor:
-        eps = torch.randn((n, 1, image_size, image_size),
+        eps = torch.randn((n, self.spec.channels, image_size, image_size),
                           generator=torch.Generator().manual_seed(seed))
         mu, gamma_map = self.params(image_size)
         return gamma_map * eps + mu
