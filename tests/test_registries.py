@@ -91,3 +91,14 @@ def test_config_and_registries_import_without_torch():
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_ddpm_cifar10_preset_is_the_published_architecture():
+    """The diffusers config of google/ddpm-cifar10-32 (128-256-256-256 channels, attention at
+    16 x 16, two ResNet layers per block) has about 35.7 M parameters at 32 x 32 x 3; the
+    count is pinned so the preset cannot drift from that architecture unnoticed."""
+    from ssdiff_ray.model.unet import build_unet
+
+    unet = build_unet("ddpm_cifar10", 32, 3)
+    assert sum(p.numel() for p in unet.parameters()) == 35_746_307
+    assert unet.config.down_block_types[1] == "AttnDownBlock2D"
