@@ -17,9 +17,11 @@ class ParameterServerActor:
         set_threads(cfg.ray.torch_threads)
         self.server = ParameterServer(cfg, num_slots, device)
 
-    def model_facts(self) -> tuple[int, float]:
-        """(parameters, training FLOPs per sample and local step): the planner's inputs."""
-        return self.server.num_params, self.server.flops_per_sample_step()
+    def model_facts(self) -> tuple[int, float, int]:
+        """(uplinked parameters, training FLOPs per sample and local step, downlinked
+        parameters): the planner's inputs."""
+        s = self.server
+        return s.num_params, s.flops_per_sample_step(), s.downlink_params()
 
     def publish(self, round_: int):
         """Put this round's weights in the object store once; every pool reads that one copy."""

@@ -67,9 +67,9 @@ class Federation:
         self.num_pools = pool_count(cfg, cfg.clients.count)
         self.server, self.pools = self._start_actors()
         # Model facts come from the server: the driver never imports torch (memory, start-up).
-        self.num_params, flops = ray.get(self.server.model_facts.remote())
+        self.num_params, flops, downlink = ray.get(self.server.model_facts.remote())
         ray.get([p.ping.remote() for p in self.pools])  # started: round timeouts exclude start-up
-        self.planner = RoundPlanner(cfg, prep, self.num_params, flops, self.num_pools)
+        self.planner = RoundPlanner(cfg, prep, self.num_params, flops, self.num_pools, downlink)
         self.ledger = Ledger(prep.run_dir)
         spec = attack_spec(cfg)
         self.malicious_ids = np.array(sorted(spec.malicious_ids) if spec else [], dtype=np.int64)

@@ -63,6 +63,18 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from ssdiff_ray import config
+    from ssdiff_ray.pretrain import pretrain
+
+    cfg = config.load(args.config, args.set)
+    res = pretrain(cfg, args.out, args.steps)
+    print(f"pretrained {res['params']:,} parameters on {res['images']} images (classes "
+          f"{res['classes']}) for {res['steps']} steps in {res['wall_s']:.0f} s, loss "
+          f"{res['loss']:.4f}\nsaved: {res['out']} (use --set model.pretrained={res['out']})")
+    return 0
+
+
 def cmd_report(args) -> int:
     from ssdiff_ray.report import RunDirError, report
 
@@ -222,6 +234,14 @@ def _add_run_commands(sub) -> None:
     r.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
+
+    pt = sub.add_parser("pretrain", help="train a base model centrally and save it as a "
+                        "diffusers pipeline (for model.pretrained)")
+    pt.add_argument("--config", help="TOML config file ([data], [model], [train] apply)")
+    pt.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    pt.add_argument("--steps", type=int, default=3000, help="Adam steps")
+    pt.add_argument("--out", required=True, help="directory to save the pipeline to (new)")
+    pt.set_defaults(func=cmd_pretrain)
 
     rep = sub.add_parser("report", help="plots (energy, bits, latency, FID) and totals of a run")
     rep.add_argument("run_dir")

@@ -37,8 +37,9 @@ class ClientPool:
         self.device = device
         unet = unet_for(cfg).to(device)
         sched = build_scheduler(cfg.model.timesteps, cfg.model.beta_schedule)
-        self.layout = codec.layout_id(param_layout(unet))
-        self.num_params = sum(p.numel() for p in unet.parameters())
+        # What clients upload: every parameter, or only the adapters (train.mode = lora).
+        self.layout = codec.layout_id(param_layout(unet, trainable_only=True))
+        self.num_params = sum(p.numel() for p in unet.parameters() if p.requires_grad)
         t = cfg.train
         self.trainer = LocalTrainer(unet, sched.alphas_cumprod, t.lr, t.grad_clip, t.label_dropout)
         self.batched = BatchedTrainer(unet, sched.alphas_cumprod, t.lr, t.grad_clip,
@@ -134,7 +135,8 @@ class ClientPool:
                    for c in client_ids]
         lr = round_lr(t.lr, t.lr_final, t.lr_schedule, round_, cfg.rounds)
         deltas = None
-        if use_batched(cfg.ray.batched_clients, self.device, np.asarray(steps)):
+        if t.mode == "full" and use_batched(cfg.ray.batched_clients, self.device,
+                                            np.asarray(steps)):
             t0 = time.perf_counter()
             deltas, loss[:] = self.batched.train(
                 global_flat, [self.images(int(c)) for c in client_ids], int(steps[0]),

@@ -19,7 +19,7 @@ from typing import Any
 from ssdiff_ray.aggregation import AGGREGATORS
 from ssdiff_ray.attacks import ATTACKS, TARGETS, TRIGGERS
 from ssdiff_ray.codec import SUPPORTED_BITS as BITS
-from ssdiff_ray.data import SOURCES
+from ssdiff_ray.data import SOURCES, parse_classes
 from ssdiff_ray.defense import ESTIMATORS
 from ssdiff_ray.devices import DEVICE_CLASSES
 from ssdiff_ray.faults import parse_fault
@@ -53,6 +53,8 @@ class DataConfig:
     num_classes: int = _f(0, lo=0, hi=100_000, doc="classes; 0 = read from the labels")
     alpha: float = _f(0.5, lo=0.0, lo_open=True, hi=1e6, doc="Dirichlet concentration (small = non-IID)")
     min_samples: int = _f(8, lo=1, hi=100000, doc="fewest samples any client holds")
+    classes: str = _f("", doc="keep only these labels, relabelled 0..K-1: '5-9' or '1,3,7' "
+                      "('' = all); e.g. pretrain on 0-4, fine-tune on 5-9")
 
 
 @dataclass
@@ -68,6 +70,8 @@ class ModelConfig:
     conditional: bool = _f(False, doc="class-conditional UNet (classifier-free guidance)")
     timesteps: int = _f(1000, lo=10, hi=4000)
     beta_schedule: str = _f("linear", choices=BETA_SCHEDULES)
+    pretrained: str = _f("", doc="start from a saved diffusers pipeline or UNet: a local "
+                         "directory or a hub id ('' = a fresh model of model.preset)")
 
 
 @dataclass
@@ -82,6 +86,21 @@ class TrainConfig:
     scale_work_by_device: bool = _f(True, doc="local steps scale with the device class")
     label_dropout: float = _f(0.1, lo=0.0, hi=1.0,
                               doc="conditional: share of labels dropped to 'no class' (for guidance)")
+    mode: str = _f("full", choices=("full", "lora"),
+                   doc="train every weight, or low-rank adapters only (needs model.pretrained)")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(8, lo=1, hi=4096)
+    alpha: float = _f(8.0, lo=0.0, lo_open=True, hi=1e6, doc="scaling = alpha / rank")
+    dropout: float = _f(0.0, lo=0.0, hi=0.99)
+    target_modules: str = _f("to_q,to_k,to_v,to_out.0",
+                             doc="comma-separated module names (suffixes) that get adapters: "
+                             "attention projections; add conv1,conv2,time_emb_proj for convs")
+    aggregation: str = _f("exact", choices=("naive", "ffa", "exact"),
+                          doc="naive: mean of A and of B (FedIT); ffa: A frozen, mean of B "
+                          "(FFA-LoRA); exact: mean of B_i A_i, residual into the base (FedEx-LoRA)")
 
 
 @dataclass
@@ -199,6 +218,7 @@ class Config:
     clients: ClientsConfig = field(default_factory=ClientsConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     devices: DevicesConfig = field(default_factory=DevicesConfig)
@@ -336,6 +356,32 @@ def _check_cross(cfg: Config) -> None:
             raise ConfigError(f"faults.inject.{k} = {e}") from None
     if cfg.devices.class_mix and sum(cfg.devices.class_mix.values()) <= 0:
         raise ConfigError("devices.class_mix: weights must not all be 0")
+    _check_lora(cfg)
+    if cfg.data.classes:
+        try:
+            parse_classes(cfg.data.classes)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
+def _check_lora(cfg: Config) -> None:
+    if cfg.train.mode != "lora":
+        return
+    if not cfg.model.pretrained:
+        raise ConfigError("train.mode = 'lora': needs model.pretrained (adapters train on a "
+                          "pretrained model; `ssdiff pretrain` makes one)")
+    if cfg.quant.downlink_bits != 32:
+        raise ConfigError(f"quant.downlink_bits = {cfg.quant.downlink_bits}: must be 32 with "
+                          "train.mode = 'lora' (the adapter broadcast is not quantized)")
+    if cfg.ray.batched_clients == "on":
+        raise ConfigError("ray.batched_clients = 'on': not with train.mode = 'lora'")
+    if not lora_targets(cfg.lora.target_modules):
+        raise ConfigError(f"lora.target_modules = {cfg.lora.target_modules!r}: names no module")
+
+
+def lora_targets(text: str) -> list[str]:
+    """``lora.target_modules`` as a list of names."""
+    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

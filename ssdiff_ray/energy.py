@@ -152,8 +152,9 @@ def stragglers(total_s, deadline_s: float) -> np.ndarray:
     return np.asarray(total_s, dtype=float) > deadline_s
 
 
-def forward_flops(module, example_inputs: tuple) -> int:
-    """FLOPs of one forward pass, counting nn.Conv2d / nn.Linear MACs (x2) with forward hooks.
+def forward_flops(module, example_inputs: tuple, only=None) -> int:
+    """FLOPs of one forward pass, counting nn.Conv2d / nn.Linear MACs (x2) with forward hooks
+    (only in the layers whose name ``only(name)`` accepts, when given).
 
     Conv2d: 2 * out.numel() * (C_in / groups) * k_h * k_w; Linear: 2 * out.numel() * in_features.
     Bias adds, norms, activations and attention score products are ignored (small next to the
@@ -174,7 +175,9 @@ def forward_flops(module, example_inputs: tuple) -> int:
         total += 2 * output.numel() * layer.in_features
 
     handles = []
-    for layer in module.modules():
+    for name, layer in module.named_modules():
+        if only is not None and not only(name):
+            continue
         if isinstance(layer, nn.Conv2d):
             handles.append(layer.register_forward_hook(conv_hook))
         elif isinstance(layer, nn.Linear):

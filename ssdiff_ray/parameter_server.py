@@ -14,7 +14,9 @@ from ssdiff_ray import codec
 from ssdiff_ray.aggregation import make_aggregator
 from ssdiff_ray.aggregation.base import ClientUpdate, clip_to_norm
 from ssdiff_ray.config import Config
-from ssdiff_ray.model.unet import build_scheduler, get_flat, param_layout, set_flat, unet_for
+from ssdiff_ray.aggregation.lora_exact import add_residuals
+from ssdiff_ray.model.unet import (build_scheduler, get_flat, param_layout, set_flat,
+                                   trainable_mask, unet_for)
 from ssdiff_ray.round_results import ChunkVerdicts, RoundOutcome, TrainedChunk
 
 
@@ -31,9 +33,18 @@ class ParameterServer:
         self.device = device
         self.unet = unet_for(cfg).to(device)
         self.scheduler = build_scheduler(cfg.model.timesteps, cfg.model.beta_schedule)
-        self.layout = codec.layout_id(param_layout(self.unet))
+        # Clients upload (and the aggregator averages) the trainable entries of the weight
+        # vector: all of it, or only the adapters in LoRA mode (``mask``).
+        self.layout = codec.layout_id(param_layout(self.unet, trainable_only=True))
         self.weights = get_flat(self.unet)
-        self.num_params = len(self.weights)
+        self.mask = trainable_mask(self.unet)
+        self.trainable = None if self.mask is None else np.flatnonzero(self.mask)
+        self.num_params = len(self.weights) if self.mask is None else len(self.trainable)
+        self.lora_layers, self.kept_updates = [], []
+        if self.mask is not None and cfg.lora.aggregation == "exact":
+            from ssdiff_ray.model.adapters import lora_layers
+
+            self.lora_layers = lora_layers(self.unet)
         self.aggregator = make_aggregator(cfg.server, self.num_params, num_slots)
         # Diffusion models sample better from an average of recent weights than from the
         # last round's, which leans towards the few (non-IID) clients that round selected.
@@ -54,7 +65,7 @@ class ParameterServer:
         bits = self.cfg.quant.downlink_bits
         if bits == 32:
             self.client_view = self.weights.copy()
-            return self.client_view, codec.encoded_size(self.num_params, 32, 1)
+            return self.client_view, codec.encoded_size(self.downlink_params(), 32, 1)
         # Send weights - view: the clients' view lags the weights by exactly what earlier
         # broadcasts rounded off, so this carries that error forward (error feedback, with
         # the view as the residual). Adding a separate residual too would count it twice.
@@ -64,9 +75,20 @@ class ParameterServer:
         self.client_view = self.client_view + codec.decode(payload, self.layout, self.num_params)
         return self.client_view, len(payload)
 
+    def downlink_params(self) -> int:
+        """Values a client must receive each round: the model, or in LoRA mode the adapters
+        (clients keep the base), plus the adapted layers' base weights when exact
+        aggregation moves them."""
+        moved = sum(int(np.prod(layer.base[1])) for layer in self.lora_layers)
+        return self.num_params + moved
+
     # --- uplink ---------------------------------------------------------------------------
     def begin_round(self) -> None:
-        self.aggregator.begin_round(self.weights)
+        self.kept_updates = []
+        self.aggregator.begin_round(self._uplinked(self.weights))
+
+    def _uplinked(self, weights: np.ndarray) -> np.ndarray:
+        return weights if self.mask is None else weights[self.mask]
 
     def accumulate(self, slot: int, chunk: TrainedChunk, blob: np.ndarray,
                    weights: np.ndarray, assigned_bits: np.ndarray) -> ChunkVerdicts:
@@ -103,6 +125,8 @@ class ParameterServer:
             delta, screened[i] = clip_to_norm(delta, self.cfg.server.max_update_norm)
             self.aggregator.add(ClientUpdate(int(chunk.client_id[i]), slot, delta),
                                 float(weights[i]))
+            if self.lora_layers:  # exact LoRA aggregation needs each client's factors
+                self.kept_updates.append((int(chunk.client_id[i]), float(weights[i]), delta))
             decode_s += t1 - t0
             aggregate_s += time.perf_counter() - t1
         return ChunkVerdicts(rejected, screened, sent_bits, decode_s, aggregate_s)
@@ -111,9 +135,22 @@ class ParameterServer:
         """The aggregator's step, then the server EMA of the new weights."""
         result = self.aggregator.finish()
         if result.aggregated:
-            self.weights = result.weights
+            self.weights = self._new_weights(result)
             self.ema = ema_update(self.ema, self.weights, self.cfg.server.ema_decay)
         return RoundOutcome(result.aggregated, result.update_norm, result.verdicts)
+
+    def _new_weights(self, result) -> np.ndarray:
+        if self.mask is None:
+            return result.weights
+        new = self.weights.copy()
+        new[self.mask] = result.weights
+        if self.lora_layers:
+            kept = [(w, d) for cid, w, d in self.kept_updates
+                    if cid not in result.verdicts or result.verdicts[cid].kept]
+            new = add_residuals(new, self.weights, self.lora_layers, self.trainable, kept,
+                                self.cfg.server.lr)
+        self.kept_updates = []
+        return new
 
     # --- evaluation -----------------------------------------------------------------------
     def sampling_weights(self) -> np.ndarray:
@@ -150,8 +187,39 @@ class ParameterServer:
         self.client_view = state["client_view"]
 
     def save_model(self, path) -> None:
+        """The model as a diffusers pipeline at ``path``; in LoRA mode that is the merged
+        model, and the adapter goes beside it (``adapter/``, peft's format), with the base it
+        applies to: the pretrained model, or ``adapter_base/`` when exact aggregation moved it."""
+        from pathlib import Path
+
         from ssdiff_ray.model.pipeline import save_pipeline
 
         set_flat(self.unet, self.sampling_weights())
-        save_pipeline(self.unet.cpu(), self.scheduler, path)
+        self.unet.cpu()
+        if self.mask is None:
+            save_pipeline(self.unet, self.scheduler, path)
+        else:
+            from ssdiff_ray.model.adapters import merged_unet, save_adapter
+
+            save_pipeline(merged_unet(self.unet), self.scheduler, path)
+            base = self.cfg.model.pretrained
+            if self.lora_layers:
+                base = str(Path(path).parent / "adapter_base")
+                self._save_base(base)
+            save_adapter(self.unet, Path(path).parent / "adapter", self.cfg.lora, base)
         self.unet.to(self.device)
+
+    def _save_base(self, path: str) -> None:
+        """The base weights the adapter applies to (exact aggregation moved them)."""
+        from ssdiff_ray.model.adapters import merged_unet
+        from ssdiff_ray.model.pipeline import save_pipeline
+
+        adapters = {n: p.detach().clone() for n, p in self.unet.named_parameters()
+                    if ".lora_B." in n}
+        for n, p in self.unet.named_parameters():
+            if n in adapters:
+                p.data.zero_()  # B = 0: the merge is the base alone
+        save_pipeline(merged_unet(self.unet), self.scheduler, path)
+        for n, p in self.unet.named_parameters():
+            if n in adapters:
+                p.data.copy_(adapters[n])

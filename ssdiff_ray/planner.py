@@ -35,7 +35,8 @@ class RoundPlanner:
     (its state: ``state_dict`` / ``load_state_dict`` for checkpoints)."""
 
     def __init__(self, cfg: Config, prep: Prepared, num_params: int,
-                 flops_per_sample_step: float, num_pools: int = 1):
+                 flops_per_sample_step: float, num_pools: int = 1,
+                 download_params: int | None = None):
         self.cfg = cfg
         self.num_pools = num_pools
         self.prep = prep
@@ -47,7 +48,10 @@ class RoundPlanner:
         self.last_loss = np.full(cfg.clients.count, np.nan)
         self.last_norm = np.full(cfg.clients.count, np.nan)
         self.loss_history: list[float] = []  # mean training loss of each past round
-        self.download_bytes = codec.encoded_size(num_params, cfg.quant.downlink_bits,
+        # What a client downloads: the model (or the adapters, and the base weights that
+        # exact LoRA aggregation moves), which may differ from what it uploads (num_params).
+        self.download_bytes = codec.encoded_size(download_params or num_params,
+                                                 cfg.quant.downlink_bits,
                                                  cfg.quant.block_size)
 
     def select(self, round_: int) -> np.ndarray:

@@ -85,7 +85,32 @@ def resolve(cfg: Config, dataset: Dataset) -> Config:
         raise config_mod.ConfigError("model.conditional = true: the data set has no labels "
                                      f"(data.label_column = {d.label_column!r})")
     data = dataclasses.replace(d, channels=channels, num_classes=d.num_classes or found)
-    return dataclasses.replace(cfg, data=data)
+    cfg = dataclasses.replace(cfg, data=data)
+    return resolve_pretrained(cfg) if cfg.model.pretrained else cfg
+
+
+def resolve_pretrained(cfg: Config) -> Config:
+    """Check that the pretrained model fits the data and the adapters, and take its noise
+    schedule (so attacks, training and sampling all use the one it was trained with)."""
+    from ssdiff_ray.model import BETA_SCHEDULES
+    from ssdiff_ray.model.pretrained import (PretrainedError, check_fit, check_lora_targets,
+                                             describe)
+
+    d = cfg.data
+    try:
+        info = describe(cfg.model.pretrained)
+        check_fit(info, d.image_size, d.channels, cfg.model.conditional, d.num_classes)
+        if cfg.train.mode == "lora":
+            check_lora_targets(info, config_mod.lora_targets(cfg.lora.target_modules),
+                               cfg.lora.rank)
+    except PretrainedError as e:
+        raise config_mod.ConfigError(str(e)) from None
+    s = info.scheduler or {}
+    model = cfg.model
+    if s.get("beta_schedule") in BETA_SCHEDULES and s.get("num_train_timesteps"):
+        model = dataclasses.replace(model, timesteps=int(s["num_train_timesteps"]),
+                                    beta_schedule=s["beta_schedule"])
+    return dataclasses.replace(cfg, model=model)
 
 
 def population(cfg: Config) -> pd.DataFrame:

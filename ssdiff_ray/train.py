@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ssdiff_ray.model.unet import get_flat, null_label, predict_eps, set_flat
+from ssdiff_ray.model.unet import get_flat, null_label, predict_eps, set_flat, trainable_mask
 
 
 def client_seed(seed: int, client_id: int, round_: int) -> int:
@@ -64,7 +64,8 @@ def round_lr(lr: float, lr_final: float, schedule: str, round_: int, rounds: int
 
 
 class LocalTrainer:
-    """One model and one optimizer, reused for every client a pool trains (no re-creation)."""
+    """One model and one optimizer, reused for every client a pool trains (no re-creation).
+    Only the trainable parameters (the adapters in LoRA mode) are optimised and returned."""
 
     def __init__(self, unet: torch.nn.Module, alphas_cumprod: torch.Tensor, lr: float,
                  grad_clip: float = 1.0, label_dropout: float = 0.0):
@@ -72,7 +73,9 @@ class LocalTrainer:
         self.alphas_cumprod = alphas_cumprod.float()
         self.grad_clip = grad_clip
         self.label_dropout = label_dropout
-        self.opt = torch.optim.Adam(unet.parameters(), lr=lr)
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        self.mask = trainable_mask(unet)  # None: every parameter trains
+        self.opt = torch.optim.Adam(self.params, lr=lr)
 
     def train(
         self,
@@ -85,8 +88,9 @@ class LocalTrainer:
         lr: float | None = None,
         labels: np.ndarray | None = None,
     ) -> tuple[np.ndarray, float]:
-        """Train from the global weights for ``steps`` steps; return (delta, mean loss).
-        ``labels`` (aligned with ``images``) train a class-conditional model."""
+        """Train from the global weights (all parameters) for ``steps`` steps; return (delta of
+        the trainable parameters, mean loss). ``labels`` (aligned with ``images``) train a
+        class-conditional model."""
         set_flat(self.unet, global_flat)
         if lr is not None:
             for group in self.opt.param_groups:
@@ -104,7 +108,8 @@ class LocalTrainer:
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.unet.parameters(), self.grad_clip)
+                torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
             self.opt.step()
             total += loss.item()
-        return get_flat(self.unet) - global_flat, total / steps
+        start = global_flat if self.mask is None else global_flat[self.mask]
+        return get_flat(self.unet, trainable_only=True) - start, total / steps

@@ -34,6 +34,37 @@ class Dataset:
 
 
 def load_dataset(data) -> Dataset:
-    """The data set the ``[data]`` config section names."""
-    return load(SOURCES[data.name][0])(data)
+    """The data set the ``[data]`` config section names (only ``data.classes``, if set)."""
+    dataset = load(SOURCES[data.name][0])(data)
+    return select_classes(dataset, data.classes) if getattr(data, "classes", "") else dataset
 
+
+def select_classes(dataset: Dataset, classes: str) -> Dataset:
+    """Keep the labels ``classes`` names ('5-9'), relabelled 0..K-1 in that order."""
+    keep = parse_classes(classes)
+    if dataset.labels.min() < 0:
+        raise DataError(f"data.classes = {classes!r}: the data set has no labels")
+    missing = sorted(set(keep) - set(np.unique(dataset.labels).tolist()))
+    if missing:
+        raise DataError(f"data.classes = {classes!r}: no images of class {missing[0]}")
+    rows = np.isin(dataset.labels, keep)
+    relabel = {c: i for i, c in enumerate(keep)}
+    labels = np.array([relabel[int(c)] for c in dataset.labels[rows]], dtype=np.int64)
+    names = [dataset.class_names[c] if dataset.class_names else str(c) for c in keep]
+    return Dataset(dataset.images[rows], labels, names)
+
+
+
+def parse_classes(text: str) -> list[int]:
+    """``data.classes`` ('5-9', '1,3,7') as a sorted list of labels."""
+    bad = ValueError(f"data.classes = {text!r}: must be labels like '5-9' or '1,3,7'")
+    out: set[int] = set()
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            out.update(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise bad from None
+    if not out or min(out) < 0:
+        raise bad
+    return sorted(out)
