@@ -24,7 +24,11 @@ def ema_update(ema: np.ndarray | None, weights: np.ndarray, decay: float) -> np.
     """decay * ema + (1 - decay) * weights (None when decay is 0: no EMA)."""
     if decay <= 0:
         return ema
-    return weights.copy() if ema is None else (decay * ema + (1 - decay) * weights).astype(np.float32)
+    if ema is None:
+        return weights.copy()
+    # ema + (1 - decay) (w - ema): weights that did not move (a LoRA run's frozen base) stay
+    # bit-identical, which decay * ema + (1 - decay) * w does not guarantee in float32.
+    return (ema + (1 - decay) * (weights - ema)).astype(np.float32)
 
 
 class ParameterServer:
