@@ -19,10 +19,10 @@ class ClientPoolActor:
         self.pool_index = pool_index
         self.pool = ClientPool(cfg, shard_dir, device, reuse_blob=True)  # see ClientPool
 
-    def train_round(self, global_flat, round_, client_ids, bits, steps):
+    def train_round(self, global_flat, round_, client_ids, bits, steps, ranks=None):
         # After a crash Ray re-runs __init__ in a new process: the report's pid changes, and
         # the driver records that these clients' state (residuals) was reset.
-        return self.pool.train_round(global_flat, round_, client_ids, bits, steps)
+        return self.pool.train_round(global_flat, round_, client_ids, bits, steps, ranks)
 
     def state_dict(self) -> dict:
         return self.pool.state_dict()

@@ -29,8 +29,8 @@ class ParameterServerActor:
         self.server.begin_round()
         return [ray.put(flat)], downlink_bytes
 
-    def accumulate(self, slot, chunk, blob, weights, assigned_bits):
-        return self.server.accumulate(slot, chunk, blob, weights, assigned_bits)
+    def accumulate(self, slot, chunk, blob, weights, assigned_bits, ranks=None):
+        return self.server.accumulate(slot, chunk, blob, weights, assigned_bits, ranks)
 
     def finish_round(self):
         return self.server.finish_round()

@@ -165,7 +165,7 @@ class Federation:
                 idx = idx_all[s:s + per_chunk]
                 report_ref, blob_ref = self.pools[slot].train_round.options(num_returns=2).remote(
                     weights_ref, plan.round, plan.client_ids[idx], plan.bits[idx],
-                    plan.local_steps[idx])
+                    plan.local_steps[idx], None if plan.ranks is None else plan.ranks[idx])
                 calls.setdefault(slot, []).append((report_ref, slot, idx, blob_ref))
         return calls
 
@@ -199,8 +199,9 @@ class Federation:
             res.state_reset[idx] = self.pool_pid.get(slot, report.pid) != report.pid
             self.pool_pid[slot] = report.pid
             weights = plan.num_samples[idx].astype(np.float64)
+            ranks = None if plan.ranks is None else plan.ranks[idx]
             verdicts.append((idx, self.server.accumulate.remote(slot, report_ref, blob_ref,
-                                                                weights, plan.bits[idx])))
+                                                                weights, plan.bits[idx], ranks)))
         for _, _, idx, _ in [*pending.values(), *(c for q in calls.values() for c in q)]:
             res.drop_reason[idx] = "timeout"  # past the round timeout
         return res, verdicts, len(failed)

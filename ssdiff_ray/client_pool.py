@@ -17,6 +17,7 @@ from ssdiff_ray.attacks import attack_spec, make_attack, target_class
 from ssdiff_ray.batched import BatchedTrainer, use_batched
 from ssdiff_ray.config import Config
 from ssdiff_ray.data.shards import read_shard, shard_path
+from ssdiff_ray.model.lora_ranks import rank_index, rank_layout
 from ssdiff_ray.model.unet import build_scheduler, param_layout, unet_for
 from ssdiff_ray.round_results import TrainedChunk
 from ssdiff_ray.train import LocalTrainer, client_seed, round_lr
@@ -38,7 +39,8 @@ class ClientPool:
         unet = unet_for(cfg).to(device)
         sched = build_scheduler(cfg.model.timesteps, cfg.model.beta_schedule)
         # What clients upload: every parameter, or only the adapters (train.mode = lora).
-        self.layout = codec.layout_id(param_layout(unet, trainable_only=True))
+        self.param_layout = param_layout(unet, trainable_only=True)
+        self.layout = codec.layout_id(self.param_layout)
         self.num_params = sum(p.numel() for p in unet.parameters() if p.requires_grad)
         t = cfg.train
         self.trainer = LocalTrainer(unet, sched.alphas_cumprod, t.lr, t.grad_clip, t.label_dropout)
@@ -76,14 +78,22 @@ class ClientPool:
         """A client's labels when the model is class-conditional, else None."""
         return self.shard(client_id)[1] if self.conditional else None
 
-    def _payload_buffer(self, client_ids: np.ndarray, bits: np.ndarray
+    def uplink_part(self, rank: int | None) -> tuple[np.ndarray | None, int, int]:
+        """(positions in the update, their count, layout id) of what a client of LoRA rank
+        ``rank`` uploads: all of the update, or its first ``rank`` adapter components."""
+        if rank is None or rank == self.cfg.lora.rank:
+            return None, self.num_params, self.layout
+        idx = rank_index(self.param_layout, rank)
+        return idx, len(idx), codec.layout_id(rank_layout(self.param_layout, rank))
+
+    def _payload_buffer(self, client_ids: np.ndarray, bits: np.ndarray, ranks
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(sizes, offsets, blob): payload sizes are known before encoding, so each payload
         is encoded straight into its slice of one blob (no bytes objects, no join)."""
         sizes = []
-        for c, b in zip(client_ids, bits):
+        for c, b, r in zip(client_ids, bits, ranks):
             fault = self.faults.get(int(c))
-            size = codec.encoded_size(self.num_params, faults.sent_bits(int(b), fault),
+            size = codec.encoded_size(self.uplink_part(r)[1], faults.sent_bits(int(b), fault),
                                       self.cfg.quant.block_size)
             sizes.append(faults.payload_size(size, fault))
         sizes = np.array(sizes, dtype=np.int64)
@@ -95,19 +105,22 @@ class ClientPool:
         return sizes, offsets, self._blob[:int(offsets[-1])]
 
     def _encode(self, client_id: int, delta: np.ndarray, bits: int, seed: int,
-                out: np.ndarray) -> str:
-        """Quantize ``delta`` into ``out``, with this client's error-feedback residual.
-        Returns "" or why nothing was sent: a diverged client (NaN, Inf) is rejected alone,
-        its pool's other clients go on."""
+                out: np.ndarray, rank: int | None = None) -> str:
+        """Quantize ``delta`` (its rank-``rank`` part) into ``out``, with this client's
+        error-feedback residual. Returns "" or why nothing was sent: a diverged client
+        (NaN, Inf) is rejected alone, its pool's other clients go on."""
         if not np.isfinite(delta).all():
             return "non_finite"
+        idx, _, layout = self.uplink_part(rank)
+        if idx is not None:
+            delta = delta[idx]
         q = self.cfg.quant
         rng = np.random.default_rng(seed)
         fault = self.faults.get(client_id)
         bits = faults.sent_bits(bits, fault)
         if fault is not None and fault[0] in ("truncate", "oversize"):
-            full = np.zeros(codec.encoded_size(self.num_params, bits, q.block_size), np.uint8)
-            codec.encode_into(full, delta, bits, q.block_size, rng, self.layout)
+            full = np.zeros(codec.encoded_size(len(delta), bits, q.block_size), np.uint8)
+            codec.encode_into(full, delta, bits, q.block_size, rng, layout)
             out[:] = 0
             n = min(len(out), len(full))
             out[:n] = full[:n]
@@ -115,21 +128,23 @@ class ClientPool:
         # EF diverges at 1 bit (the quantizer's error exceeds ||v||^2), so skip it there.
         if q.error_feedback and 2 <= bits < 32:
             _, self.residuals[client_id] = codec.quantize_with_feedback(
-                delta, self.residuals.get(client_id), bits, q.block_size, rng, self.layout,
-                out=out)
+                delta, self.residuals.get(client_id), bits, q.block_size, rng, layout, out=out)
         else:
-            codec.encode_into(out, delta, bits, q.block_size, rng, self.layout)
+            codec.encode_into(out, delta, bits, q.block_size, rng, layout)
         return ""
 
     def train_round(self, global_flat: np.ndarray, round_: int, client_ids: np.ndarray,
-                    bits: np.ndarray, steps: np.ndarray) -> tuple[TrainedChunk, np.ndarray]:
+                    bits: np.ndarray, steps: np.ndarray, ranks: np.ndarray | None = None
+                    ) -> tuple[TrainedChunk, np.ndarray]:
         """Train, encode and pack every listed client: (report, blob of all payloads).
-        With ``reuse_blob`` the blob is only valid until the next call."""
+        ``ranks``: each client's LoRA rank (LoRA mode). With ``reuse_blob`` the blob is only
+        valid until the next call."""
         cfg, t = self.cfg, self.cfg.train
         n = len(client_ids)
         loss, norm, train_s, encode_s = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
         failed = np.full(n, "", dtype=object)
-        sizes, offsets, blob = self._payload_buffer(client_ids, bits)
+        ranks = [None] * n if ranks is None else [int(r) for r in ranks]
+        sizes, offsets, blob = self._payload_buffer(client_ids, bits, ranks)
         seeds = [client_seed(cfg.seed, int(c), round_) for c in client_ids]
         poisons = [self.attack.poison_for(int(c)) if self.attack is not None else None
                    for c in client_ids]
@@ -149,7 +164,7 @@ class ClientPool:
             if deltas is None:
                 delta, loss[i] = self.trainer.train(global_flat, self.images(cid), int(steps[i]),
                                                     t.batch_size, seeds[i], poisons[i], lr,
-                                                    self.labels(cid))
+                                                    self.labels(cid), self._masked(ranks[i]))
                 train_s[i] = time.perf_counter() - t0
             else:
                 delta = deltas[i]
@@ -159,12 +174,16 @@ class ClientPool:
             t1 = time.perf_counter()
             norm[i] = float(np.linalg.norm(delta))
             failed[i] = self._encode(cid, delta, int(bits[i]), seeds[i],
-                                     blob[offsets[i]:offsets[i + 1]])
+                                     blob[offsets[i]:offsets[i + 1]], ranks[i])
             encode_s[i] = time.perf_counter() - t1
         sent = np.where(failed == "", sizes, 0)  # a client that failed sent nothing
         report = TrainedChunk(np.asarray(client_ids, dtype=np.int64), loss, norm, sent, offsets,
                               train_s, encode_s, os.getpid(), failed)
         return report, blob
+
+    def _masked(self, rank: int | None) -> int | None:
+        """The rank to mask training to, None when the client trains the full rank."""
+        return None if rank is None or rank == self.cfg.lora.rank else rank
 
     def state_dict(self) -> dict:
         """What must survive a restart: the error-feedback residuals."""

@@ -101,6 +101,8 @@ class LoraConfig:
     aggregation: str = _f("exact", choices=("naive", "ffa", "exact"),
                           doc="naive: mean of A and of B (FedIT); ffa: A frozen, mean of B "
                           "(FFA-LoRA); exact: mean of B_i A_i, residual into the base (FedEx-LoRA)")
+    rank_by_class: dict = _f({}, doc="device class -> the smaller rank its clients train and "
+                             "upload, e.g. { mcu = 2, phone = 4 } (others: lora.rank)")
 
 
 @dataclass
@@ -375,6 +377,13 @@ def _check_lora(cfg: Config) -> None:
                           "train.mode = 'lora' (the adapter broadcast is not quantized)")
     if cfg.ray.batched_clients == "on":
         raise ConfigError("ray.batched_clients = 'on': not with train.mode = 'lora'")
+    for k, r in cfg.lora.rank_by_class.items():
+        if k not in DEVICE_CLASSES:
+            raise ConfigError(f"lora.rank_by_class.{k}: unknown device class (known: "
+                              f"{', '.join(DEVICE_CLASSES)})")
+        if isinstance(r, bool) or not isinstance(r, int) or not 1 <= r <= cfg.lora.rank:
+            raise ConfigError(f"lora.rank_by_class.{k} = {r!r}: must be an integer in "
+                              f"[1, lora.rank = {cfg.lora.rank}]")
     if not lora_targets(cfg.lora.target_modules):
         raise ConfigError(f"lora.target_modules = {cfg.lora.target_modules!r}: names no module")
 

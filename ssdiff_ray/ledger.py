@@ -68,6 +68,7 @@ def client_rows(plan, res: ClientResults, population: pd.DataFrame, num_pools: i
         "upload_energy_j": costs["upload_energy_j"],
         "download_energy_j": costs["download_energy_j"], "energy_j": costs["energy_j"],
         "tx_power_w": plan.tx_power_w, "cpu_hz": plan.cpu_hz, "rate_bps": costs["rate_bps"],
+        "lora_rank": np.zeros(len(plan.client_ids), np.int64) if plan.ranks is None else plan.ranks,
     })
 
 

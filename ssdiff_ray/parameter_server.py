@@ -39,7 +39,8 @@ class ParameterServer:
         self.scheduler = build_scheduler(cfg.model.timesteps, cfg.model.beta_schedule)
         # Clients upload (and the aggregator averages) the trainable entries of the weight
         # vector: all of it, or only the adapters in LoRA mode (``mask``).
-        self.layout = codec.layout_id(param_layout(self.unet, trainable_only=True))
+        self.param_layout = param_layout(self.unet, trainable_only=True)
+        self.layout = codec.layout_id(self.param_layout)
         self.weights = get_flat(self.unet)
         self.mask = trainable_mask(self.unet)
         self.trainable = None if self.mask is None else np.flatnonzero(self.mask)
@@ -95,12 +96,14 @@ class ParameterServer:
         return weights if self.mask is None else weights[self.mask]
 
     def accumulate(self, slot: int, chunk: TrainedChunk, blob: np.ndarray,
-                   weights: np.ndarray, assigned_bits: np.ndarray) -> ChunkVerdicts:
+                   weights: np.ndarray, assigned_bits: np.ndarray,
+                   ranks: np.ndarray | None = None) -> ChunkVerdicts:
         """Check and decode one pool's payloads and hand them to the aggregator.
 
         A client whose pool reports it failed, a payload that fails to decode, and one
         whose bit width is not the one its policy assigned (``bits_mismatch``) are rejected
-        with their reason and never touch the model. Norm clipping
+        with their reason and never touch the model. A client of a smaller LoRA rank
+        (``ranks``) sends its first components only; the rest of its update is zero. Norm clipping
         (``server.max_update_norm``) marks the client ``screened`` but keeps its (clipped)
         update.
         """
@@ -118,7 +121,7 @@ class ParameterServer:
             sent_bits[i] = codec.header_bits(payload)
             t0 = time.perf_counter()
             try:
-                delta = codec.decode(payload, self.layout, self.num_params)
+                delta = self._decode(payload, None if ranks is None else int(ranks[i]))
             except codec.PayloadError as e:
                 rejected[i] = e.reason
                 continue
@@ -134,6 +137,17 @@ class ParameterServer:
             decode_s += t1 - t0
             aggregate_s += time.perf_counter() - t1
         return ChunkVerdicts(rejected, screened, sent_bits, decode_s, aggregate_s)
+
+    def _decode(self, payload, rank: int | None) -> np.ndarray:
+        if rank is None or rank == self.cfg.lora.rank:
+            return codec.decode(payload, self.layout, self.num_params)
+        from ssdiff_ray.model.lora_ranks import rank_index, rank_layout
+
+        idx = rank_index(self.param_layout, rank)
+        delta = np.zeros(self.num_params, dtype=np.float32)
+        delta[idx] = codec.decode(payload, codec.layout_id(rank_layout(self.param_layout, rank)),
+                                  len(idx))
+        return delta
 
     def finish_round(self) -> RoundOutcome:
         """The aggregator's step, then the server EMA of the new weights."""

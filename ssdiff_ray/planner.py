@@ -13,6 +13,7 @@ import numpy as np
 
 from ssdiff_ray import codec, energy
 from ssdiff_ray.config import Config
+from ssdiff_ray.model.lora_ranks import client_rank, rank_params
 from ssdiff_ray.policies import RoundContext, make_policy
 from ssdiff_ray.run_dir import Prepared
 
@@ -28,6 +29,7 @@ class RoundPlan:
     cpu_hz: np.ndarray
     costs: dict[str, np.ndarray]  # energy.round_costs output, per client
     straggler: np.ndarray         # bool: misses the deadline, not trained
+    ranks: np.ndarray | None = None  # LoRA rank each client trains (mixed ranks), else None
 
 
 class RoundPlanner:
@@ -107,8 +109,13 @@ class RoundPlanner:
         cpu = (np.maximum(f_min, cfg.devices.cpu_scale * f_max) if decision.cpu_hz is None
                else np.clip(decision.cpu_hz, f_min, f_max))
         bits = decision.bits.astype(np.int64)
-        upload = np.array([codec.encoded_size(self.num_params, int(b), cfg.quant.block_size)
-                           for b in bits], dtype=np.int64) if len(np.unique(bits)) > 1 else \
+        ranks = self.ranks(prof)
+        sizes = self.num_params if ranks is None else \
+            [rank_params(self.num_params, int(r), cfg.lora.rank) for r in ranks]
+        sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), bits.shape)
+        upload = np.array([codec.encoded_size(int(n), int(b), cfg.quant.block_size)
+                           for n, b in zip(sizes, bits)], dtype=np.int64) \
+            if len(np.unique(bits)) > 1 or ranks is not None else \
             np.full(len(ids), codec.encoded_size(self.num_params, int(bits[0]),
                                                  cfg.quant.block_size), dtype=np.int64)
         costs = energy.round_costs(prof, flops, upload, self.download_bytes, tx, cpu, gain,
@@ -116,7 +123,14 @@ class RoundPlanner:
         costs["upload_bytes"] = upload
         straggler = energy.stragglers(costs["total_s"], cfg.devices.deadline_s)
         return RoundPlan(round_, ids, bits, steps, self.prep.num_samples[ids], tx, cpu, costs,
-                         straggler)
+                         straggler, ranks)
+
+    def ranks(self, profiles) -> np.ndarray | None:
+        """The LoRA rank each client trains (None in full mode)."""
+        lora = self.cfg.lora
+        if self.cfg.train.mode != "lora":
+            return None
+        return np.array([client_rank(c, lora) for c in profiles["device_class"]], dtype=np.int64)
 
     def observe(self, plan: RoundPlan, loss: np.ndarray, norm: np.ndarray) -> float:
         """Remember what trained clients reported (NaN: not trained), for the policies of

@@ -73,7 +73,8 @@ class LocalTrainer:
         self.alphas_cumprod = alphas_cumprod.float()
         self.grad_clip = grad_clip
         self.label_dropout = label_dropout
-        self.params = [p for p in unet.parameters() if p.requires_grad]
+        self.names, self.params = zip(*[(n, p) for n, p in unet.named_parameters()
+                                        if p.requires_grad])
         self.mask = trainable_mask(unet)  # None: every parameter trains
         self.opt = torch.optim.Adam(self.params, lr=lr)
 
@@ -87,10 +88,12 @@ class LocalTrainer:
         poison=None,
         lr: float | None = None,
         labels: np.ndarray | None = None,
+        rank: int | None = None,
     ) -> tuple[np.ndarray, float]:
         """Train from the global weights (all parameters) for ``steps`` steps; return (delta of
         the trainable parameters, mean loss). ``labels`` (aligned with ``images``) train a
-        class-conditional model."""
+        class-conditional model; ``rank`` trains only the first ``rank`` components of every
+        LoRA adapter (mixed ranks): the others get no gradient, so Adam leaves them be."""
         set_flat(self.unet, global_flat)
         if lr is not None:
             for group in self.opt.param_groups:
@@ -107,9 +110,19 @@ class LocalTrainer:
                              None if classes is None else classes[idx], self.label_dropout)
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
+            if rank is not None:
+                self._mask_components(rank)
             if self.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
             self.opt.step()
             total += loss.item()
         start = global_flat if self.mask is None else global_flat[self.mask]
         return get_flat(self.unet, trainable_only=True) - start, total / steps
+
+    @torch.no_grad()
+    def _mask_components(self, rank: int) -> None:
+        from ssdiff_ray.model.lora_ranks import component_axis
+
+        for name, p in zip(self.names, self.params):
+            if p.grad is not None:
+                p.grad.narrow(component_axis(name), rank, p.shape[component_axis(name)] - rank).zero_()

@@ -58,35 +58,46 @@ def test_exact_residual_makes_the_mean_of_products():
     assert np.abs(naive - exact).max() > 0.1  # the naive average is not the mean of products
 
 
-def _server_round(cfg, rng, n=3):
-    """One aggregation on a ParameterServer: n random adapter updates at 32 bits."""
+def _server_round(cfg, rng, n=3, ranks=None):
+    """One aggregation on a ParameterServer: n random adapter updates at 32 bits (of the
+    given LoRA ranks: zero beyond a client's rank, which sends only its components)."""
+    from ssdiff_ray.model.lora_ranks import rank_index, rank_layout
     from ssdiff_ray.parameter_server import ParameterServer
     from ssdiff_ray.round_results import TrainedChunk
 
     ps = ParameterServer(cfg, num_slots=1)
     ps.broadcast(1)
     ps.begin_round()
-    deltas = [rng.normal(scale=0.05, size=ps.num_params).astype(np.float32) for _ in range(n)]
-    payloads = [codec.encode(d, 32, 256, rng, ps.layout) for d in deltas]
+    ranks = [cfg.lora.rank] * n if ranks is None else ranks
+    deltas, payloads = [], []
+    for r in ranks:
+        idx = rank_index(ps.param_layout, r)
+        d = np.zeros(ps.num_params, np.float32)
+        d[idx] = rng.normal(scale=0.05, size=len(idx))
+        deltas.append(d)
+        layout = codec.layout_id(rank_layout(ps.param_layout, r))
+        payloads.append(codec.encode(d[idx], 32, 256, rng, layout))
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in payloads])])
     chunk = TrainedChunk(np.arange(n), np.zeros(n), np.zeros(n), np.diff(offsets), offsets,
                          np.zeros(n), np.zeros(n), 0, np.full(n, "", dtype=object))
     blob = np.frombuffer(b"".join(payloads), dtype=np.uint8)
-    ps.accumulate(0, chunk, blob, np.ones(n), np.full(n, 32))
+    verdicts = ps.accumulate(0, chunk, blob, np.ones(n), np.full(n, 32), np.array(ranks))
+    assert not any(verdicts.rejected_reason)
     old = ps.weights.copy()
     ps.finish_round()
     return ps, old, deltas
 
 
-@pytest.mark.parametrize("aggregation", ["exact", "naive"])
-def test_server_aggregates_adapters(base_dir, aggregation):
+@pytest.mark.parametrize("aggregation,ranks", [("exact", None), ("naive", None),
+                                               ("exact", [1, 2, 1])])
+def test_server_aggregates_adapters(base_dir, aggregation, ranks):
     """Exact: every adapted layer's W + s B A is the pretrained W + s mean(B_i A_i) (float
-    tolerance); naive averages A and B and misses it."""
+    tolerance), with mixed ranks too; naive averages A and B and misses it."""
     from ssdiff_ray.model.adapters import lora_layers
 
     cfg = config.load(None, [*TINY, *LORA, f"model.pretrained={base_dir}",
                              f"lora.aggregation={aggregation}", "server.ema_decay=0"])
-    ps, old, deltas = _server_round(cfg, np.random.default_rng(1))
+    ps, old, deltas = _server_round(cfg, np.random.default_rng(1), ranks=ranks)
     where = np.flatnonzero(ps.mask)
     worst = 0.0
     for layer in lora_layers(ps.unet):
@@ -106,6 +117,37 @@ def test_server_aggregates_adapters(base_dir, aggregation):
         assert worst < 1e-5
     else:
         assert worst > 1e-4
+
+
+def test_rank_masked_training_moves_only_the_clients_components(base_dir):
+    """A rank-1 client of a rank-2 adapter trains component 0 only (A row 0, B column 0)."""
+    from ssdiff_ray.model.lora_ranks import rank_index
+    from ssdiff_ray.model.unet import build_scheduler, param_layout, unet_for
+    from ssdiff_ray.train import LocalTrainer
+
+    cfg = config.load(None, [*TINY, *LORA, f"model.pretrained={base_dir}"])
+    unet = unet_for(cfg)
+    trainer = LocalTrainer(unet, build_scheduler(100).alphas_cumprod, lr=1e-2)
+    images = np.random.default_rng(0).uniform(-1, 1, (16, 1, 16, 16)).astype(np.float32)
+    delta, _ = trainer.train(get_flat(unet), images, steps=3, batch_size=8, seed=0, rank=1)
+    mine = np.zeros(len(delta), bool)
+    mine[rank_index(param_layout(unet, trainable_only=True), 1)] = True
+    assert mine.sum() == len(delta) // 2
+    assert np.abs(delta[~mine]).max() == 0 and np.abs(delta[mine]).max() > 0
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_mixed_ranks_run(base_dir, tmp_path):
+    """Device classes train and upload their own ranks; the ledger records them."""
+    mix = "{mcu = 1, rpi4 = 1, jetson_nano = 1, jetson_orin = 2, phone = 2, gateway = 2}"
+    s = _run([*TINY, *LORA, f"out_dir={tmp_path}", "name=mixed", f"model.pretrained={base_dir}",
+              "rounds=1", "quant.bits=8", f"lora.rank_by_class={mix}",
+              "devices.class_mix={mcu = 1, phone = 1}"])
+    clients = pd.read_parquet(tmp_path / "mixed" / "clients.parquet")
+    assert set(clients["lora_rank"]) == {1, 2} and not clients["dropped"].any()
+    for rank, want in ((1, s["num_params"] // 2), (2, s["num_params"])):
+        sent = clients.loc[clients["lora_rank"] == rank, "uplink_bytes"]
+        assert (sent == codec.encoded_size(want, 8, 256)).all()
 
 
 def _run(overrides):
