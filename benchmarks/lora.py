@@ -9,7 +9,11 @@ bytes per client per round and their share of the full model's FP32 bytes, devic
 round latency (the energy model), and the run's wall time.
 
     python benchmarks/lora.py                   # -> results/lora.json, results/lora.md
-    python benchmarks/lora.py --ranks 8 --aggregations exact --seeds 0,1
+    python benchmarks/lora.py --ranks 8 --aggregations naive,ffa,exact --seeds 1 \
+        --no-scratch --no-quant --runs-dir RUNS --out results/lora_seed1.json   # more seeds
+    python benchmarks/lora.py --ranks 8 --aggregations exact --no-scratch --no-quant \
+        --set lora.target_modules=to_q,to_k,to_v,to_out.0,conv1,conv2 --tag "+conv" \
+        --runs-dir RUNS --out results/lora_conv.json      # adapters on the convolutions too
 """
 
 from __future__ import annotations
@@ -71,6 +75,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="extra settings for every run")
+    ap.add_argument("--no-scratch", action="store_true", help="skip the from-scratch row")
+    ap.add_argument("--no-quant", action="store_true", help="skip the 4-bit row")
+    ap.add_argument("--tag", default="", help="appended to the LoRA rows' labels")
     ap.add_argument("--runs-dir", default=None, help="keep the runs here (default: a temp dir)")
     ap.add_argument("--out", default=str(RESULTS / "lora.json"))
     args = ap.parse_args(argv)
@@ -88,15 +95,17 @@ def main(argv=None) -> dict:
                   f"model.preset={args.preset}", "clients.count=20", "clients.per_round=0.2",
                   "eval.baseline=false", *args.set]
         tuned = [*common, f"model.pretrained={base}"]
-        plan = [("scratch", ["train.mode=full"], common), ("full fine-tune", [], tuned)]
+        plan = [] if args.no_scratch else [("scratch", ["train.mode=full"], common)]
+        plan.append(("full fine-tune", [], tuned))
         for r in (int(x) for x in args.ranks.split(",")):
             for agg in args.aggregations.split(","):
-                plan.append((f"lora r{r} {agg}", ["train.mode=lora", f"lora.rank={r}",
-                                                  f"lora.alpha={r}", f"lora.aggregation={agg}"],
-                             tuned))
-        plan.append((f"lora r8 {args.quant_aggregation} 4-bit",
-                     ["train.mode=lora", "lora.rank=8", "lora.alpha=8",
-                      f"lora.aggregation={args.quant_aggregation}", "quant.bits=4"], tuned))
+                plan.append((f"lora r{r} {agg}{args.tag}",
+                             ["train.mode=lora", f"lora.rank={r}", f"lora.alpha={r}",
+                              f"lora.aggregation={agg}"], tuned))
+        if not args.no_quant:
+            plan.append((f"lora r8 {args.quant_aggregation} 4-bit{args.tag}",
+                         ["train.mode=lora", "lora.rank=8", "lora.alpha=8",
+                          f"lora.aggregation={args.quant_aggregation}", "quant.bits=4"], tuned))
         for i, (label, sets, com) in enumerate(plan):
             extra = ["eval.baseline=true"] if label == "full fine-tune" else []
             row = run_row(f"{label} s{seed}", [*sets, *extra], com, runs)
