@@ -268,3 +268,29 @@ def test_bad_pretrained_inputs(base_dir, tmp_path, capsys):
     err = _fails([f"model.pretrained={base_dir}", "data.name=colour_digits"], tmp_path, capsys)
     assert "takes 1 channels, the data has 3" in err
     assert "needs model.pretrained" in _fails(LORA, tmp_path, capsys)
+    err = _fails([f"model.pretrained={base_dir}", *LORA, "quant.downlink_bits=8"], tmp_path, capsys)
+    assert "quant.downlink_bits = 8" in err
+
+
+def test_pretrain_never_overwrites(base_dir, capsys):
+    before = sorted(p.name for p in base_dir.rglob("*"))
+    assert cli_main(["pretrain", "--steps", "1", "--out", str(base_dir)]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert sorted(p.name for p in base_dir.rglob("*")) == before
+
+
+def test_a_hub_id_that_cannot_be_fetched_says_how_to_pass_a_directory(tmp_path, capsys,
+                                                                      monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # this machine has no hub access either way
+    err = _fails(["model.pretrained=nobody/no-such-model"], tmp_path, capsys)
+    assert "could not fetch it from the Hugging Face hub" in err and "model.pretrained=DIR" in err
+
+
+def test_lora_training_flops_count_the_frozen_base(base_dir):
+    """Full: 3x the forward pass; LoRA: 2x the frozen base's forward + 3x the adapters'."""
+    from ssdiff_ray.model.unet import flops_per_sample_step, unet_for
+
+    full = flops_per_sample_step(unet_for(config.load(None, [*TINY, f"model.pretrained={base_dir}"])))
+    lora = flops_per_sample_step(unet_for(config.load(None, [*TINY, *LORA,
+                                                             f"model.pretrained={base_dir}"])))
+    assert 2 / 3 * full < lora < 0.7 * full
