@@ -55,17 +55,17 @@ def test_security_benchmark_quick(tmp_path):
     import security as bench
 
     out = tmp_path / "sec"
-    res = bench.main(["--quick", "--scenarios", "baddiffusion,clean,baddiffusion+krum",
+    # Two scenarios (CI time): an attack with the sampling defense, one with a screening rule.
+    res = bench.main(["--quick", "--scenarios", "baddiffusion,baddiffusion+krum",
                       "--runs-dir", str(tmp_path / "runs"), "--out", str(out)])
     rows = {r["scenario"]: r for r in res["rows"]}
-    assert set(rows) == {"baddiffusion", "clean", "baddiffusion+krum"}
+    assert set(rows) == {"baddiffusion", "baddiffusion+krum"}
     saved = json.loads(out.with_suffix(".json").read_text())
-    assert len(saved["rows"]) == 3 and "| baddiffusion |" in out.with_suffix(".md").read_text()
+    assert len(saved["rows"]) == 2 and "| baddiffusion |" in out.with_suffix(".md").read_text()
     bd = rows["baddiffusion"]
     for k in ("asr", "asr_defended", "detect_tpr", "detect_fpr", "detect_auroc", "fid",
               "fid_defended", "audit", "cos_tau_trigger"):
         assert k in bd
     assert 0 <= bd["detect_fpr"] <= 1 and bd["audit"] in ("clean", "backdoored")
-    assert rows["clean"]["attack"] == "none" and "audit_ok" in rows["clean"]["checks"]
     assert not rows["baddiffusion+krum"]["sampling_defense"]
     assert "asr_defended" not in rows["baddiffusion+krum"]
