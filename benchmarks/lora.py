@@ -14,6 +14,11 @@ round latency (the energy model), and the run's wall time.
     python benchmarks/lora.py --ranks 8 --aggregations exact --no-scratch --no-quant \
         --set lora.target_modules=to_q,to_k,to_v,to_out.0,conv1,conv2 --tag "+conv" \
         --runs-dir RUNS --out results/lora_conv.json      # adapters on the convolutions too
+    python benchmarks/lora.py --ranks 8 --aggregations exact --seeds 0,1 --no-scratch \
+        --no-quant --set train.lr=1e-2 --tag " lr 1e-2" --runs-dir RUNS --out results/lora_lr.json
+
+RUNS may hold an earlier `base/` (the pretrained model), which is then reused. The final
+sample grid of every row is copied to results/<out>_grids/.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ def ssdiff(*args: str) -> None:
         raise SystemExit(f"ssdiff {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
 
 
-def run_row(label: str, sets: list[str], common: list[str], runs: Path) -> dict:
+def run_row(label: str, sets: list[str], common: list[str], runs: Path, grids: Path) -> dict:
     name = label.replace(" ", "_").replace(",", "")
     t0 = time.perf_counter()
     ssdiff("run", "--quiet", *(a for s in [*common, *sets, f"out_dir={runs}", f"name={name}"]
@@ -53,6 +58,10 @@ def run_row(label: str, sets: list[str], common: list[str], runs: Path) -> dict:
     clients = pd.read_parquet(run / "clients.parquet")
     rounds = pd.read_parquet(run / "rounds.parquet")
     sent = clients[~clients["dropped"]]
+    grids.mkdir(parents=True, exist_ok=True)  # the final sample grid, to look at
+    shutil.copy(sorted((run / "samples").glob("round_*.png"))[-1], grids / f"{name}.png")
+    if (run / "samples" / "untrained.png").is_file():
+        shutil.copy(run / "samples" / "untrained.png", grids / f"base_{name}.png")
     return {"row": label, "fid": s["fid"], "fid_untrained": s.get("fid_untrained"),
             "uplink_bytes_per_client_round": float(sent["uplink_bytes"].mean()),
             "uplink_params": s["num_params"],
@@ -96,7 +105,7 @@ def main(argv=None) -> dict:
                   "eval.baseline=false", *args.set]
         tuned = [*common, f"model.pretrained={base}"]
         plan = [] if args.no_scratch else [("scratch", ["train.mode=full"], common)]
-        plan.append(("full fine-tune", [], tuned))
+        plan.append((f"full fine-tune{args.tag}", [], tuned))
         for r in (int(x) for x in args.ranks.split(",")):
             for agg in args.aggregations.split(","):
                 plan.append((f"lora r{r} {agg}{args.tag}",
@@ -107,10 +116,12 @@ def main(argv=None) -> dict:
                          ["train.mode=lora", "lora.rank=8", "lora.alpha=8",
                           f"lora.aggregation={args.quant_aggregation}", "quant.bits=4"], tuned))
         for i, (label, sets, com) in enumerate(plan):
-            extra = ["eval.baseline=true"] if label == "full fine-tune" else []
-            row = run_row(f"{label} s{seed}", [*sets, *extra], com, runs)
+            full_ft = label.startswith("full fine-tune")
+            extra = ["eval.baseline=true"] if full_ft else []
+            row = run_row(f"{label} s{seed}", [*sets, *extra], com, runs,
+                          Path(args.out).with_suffix("").with_name(Path(args.out).stem + "_grids"))
             row.update(seed=seed, row=label)
-            if label == "full fine-tune":  # its "untrained" model is the base: the base row
+            if full_ft:  # its "untrained" model is the base: the base row
                 rows.append({"row": "base (before fine-tuning)", "seed": seed,
                              "fid": row["fid_untrained"], "uplink_bytes_per_client_round": 0.0})
             rows.append(row)
@@ -118,9 +129,10 @@ def main(argv=None) -> dict:
                   f"{row['uplink_bytes_per_client_round']:10.0f} B  ({row['wall_s']:.0f} s)",
                   flush=True)
     table = pd.DataFrame(rows)
-    full_bytes = 4 * float(table.loc[table["row"] == "full fine-tune", "uplink_params"].iloc[0])
+    is_ft = table["row"].str.startswith("full fine-tune")
+    full_bytes = 4 * float(table.loc[is_ft, "uplink_params"].iloc[0])
     table["uplink_share_of_full_fp32"] = table["uplink_bytes_per_client_round"] / full_bytes
-    ft = table[table["row"] == "full fine-tune"].set_index("seed")["fid"]
+    ft = table[is_ft].set_index("seed")["fid"]
     table["fid_vs_full_ft"] = table["fid"] / table["seed"].map(ft)
     res = {"preset": args.preset, "pretrain_steps": args.pretrain_steps, "rounds": args.rounds,
            "pretrain_s": pretrain_s, "runs_dir": str(runs), "rows": table.to_dict("records")}
