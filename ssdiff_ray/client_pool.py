@@ -17,7 +17,7 @@ from ssdiff_ray.attacks import attack_spec, make_attack, target_class
 from ssdiff_ray.batched import BatchedTrainer, use_batched
 from ssdiff_ray.config import Config
 from ssdiff_ray.data.shards import read_shard, shard_path
-from ssdiff_ray.model.lora_ranks import rank_index, rank_layout
+from ssdiff_ray.model.lora_ranks import RankParts
 from ssdiff_ray.model.unet import build_scheduler, param_layout, unet_for
 from ssdiff_ray.round_results import TrainedChunk
 from ssdiff_ray.train import LocalTrainer, client_seed, round_lr
@@ -39,9 +39,9 @@ class ClientPool:
         unet = unet_for(cfg).to(device)
         sched = build_scheduler(cfg.model.timesteps, cfg.model.beta_schedule)
         # What clients upload: every parameter, or only the adapters (train.mode = lora).
-        self.param_layout = param_layout(unet, trainable_only=True)
-        self.layout = codec.layout_id(self.param_layout)
-        self.num_params = sum(p.numel() for p in unet.parameters() if p.requires_grad)
+        # A client of a smaller LoRA rank uploads only its components (``uplink_part``).
+        self.uplink_part = RankParts(param_layout(unet, trainable_only=True), cfg.lora.rank)
+        _, self.num_params, self.layout = self.uplink_part(None)
         t = cfg.train
         self.trainer = LocalTrainer(unet, sched.alphas_cumprod, t.lr, t.grad_clip, t.label_dropout)
         self.batched = BatchedTrainer(unet, sched.alphas_cumprod, t.lr, t.grad_clip,
@@ -77,14 +77,6 @@ class ClientPool:
     def labels(self, client_id: int) -> np.ndarray | None:
         """A client's labels when the model is class-conditional, else None."""
         return self.shard(client_id)[1] if self.conditional else None
-
-    def uplink_part(self, rank: int | None) -> tuple[np.ndarray | None, int, int]:
-        """(positions in the update, their count, layout id) of what a client of LoRA rank
-        ``rank`` uploads: all of the update, or its first ``rank`` adapter components."""
-        if rank is None or rank == self.cfg.lora.rank:
-            return None, self.num_params, self.layout
-        idx = rank_index(self.param_layout, rank)
-        return idx, len(idx), codec.layout_id(rank_layout(self.param_layout, rank))
 
     def _payload_buffer(self, client_ids: np.ndarray, bits: np.ndarray, ranks
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

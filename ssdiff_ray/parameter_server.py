@@ -14,6 +14,7 @@ from ssdiff_ray import codec
 from ssdiff_ray.aggregation import make_aggregator
 from ssdiff_ray.aggregation.base import ClientUpdate, clip_to_norm
 from ssdiff_ray.config import Config
+from ssdiff_ray.model.lora_ranks import RankParts
 from ssdiff_ray.aggregation.lora_exact import add_residuals
 from ssdiff_ray.model.unet import (build_scheduler, get_flat, param_layout, set_flat,
                                    trainable_mask, unet_for)
@@ -39,12 +40,12 @@ class ParameterServer:
         self.scheduler = build_scheduler(cfg.model.timesteps, cfg.model.beta_schedule)
         # Clients upload (and the aggregator averages) the trainable entries of the weight
         # vector: all of it, or only the adapters in LoRA mode (``mask``).
-        self.param_layout = param_layout(self.unet, trainable_only=True)
-        self.layout = codec.layout_id(self.param_layout)
+        # A client of a smaller LoRA rank sends only its components (``uplink_part``).
+        self.uplink_part = RankParts(param_layout(self.unet, trainable_only=True), cfg.lora.rank)
+        _, self.num_params, self.layout = self.uplink_part(None)
         self.weights = get_flat(self.unet)
         self.mask = trainable_mask(self.unet)
         self.trainable = None if self.mask is None else np.flatnonzero(self.mask)
-        self.num_params = len(self.weights) if self.mask is None else len(self.trainable)
         self.lora_layers, self.kept_updates = [], []
         if self.mask is not None and cfg.lora.aggregation == "exact":
             from ssdiff_ray.model.adapters import lora_layers
@@ -139,14 +140,11 @@ class ParameterServer:
         return ChunkVerdicts(rejected, screened, sent_bits, decode_s, aggregate_s)
 
     def _decode(self, payload, rank: int | None) -> np.ndarray:
-        if rank is None or rank == self.cfg.lora.rank:
-            return codec.decode(payload, self.layout, self.num_params)
-        from ssdiff_ray.model.lora_ranks import rank_index, rank_layout
-
-        idx = rank_index(self.param_layout, rank)
+        idx, size, layout = self.uplink_part(rank)
+        if idx is None:
+            return codec.decode(payload, layout, size)
         delta = np.zeros(self.num_params, dtype=np.float32)
-        delta[idx] = codec.decode(payload, codec.layout_id(rank_layout(self.param_layout, rank)),
-                                  len(idx))
+        delta[idx] = codec.decode(payload, layout, size)
         return delta
 
     def finish_round(self) -> RoundOutcome:
@@ -232,12 +230,4 @@ class ParameterServer:
         from ssdiff_ray.model.adapters import merged_unet
         from ssdiff_ray.model.pipeline import save_pipeline
 
-        adapters = {n: p.detach().clone() for n, p in self.unet.named_parameters()
-                    if ".lora_B." in n}
-        for n, p in self.unet.named_parameters():
-            if n in adapters:
-                p.data.zero_()  # B = 0: the merge is the base alone
-        save_pipeline(merged_unet(self.unet), self.scheduler, path)
-        for n, p in self.unet.named_parameters():
-            if n in adapters:
-                p.data.copy_(adapters[n])
+        save_pipeline(merged_unet(self.unet, with_adapters=False), self.scheduler, path)

@@ -109,15 +109,15 @@ class RoundPlanner:
         cpu = (np.maximum(f_min, cfg.devices.cpu_scale * f_max) if decision.cpu_hz is None
                else np.clip(decision.cpu_hz, f_min, f_max))
         bits = decision.bits.astype(np.int64)
-        ranks = self.ranks(prof)
-        sizes = self.num_params if ranks is None else \
-            [rank_params(self.num_params, int(r), cfg.lora.rank) for r in ranks]
-        sizes = np.broadcast_to(np.asarray(sizes, dtype=np.int64), bits.shape)
-        upload = np.array([codec.encoded_size(int(n), int(b), cfg.quant.block_size)
-                           for n, b in zip(sizes, bits)], dtype=np.int64) \
-            if len(np.unique(bits)) > 1 or ranks is not None else \
-            np.full(len(ids), codec.encoded_size(self.num_params, int(bits[0]),
-                                                 cfg.quant.block_size), dtype=np.int64)
+        ranks = self.ranks(prof)  # a smaller LoRA rank uploads fewer values
+        sizes = np.full(len(ids), self.num_params) if ranks is None else \
+            np.array([rank_params(self.num_params, int(r), cfg.lora.rank) for r in ranks])
+        if len(np.unique(bits)) > 1 or len(np.unique(sizes)) > 1:
+            upload = np.array([codec.encoded_size(int(n), int(b), cfg.quant.block_size)
+                               for n, b in zip(sizes, bits)], dtype=np.int64)
+        else:
+            upload = np.full(len(ids), codec.encoded_size(int(sizes[0]), int(bits[0]),
+                                                          cfg.quant.block_size), dtype=np.int64)
         costs = energy.round_costs(prof, flops, upload, self.download_bytes, tx, cpu, gain,
                                    bandwidth, self.channel)
         costs["upload_bytes"] = upload

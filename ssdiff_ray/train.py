@@ -73,8 +73,11 @@ class LocalTrainer:
         self.alphas_cumprod = alphas_cumprod.float()
         self.grad_clip = grad_clip
         self.label_dropout = label_dropout
-        self.names, self.params = zip(*[(n, p) for n, p in unet.named_parameters()
-                                        if p.requires_grad])
+        from ssdiff_ray.model.lora_ranks import component_axis
+
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        # rank axis of each trainable tensor, for mixed-rank masking (see _mask_components)
+        self.rank_axes = [component_axis(n) for n, p in unet.named_parameters() if p.requires_grad]
         self.mask = trainable_mask(unet)  # None: every parameter trains
         self.opt = torch.optim.Adam(self.params, lr=lr)
 
@@ -121,8 +124,6 @@ class LocalTrainer:
 
     @torch.no_grad()
     def _mask_components(self, rank: int) -> None:
-        from ssdiff_ray.model.lora_ranks import component_axis
-
-        for name, p in zip(self.names, self.params):
+        for axis, p in zip(self.rank_axes, self.params):
             if p.grad is not None:
-                p.grad.narrow(component_axis(name), rank, p.shape[component_axis(name)] - rank).zero_()
+                p.grad.narrow(axis, rank, p.shape[axis] - rank).zero_()

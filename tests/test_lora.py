@@ -71,11 +71,11 @@ def _server_round(cfg, rng, n=3, ranks=None):
     ranks = [cfg.lora.rank] * n if ranks is None else ranks
     deltas, payloads = [], []
     for r in ranks:
-        idx = rank_index(ps.param_layout, r)
+        idx = rank_index(ps.uplink_part.layout, r)
         d = np.zeros(ps.num_params, np.float32)
         d[idx] = rng.normal(scale=0.05, size=len(idx))
         deltas.append(d)
-        layout = codec.layout_id(rank_layout(ps.param_layout, r))
+        layout = codec.layout_id(rank_layout(ps.uplink_part.layout, r))
         payloads.append(codec.encode(d[idx], 32, 256, rng, layout))
     offsets = np.concatenate([[0], np.cumsum([len(p) for p in payloads])])
     chunk = TrainedChunk(np.arange(n), np.zeros(n), np.zeros(n), np.diff(offsets), offsets,

@@ -36,7 +36,7 @@ class Dataset:
 def load_dataset(data) -> Dataset:
     """The data set the ``[data]`` config section names (only ``data.classes``, if set)."""
     dataset = load(SOURCES[data.name][0])(data)
-    return select_classes(dataset, data.classes) if getattr(data, "classes", "") else dataset
+    return select_classes(dataset, data.classes) if data.classes else dataset
 
 
 def select_classes(dataset: Dataset, classes: str) -> Dataset:
@@ -52,7 +52,6 @@ def select_classes(dataset: Dataset, classes: str) -> Dataset:
     labels = np.array([relabel[int(c)] for c in dataset.labels[rows]], dtype=np.int64)
     names = [dataset.class_names[c] if dataset.class_names else str(c) for c in keep]
     return Dataset(dataset.images[rows], labels, names)
-
 
 
 def parse_classes(text: str) -> list[int]:

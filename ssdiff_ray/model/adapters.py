@@ -16,14 +16,15 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
+from ssdiff_ray.config import lora_targets
+
 ADAPTER = "default"
 
 
 def lora_config(lora) -> LoraConfig:
     """peft's LoraConfig from the ``[lora]`` config section."""
-    targets = [t.strip() for t in lora.target_modules.split(",") if t.strip()]
     return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                      target_modules=targets, init_lora_weights=True)
+                      target_modules=lora_targets(lora.target_modules), init_lora_weights=True)
 
 
 def add_lora(unet: torch.nn.Module, lora, seed: int) -> torch.nn.Module:
@@ -60,19 +61,15 @@ def lora_layers(unet: torch.nn.Module) -> list[LoraLayerSlots]:
             for name, m in unet.named_modules() if isinstance(m, LoraLayer)]
 
 
-def merged_unet(unet: torch.nn.Module) -> torch.nn.Module:
-    """A plain diffusers UNet (no peft layers) with W + (alpha / r) B A in every weight."""
-    merged = {}
-    for name, m in unet.named_modules():
-        if isinstance(m, LoraLayer):
-            delta = m.get_delta_weight(ADAPTER).detach()
-            merged[f"{name}.weight"] = m.base_layer.weight.detach() + delta
-    state = {}
-    for k, v in unet.state_dict().items():
-        if ".lora_" in k:
-            continue
-        state[k.replace(".base_layer.", ".")] = v
-    state.update(merged)
+def merged_unet(unet: torch.nn.Module, with_adapters: bool = True) -> torch.nn.Module:
+    """A plain diffusers UNet (no peft layers) with W + (alpha / r) B A in every adapted
+    weight, or the base weights W alone (``with_adapters=False``)."""
+    state = {k.replace(".base_layer.", "."): v for k, v in unet.state_dict().items()
+             if ".lora_" not in k}
+    if with_adapters:
+        for name, m in unet.named_modules():
+            if isinstance(m, LoraLayer):
+                state[f"{name}.weight"] = state[f"{name}.weight"] + m.get_delta_weight(ADAPTER).detach()
     plain = type(unet).from_config(unet.config)
     plain.load_state_dict(state)
     return plain.eval()
@@ -94,4 +91,3 @@ def save_adapter(unet: torch.nn.Module, path: str | Path, lora, base: str) -> No
     conf.save_pretrained(str(path))
     (path / "README.md").write_text(
         f"LoRA adapter (rank {lora.rank}, alpha {lora.alpha}) for the UNet of {base}.\n")
-

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ssdiff_ray import codec
+
 
 def client_rank(device_class: str, lora) -> int:
     """The rank a client of ``device_class`` trains (``lora.rank_by_class``, else ``lora.rank``)."""
@@ -48,3 +50,23 @@ def rank_layout(layout: list[tuple[str, tuple]], rank: int) -> list[tuple[str, t
         s[component_axis(name)] = rank
         out.append((name, tuple(s)))
     return out
+
+
+class RankParts:
+    """What a client of each rank uploads, computed once per rank: (positions in the full
+    update, or None for the full rank; their count; the payload's layout id)."""
+
+    def __init__(self, layout: list[tuple[str, tuple]], full_rank: int):
+        self.layout, self.full_rank = layout, full_rank
+        self.num_params = sum(int(np.prod(s)) for _, s in layout)
+        self._parts: dict[int, tuple[np.ndarray | None, int, int]] = {}
+
+    def __call__(self, rank: int | None) -> tuple[np.ndarray | None, int, int]:
+        rank = self.full_rank if rank is None else int(rank)
+        if rank not in self._parts:
+            if rank == self.full_rank:
+                self._parts[rank] = (None, self.num_params, codec.layout_id(self.layout))
+            else:
+                idx = rank_index(self.layout, rank)
+                self._parts[rank] = (idx, len(idx), codec.layout_id(rank_layout(self.layout, rank)))
+        return self._parts[rank]
