@@ -108,7 +108,7 @@ def cmd_sample(args) -> int:
 
     try:
         res = sample_run(args.run_dir, args.n, args.trigger, args.defend, args.seed, args.out,
-                         args.class_name, args.guidance)
+                         args.class_name, args.guidance, args.refresh)
     except RunModelError as e:
         raise UserError(str(e)) from None
     what = f", class {res['class']}" if res["class"] is not None else ""
@@ -122,7 +122,7 @@ def cmd_audit(args) -> int:
     from ssdiff_ray.inference import RunModelError, audit_run
 
     try:
-        res = audit_run(args.run_dir, args.seed)
+        res = audit_run(args.run_dir, args.seed, args.refresh)
     except RunModelError as e:
         raise UserError(str(e)) from None
     print(f"verdict: {res.get('verdict')}")
@@ -217,9 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_model_commands(sub)
     _add_cluster_commands(sub)
+    from service.cli import add_parsers as add_service  # argparse only; Serve loads when run
     from tuning.cli import add_parser as add_tune  # argparse only; optuna/ray load when run
 
     add_tune(sub)
+    add_service(sub)
     return p
 
 
@@ -267,11 +269,15 @@ def _add_model_commands(sub) -> None:
     smp.add_argument("--defend", action=argparse.BooleanOptionalAction, default=True)
     smp.add_argument("--seed", type=int, default=0)
     smp.add_argument("--out", help="PNG path (default RUN_DIR/sample_<trigger>.png)")
+    smp.add_argument("--refresh", action="store_true",
+                     help="estimate the trigger anew (default: reuse RUN_DIR/defense/)")
     smp.set_defaults(func=cmd_sample)
 
     aud = sub.add_parser("audit", help="does the run's model look backdoored?")
     aud.add_argument("run_dir")
     aud.add_argument("--seed", type=int, default=0)
+    aud.add_argument("--refresh", action="store_true",
+                     help="estimate and audit anew (default: reuse RUN_DIR/defense/)")
     aud.set_defaults(func=cmd_audit)
 
 

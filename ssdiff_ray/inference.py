@@ -31,6 +31,16 @@ def load_run_model(run_dir: str | Path):
     return cfg, unet, scheduler
 
 
+def class_names(run_dir: str | Path, cfg) -> list[str]:
+    """The names of a conditional run's classes (``class_names.json``, else "0".."K-1");
+    none for an unconditional run."""
+    if not cfg.model.conditional:
+        return []
+    names_file = Path(run_dir) / "class_names.json"
+    names = json.loads(names_file.read_text()) if names_file.is_file() else []
+    return names if len(names) == cfg.data.num_classes else [str(k) for k in range(cfg.data.num_classes)]
+
+
 def class_index(run_dir: str | Path, cfg, name: str) -> int:
     """A class of the run's data set, by index or by name (``class_names.json``)."""
     if not cfg.model.conditional:
@@ -47,14 +57,16 @@ def class_index(run_dir: str | Path, cfg, name: str) -> int:
 
 def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, defend: bool = True,
                seed: int = 0, out: str | Path | None = None, class_name: str | None = None,
-               guidance: float | None = None) -> dict:
+               guidance: float | None = None, refresh: bool = False) -> dict:
     """Generate ``n`` samples (optionally from triggered inputs, or of one class of a
-    conditional model), defended or not.
+    conditional model), defended or not. The defense comes from ``RUN/defense/``
+    (computed and saved there the first time, or with ``refresh``).
 
     Writes a PNG grid and a Parquet record of the inputs (flagged or not, scores) and
     returns a summary.
     """
     from ssdiff_ray.attacks import AttackSpec, kind_of_trigger, make_attack
+    from ssdiff_ray.defense.cache import cached_defense
     from ssdiff_ray.defense.defense import Defense
     from ssdiff_ray.images import save_grid
     from ssdiff_ray.model.sampling import sample
@@ -72,9 +84,11 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
         x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     det = {"flagged": np.zeros(n, bool)}
     if defend:
-        defense = Defense.from_config(cfg, unet, scheduler, seed)
+        defense, _ = cached_defense(run_dir, Defense.from_config(cfg, unet, scheduler),
+                                    refresh, log=print)
         det = defense.detect(x_T)
-        images, _ = defense.sample(x_T, flags=det["flagged"], labels=labels, guidance=w)
+        images, _ = defense.sample(x_T, flags=det["flagged"], labels=labels, guidance=w,
+                                   seed=seed)
     else:
         e = cfg.eval
         images = sample(unet, scheduler, n, sampler=e.sampler, steps=e.steps, seed=seed, x_T=x_T,
@@ -92,11 +106,14 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
             "flagged": int(np.sum(det["flagged"]))}
 
 
-def audit_run(run_dir: str | Path, seed: int = 0) -> dict:
-    """Model-level backdoor verdict (``defense.audit``) written to ``audit.json``."""
+def audit_run(run_dir: str | Path, seed: int = 0, refresh: bool = False) -> dict:
+    """Model-level backdoor verdict (``defense.audit``) written to ``audit.json``; reused
+    from ``RUN/defense/`` unless ``refresh`` (or another ``seed``) asks for a new one."""
+    from ssdiff_ray.defense.cache import cached_defense
     from ssdiff_ray.defense.defense import Defense
 
     cfg, unet, scheduler = load_run_model(run_dir)
-    result = Defense.from_config(cfg, unet, scheduler, seed).audit()
+    _, result = cached_defense(run_dir, Defense.from_config(cfg, unet, scheduler, seed), refresh,
+                               log=print)
     (Path(run_dir) / "audit.json").write_text(json.dumps(result, indent=2, default=float))
     return result

@@ -59,17 +59,20 @@ class Defense:
         return detect_inputs(x_T, self.tests, self.fpr)
 
     def sample(self, x_T: torch.Tensor, flags: np.ndarray | None = None, labels=None,
-               guidance: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+               guidance: float = 1.0, sampler: str | None = None, steps: int | None = None,
+               seed: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(images generated from the negated inputs, per-input flags); ``labels`` and
-        ``guidance`` for a class-conditional model."""
+        ``guidance`` for a class-conditional model; ``sampler``, ``steps`` and ``seed``
+        (redraws, DDPM noise) default to the defense's own."""
         self.prepare()
-        return defended_sample(self.unet, self.scheduler, x_T, self.tests, self.sampler,
-                               self.steps, self.seed, self.fpr, flags=flags, labels=labels,
-                               guidance=guidance)
+        return defended_sample(self.unet, self.scheduler, x_T, self.tests,
+                               sampler or self.sampler, steps or self.steps,
+                               self.seed if seed is None else seed, self.fpr, flags=flags,
+                               labels=labels, guidance=guidance)
 
     def audit(self) -> dict:
-        """The model-level verdict (``audit_model``) with this model's estimate."""
-        if self.est is None:
-            self.est = estimate_trigger(self.unet, self.scheduler, self.shape, self.seed,
-                                        self.estimator)
-        return audit_model(self.unet, self.scheduler, self.est, self.seed)
+        """The model-level verdict (``audit_model``) with this model's estimate (made for
+        the audit alone when the input tests run without one)."""
+        est = self.est or estimate_trigger(self.unet, self.scheduler, self.shape, self.seed,
+                                           self.estimator)
+        return audit_model(self.unet, self.scheduler, est, self.seed)

@@ -283,6 +283,15 @@ class TargetCheck(OutputCheck):
                                               x_T=x)).mean(0)
         self.calibrate(tuple(tau.shape), n_null, seed)
 
+    @classmethod
+    def from_state(cls, unet, scheduler, target: torch.Tensor, null: np.ndarray, spread: float,
+                   steps: int = 10, seed: int = 0) -> TargetCheck:
+        """The check as saved (``defense.cache``): its target image and sorted null scores."""
+        check = cls.__new__(cls)
+        check.unet, check.scheduler, check.steps = unet, scheduler, steps
+        check.target, check.null, check.spread = target, np.asarray(null), spread
+        return check
+
     def scores(self, x_T: torch.Tensor, seed: int | None = None) -> np.ndarray:
         x_T = torch.as_tensor(x_T, dtype=torch.float32)
         out = torch.from_numpy(sample(self.unet, self.scheduler, len(x_T), steps=self.steps,
