@@ -153,7 +153,7 @@ class EvalConfig:
     every: int = _f(0, lo=0, hi=1_000_000, doc="rounds between evaluations (0 = last round only)")
     samples: int = _f(500, lo=10, hi=1_000_000)
     sampler: str = _f("ddim", choices=SAMPLERS, doc="DPM-Solver++, DDIM or DDPM")
-    steps: int = _f(50, lo=1, hi=4000, doc="sampling steps (DPM-Solver++ / DDIM)")
+    steps: int = _f(50, lo=1, hi=4000, doc="sampling steps (DDPM: a strided grid, 1000 = every timestep)")
     guidance: float = _f(2.0, lo=0.0, hi=100.0,
                          doc="conditional: classifier-free guidance scale (1 = none, 0 = unconditional)")
     inception_weights: str = _f("", doc="Inception-v3 weights file for FID/KID in the field's "

@@ -10,11 +10,13 @@ from ssdiff_ray.model.unet import guided_eps
 
 
 def sampling_scheduler(scheduler: DDPMScheduler, sampler: str, steps: int):
-    """DDIM (eta = 0) or DPM-Solver++ with ``steps`` steps, or ancestral DDPM over all
-    timesteps, built from the training scheduler's config."""
+    """DDIM (eta = 0), DPM-Solver++ or ancestral DDPM with ``steps`` steps, built from the
+    training scheduler's config. DDPM with fewer steps than training timesteps steps over
+    a strided grid (diffusers' ``DDPMPipeline(num_inference_steps=...)``); with as many or
+    more it visits every timestep."""
     if sampler == "ddpm":
         sched = DDPMScheduler.from_config(scheduler.config)
-        sched.set_timesteps(scheduler.config.num_train_timesteps)
+        sched.set_timesteps(min(steps, scheduler.config.num_train_timesteps))
         return sched
     ddim = DDIMScheduler.from_config(scheduler.config)
     ddim.set_timesteps(steps)
@@ -50,9 +52,9 @@ def sample(
     """Generate ``n`` images in [-1, 1] (N x C x H x W float32).
 
     ``x_T`` gives the initial noise (e.g. a triggered input); otherwise it is drawn from
-    N(0, I) with ``seed``. DDIM (eta = 0) and DPM-Solver++ use ``steps`` steps; DDPM uses all
-    timesteps. A class-conditional UNet generates ``labels`` (one per image) with
-    classifier-free ``guidance``, or, without labels, unconditionally ("no class").
+    N(0, I) with ``seed``. Every sampler takes ``steps`` steps (``sampling_scheduler``). A
+    class-conditional UNet generates ``labels`` (one per image) with classifier-free
+    ``guidance``, or, without labels, unconditionally ("no class").
     """
     device = next(unet.parameters()).device
     shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
