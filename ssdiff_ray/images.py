@@ -29,3 +29,25 @@ def save_grid(images: np.ndarray, path: str | Path, scale: int = 4) -> None:
     g = image_grid(images)
     g = np.kron(g, np.ones((scale, scale) + (() if g.ndim == 2 else (1,)), dtype=np.uint8))
     Image.fromarray(g).save(path)
+
+
+def to_png(image: np.ndarray) -> bytes:
+    """One C x H x W image in [-1, 1] as PNG bytes (grayscale or RGB, 8 bits)."""
+    import io
+
+    from PIL import Image
+
+    a = (np.clip((np.asarray(image, dtype=np.float32) + 1) / 2, 0, 1) * 255).round().astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def from_png(data: bytes) -> np.ndarray:
+    """PNG bytes -> C x H x W float32 in [-1, 1] (inverse of ``to_png`` up to 8-bit rounding)."""
+    import io
+
+    from PIL import Image
+
+    a = np.asarray(Image.open(io.BytesIO(data)), dtype=np.float32) / 127.5 - 1
+    return a[None] if a.ndim == 2 else a.transpose(2, 0, 1)

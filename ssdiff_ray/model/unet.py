@@ -129,6 +129,18 @@ def guided_eps(unet: UNet2DModel, x: torch.Tensor, t, class_labels: torch.Tensor
     return eps_u + guidance * (eps_c - eps_u)
 
 
+def sampling_flops_per_image(unet: UNet2DModel, steps: int, guided: bool = False) -> float:
+    """FLOPs to generate one image: ``steps`` forward passes, twice each with classifier-free
+    guidance (the conditional and the unconditional prediction)."""
+    from ssdiff_ray.energy import forward_flops
+
+    c, s = unet.config.in_channels, unet.config.sample_size
+    x = torch.zeros(1, c, s, s, device=next(unet.parameters()).device)
+    t = torch.zeros(1, dtype=torch.long, device=x.device)
+    labels = None if null_label(unet) is None else torch.zeros(1, dtype=torch.long, device=x.device)
+    return float(forward_flops(_Eps(unet), (x, t, labels))) * steps * (2 if guided else 1)
+
+
 def flops_per_sample_step(unet: UNet2DModel) -> float:
     """Training FLOPs per sample per local step: 3x the forward pass (the backward pass
     costs about twice the forward: gradients of activations and of weights). With adapters

@@ -1,0 +1,146 @@
+"""The Ray Serve application: one ``GenerationService`` deployment (HTTP ingress) whose
+replicas each hold a ``ssdiff_ray.serving.Generator``.
+
+    GET  /health    -> {"status": "ok", ...}
+    GET  /model     -> what is served, its audit verdict, limits and profile
+    POST /generate  -> {"images": [{"png": base64, "flagged", "negated", "sampler", "steps",
+                                    "where", "predicted_latency_s", "predicted_energy_j", ...}]}
+
+Concurrent ``/generate`` requests meet in ``@serve.batch`` and are generated as one batch
+(``max_batch_size`` 1 turns batching off). ``build_app`` is the application builder that
+``serve deploy cluster/serve.yaml`` imports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+DEFAULTS = {"defend": True, "allow_backdoored": False, "max_batch_size": 32,
+            "batch_wait_timeout_s": 0.01, "max_n": 64, "torch_threads": 0}
+
+
+def _error(status: int, message: str, **extra) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+@serve.deployment(max_ongoing_requests=128)
+class GenerationService:
+    def __init__(self, run_dir: str, options: dict):
+        import torch
+
+        from ssdiff_ray.serving.generator import Generator
+        from ssdiff_ray.serving.request import Limits
+
+        o = DEFAULTS | options
+        torch.set_num_threads(o["torch_threads"] or max(1, int(os.environ.get("OMP_NUM_THREADS", 1))))
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.gen = Generator(run_dir, defend=o["defend"], allow_backdoored=o["allow_backdoored"],
+                             limits=Limits(max_n=o["max_n"]), device=device)
+        self.generate_batch.set_max_batch_size(o["max_batch_size"])
+        self.generate_batch.set_batch_wait_timeout_s(o["batch_wait_timeout_s"])
+        self.queued_images = 0
+        self.served = 0
+
+    async def __call__(self, request: Request):
+        path, method = request.url.path.rstrip("/") or "/", request.method
+        if path == "/health" and method == "GET":
+            return {"status": "ok", "served_requests": self.served,
+                    "queued_images": self.queued_images, "pid": os.getpid()}
+        if path == "/model" and method == "GET":
+            return self.gen.model_card()
+        if path == "/generate" and method == "POST":
+            return await self.generate(request)
+        if path in ("/health", "/model", "/generate"):
+            return _error(405, f"{method} {path}: method not allowed")
+        return _error(404, f"{path}: not found (GET /health, GET /model, POST /generate)")
+
+    async def generate(self, request: Request):
+        from ssdiff_ray.serving.planner import Infeasible
+        from ssdiff_ray.serving.request import RequestError
+
+        limit = self.gen.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # refused before it is read
+            return _error(413, f"body of {int(declared):,} bytes: the limit is {limit:,}")
+        try:
+            req = self.gen.parse(await request.body())
+            plan = self.gen.plan(req, self.queued_images)
+        except RequestError as e:
+            return _error(e.status, str(e))
+        except Infeasible as e:
+            return _error(422, str(e), nearest=e.nearest)
+        self.queued_images += req.n
+        try:
+            result = await self.generate_batch((req, plan))
+        finally:
+            self.queued_images -= req.n
+        self.served += 1
+        return JSONResponse(result)
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def generate_batch(self, items: list) -> list[dict]:
+        # in a thread: the event loop keeps taking requests into the next batch meanwhile
+        return await asyncio.to_thread(self.gen.generate, items)
+
+
+def deployment_options(replicas: int = 1, max_replicas: int = 0, num_cpus: float = 1.0,
+                       gpu_fraction: float | None = None) -> dict:
+    """Replicas (fixed, or autoscaled from ``replicas`` to ``max_replicas``), CPUs each, and
+    a fraction of a GPU each when the cluster has GPUs (``gpu_fraction`` None: 0.25 then)."""
+    import ray
+
+    gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else 0
+    frac = (0.25 if gpus else 0.0) if gpu_fraction is None else gpu_fraction
+    opts: dict = {"ray_actor_options": {"num_cpus": num_cpus, "num_gpus": frac}}
+    if max_replicas > replicas:
+        opts["autoscaling_config"] = {"min_replicas": replicas, "max_replicas": max_replicas,
+                                      "target_ongoing_requests": 16}
+    else:
+        opts["num_replicas"] = replicas
+    return opts
+
+
+def build_app(args: dict):
+    """Application builder (``serve deploy``/``serve run service.app:build_app run_dir=...``):
+    ``run_dir`` and any of ``DEFAULTS``, plus ``replicas``, ``max_replicas``, ``num_cpus``."""
+    if "run_dir" not in args:
+        raise ValueError("build_app: args need run_dir (the run directory to serve)")
+    args = dict(args)
+    run_dir = str(args.pop("run_dir"))
+    dep = {k: args.pop(k) for k in ("replicas", "max_replicas", "num_cpus", "gpu_fraction")
+           if k in args}
+    for k in ("max_batch_size", "max_n", "torch_threads", "replicas", "max_replicas"):
+        if k in args:
+            args[k] = int(args[k])
+    for k in ("defend", "allow_backdoored"):
+        if isinstance(args.get(k), str):
+            args[k] = args[k].lower() in ("1", "true", "yes")
+    unknown = sorted(set(args) - set(DEFAULTS))
+    if unknown:
+        raise ValueError(f"build_app: unknown option {', '.join(unknown)} (known: run_dir, "
+                         f"replicas, max_replicas, num_cpus, gpu_fraction, {', '.join(DEFAULTS)})")
+    opts = deployment_options(int(dep.get("replicas", 1)), int(dep.get("max_replicas", 0)),
+                              float(dep.get("num_cpus", 1.0)),
+                              None if "gpu_fraction" not in dep else float(dep["gpu_fraction"]))
+    return GenerationService.options(**opts).bind(run_dir, args)
+
+
+def start(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+          max_replicas: int = 0, num_cpus: float = 1.0, gpu_fraction: float | None = None,
+          **options) -> str:
+    """Deploy the service on the running Ray (``api.init_ray`` first); returns its URL."""
+    serve.start(http_options={"host": host, "port": port})
+    opts = deployment_options(replicas, max_replicas, num_cpus, gpu_fraction)
+    serve.run(GenerationService.options(**opts).bind(str(run_dir), options), name="ssdiff",
+              route_prefix="/", blocking=False)
+    return f"http://{host}:{port}"
+
+
+def stop() -> None:
+    """Delete the application and shut Serve down (its proxy frees the port)."""
+    serve.shutdown()

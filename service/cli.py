@@ -1,0 +1,163 @@
+"""``ssdiff serve``, ``ssdiff serve-profile`` and ``ssdiff loadtest`` (argparse here; Ray,
+Serve and torch load when a command runs)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _user_error(msg: str):
+    from ssdiff_ray.cli import UserError
+
+    return UserError(msg)
+
+
+def _check_run(run_dir: str) -> Path:
+    p = Path(run_dir)
+    if not (p / "model" / "model_index.json").is_file() or not (p / "config.toml").is_file():
+        raise _user_error(f"{run_dir}: not a finished run directory (no model/ or config.toml)")
+    return p
+
+
+def cmd_serve(args) -> int:
+    from ssdiff_ray import api
+    from ssdiff_ray.serving.generator import BackdooredModelError, Generator
+
+    run_dir = _check_run(args.run_dir)
+    if not 0 < args.port < 65536:
+        raise _user_error(f"--port {args.port}: expected 1 to 65535")
+    # The defense's estimate and the audit, once, before Ray: a refusal is one line and
+    # the replicas load the cached result.
+    try:
+        gen = Generator(run_dir, defend=args.defense, allow_backdoored=args.allow_backdoored,
+                        log=lambda m: print(m, file=sys.stderr))
+    except BackdooredModelError as e:
+        raise _user_error(str(e)) from None
+    verdict = gen.audit.get("verdict")
+    del gen
+    started = api.init_ray(args.address)
+    from service import app
+
+    try:
+        url = app.start(str(run_dir.resolve()), host=args.host, port=args.port,
+                        replicas=args.replicas, max_replicas=args.max_replicas,
+                        num_cpus=args.num_cpus, gpu_fraction=args.gpu_fraction,
+                        defend=args.defense, allow_backdoored=args.allow_backdoored,
+                        max_batch_size=args.max_batch_size, max_n=args.max_n,
+                        batch_wait_timeout_s=args.batch_wait_s)
+        print(f"serving {run_dir} at {url} (audit: {verdict}; defense "
+              f"{'on' if args.defense else 'off'}; batching up to {args.max_batch_size}); "
+              "Ctrl-C stops", flush=True)
+        if args.for_s:
+            time.sleep(args.for_s)
+        else:
+            while True:
+                time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        app.stop()
+        if started:
+            import ray
+
+            ray.shutdown()
+    print("stopped", file=sys.stderr)
+    return 0
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        vals = []
+    if not vals or min(vals) < 1:
+        raise _user_error(f"{flag} {text!r}: expected positive integers like 1,8,32")
+    return vals
+
+
+def cmd_profile(args) -> int:
+    from ssdiff_ray.model import SAMPLERS
+    from ssdiff_ray.serving.profile import profile_run
+
+    run_dir = _check_run(args.run_dir)
+    samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
+    bad = [s for s in samplers if s not in SAMPLERS]
+    if bad or not samplers:
+        raise _user_error(f"--samplers {args.samplers!r}: expected some of {', '.join(SAMPLERS)}")
+    steps = _ints(args.steps, "--steps")
+    if args.n < 2:
+        raise _user_error(f"--n {args.n}: FID needs at least 2 samples")
+    profile_run(run_dir, samplers, steps, n=args.n, batch=args.batch)
+    print((run_dir / "serve_profile.md").read_text())
+    print(f"saved: {run_dir / 'serve_profile.parquet'}")
+    return 0
+
+
+def cmd_loadtest(args) -> int:
+    from service.loadtest import loadtest, save
+
+    levels = _ints(args.concurrency, "--concurrency")
+    if args.requests < 1:
+        raise _user_error(f"--requests {args.requests}: expected at least 1")
+    if not args.url.startswith(("http://", "https://")):
+        raise _user_error(f"{args.url}: expected an http:// or https:// URL")
+    try:
+        body = json.loads(args.body)
+    except ValueError as e:
+        raise _user_error(f"--body: not JSON ({e})") from None
+    table = loadtest(args.url, levels, args.requests, body, timeout_s=args.timeout_s)
+    cols = ["concurrency", "requests", "ok", "errors", "requests_per_s", "p50_s", "p95_s", "p99_s"]
+    print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    if table["ok"].sum() == 0:
+        print(f"no request succeeded: {table['statuses'].iloc[0]}", file=sys.stderr)
+    print("files: " + ", ".join(save(table, args.out)))
+    return 0 if table["errors"].sum() == 0 else 1
+
+
+def add_parsers(sub) -> None:
+    s = sub.add_parser("serve", help="serve a run's model over HTTP on Ray Serve, defended")
+    s.add_argument("run_dir")
+    s.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: RAY_ADDRESS, else embedded local Ray)")
+    s.add_argument("--host", default="127.0.0.1", help="HTTP host (0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--replicas", type=int, default=1, help="replicas (the minimum when autoscaling)")
+    s.add_argument("--max-replicas", type=int, default=0,
+                   help="autoscale up to this many replicas (default: a fixed count)")
+    s.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per replica")
+    s.add_argument("--gpu-fraction", type=float, default=None,
+                   help="GPU share per replica (default: 0.25 when the cluster has GPUs)")
+    s.add_argument("--max-batch-size", type=int, default=32,
+                   help="requests merged into one batch (1: no batching)")
+    s.add_argument("--batch-wait-s", type=float, default=0.01,
+                   help="how long a batch waits for more requests")
+    s.add_argument("--max-n", type=int, default=64, help="images per request at most")
+    s.add_argument("--defense", action=argparse.BooleanOptionalAction, default=True,
+                   help="input tests and negation on every request (default: on)")
+    s.add_argument("--allow-backdoored", action="store_true",
+                   help="serve a model whose audit says backdoored (with the defense)")
+    s.add_argument("--for-s", type=float, default=0, help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("serve-profile", help="FID and server time against sampler and steps, "
+                       "saved with the run for the service's planner")
+    p.add_argument("run_dir")
+    p.add_argument("--samplers", default="dpm,ddim,ddpm")
+    p.add_argument("--steps", default="5,10,20,50")
+    p.add_argument("--n", type=int, default=500, help="samples per FID")
+    p.add_argument("--batch", type=int, default=32, help="batch size of the timed batch")
+    p.set_defaults(func=cmd_profile)
+
+    lt = sub.add_parser("loadtest", help="HTTP load on a running service: requests/s, latency")
+    lt.add_argument("url", help="the service, e.g. http://127.0.0.1:8000")
+    lt.add_argument("--concurrency", default="1,8,32")
+    lt.add_argument("--requests", type=int, default=64, help="requests per concurrency level")
+    lt.add_argument("--body", default='{"n": 1}', help="the JSON body of every request")
+    lt.add_argument("--timeout-s", type=float, default=120.0)
+    lt.add_argument("--out", default="loadtest", help="files OUT.parquet and OUT.json")
+    lt.set_defaults(func=cmd_loadtest)
+

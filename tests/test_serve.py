@@ -1,0 +1,214 @@
+"""The generation service: a tiny conditional model served on real Ray Serve, real HTTP
+requests (images, metadata, flags, budgets, bad requests), a real load test, and a stop
+that frees the port and the actors."""
+
+import base64
+import json
+import socket
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from conftest import TINY
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, ray_local):
+    """A tiny class-conditional model trained federatedly, with its serve profile."""
+    from ssdiff_ray import api, config
+    from ssdiff_ray.serving.profile import profile_run
+
+    out = tmp_path_factory.mktemp("serve")
+    cfg = config.load(None, [*TINY, f"out_dir={out}", "name=served", "rounds=2",
+                             "model.conditional=true", "eval.steps=4"])
+    run_dir = api.run(cfg, progress=False)["run_dir"]
+    profile_run(run_dir, ("ddim", "dpm"), (2, 4, 8), n=40, batch=8, log=lambda m: None)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def service(tiny_run):
+    from service import app
+
+    port = _free_port()
+    url = app.start(tiny_run, port=port, max_batch_size=8, batch_wait_timeout_s=0.05, max_n=16)
+    yield url
+    app.stop()
+
+
+def _post(url, body, **kw):
+    data = body if isinstance(body, bytes | str) else json.dumps(body)
+    return requests.post(f"{url}/generate", data=data, timeout=120, **kw)
+
+
+def _images(resp) -> np.ndarray:
+    from ssdiff_ray.images import from_png
+
+    return np.stack([from_png(base64.b64decode(im["png"])) for im in resp.json()["images"]])
+
+
+def test_generate_returns_pngs_with_metadata(service):
+    r = _post(service, {"n": 3, "seed": 5, "class": "7", "sampler": "ddim", "steps": 4})
+    assert r.status_code == 200, r.text
+    images = _images(r)
+    assert images.shape == (3, 1, 16, 16) and images.min() >= -1 and images.max() <= 1
+    meta = r.json()["images"][0]
+    assert meta["sampler"] == "ddim" and meta["steps"] == 4 and meta["class"] == "7"
+    assert meta["where"] == "edge" and meta["predicted_latency_s"] > 0
+    assert {"flagged", "negated", "predicted_energy_j", "seed"} <= set(meta)
+    # DDIM is deterministic: the same seed gives the same images, another seed others
+    again = _images(_post(service, {"n": 3, "seed": 5, "class": "7", "sampler": "ddim", "steps": 4}))
+    other = _images(_post(service, {"n": 3, "seed": 6, "class": "7", "sampler": "ddim", "steps": 4}))
+    assert np.abs(again - images).max() < 2 / 255 and np.abs(other - images).max() > 0.1
+
+
+def test_blatant_trigger_in_the_noise_is_flagged_and_negated_over_http(service):
+    """The service's flag and negation path, end to end: a trigger no input test can miss
+    (a +4 patch). The detectors' power on a real backdoor is benchmarks/serve.py's."""
+    x = np.random.default_rng(3).standard_normal((4, 1, 16, 16)).astype("<f4")
+    x[:, :, :6, :6] += 4.0
+    noise = {"shape": list(x.shape), "data": base64.b64encode(x.tobytes()).decode()}
+    r = _post(service, {"n": 4, "noise": noise, "sampler": "ddim", "steps": 4})
+    assert r.status_code == 200, r.text
+    flags = [im["flagged"] for im in r.json()["images"]]
+    assert all(flags) and all(im["negated"] for im in r.json()["images"])
+    clean = _post(service, {"n": 16, "seed": 11, "sampler": "ddim", "steps": 4}).json()["images"]
+    assert sum(im["flagged"] for im in clean) <= 1
+
+
+def test_health_and_model_card(service, tiny_run):
+    h = requests.get(f"{service}/health", timeout=30).json()
+    assert h["status"] == "ok"
+    card = requests.get(f"{service}/model", timeout=30).json()
+    assert card["run_dir"].endswith("served") and card["conditional"] is True
+    assert card["audit"]["verdict"] in ("clean", "backdoored") and card["defense"] is True
+    assert card["limits"]["max_n"] == 16 and len(card["classes"]) == 10
+    assert {(p["sampler"], p["steps"]) for p in card["profile"]} == {
+        (s, k) for s in ("ddim", "dpm") for k in (2, 4, 8)}
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "malformed JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    ({"n": 17}, 422, "n = 17"),
+    ({"n": 2, "class": "99"}, 422, "class = '99'"),
+    ({"steps": -3}, 422, "steps = -3"),
+    ({"steps": 10**9}, 422, "steps = 1000000000"),
+    ({"sampler": "euler"}, 422, "sampler = 'euler'"),
+    ({"n": 1, "colour": "red"}, 422, "unknown field colour"),
+    ({"latency_s": 1.0}, 422, "device_class"),
+    ({"latency_s": 1.0, "device_class": "phone", "steps": 4}, 422, "not both"),
+    (b"x" * (10 << 20), 413, "limit"),
+])
+def test_bad_request_gets_4xx_and_service_keeps_serving(service, body, status, words):
+    r = _post(service, body)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]
+    assert _post(service, {"n": 1, "steps": 2}).status_code == 200
+
+
+def test_budgeted_request_is_planned_and_infeasible_names_nearest(service):
+    r = _post(service, {"n": 2, "latency_s": 60.0, "energy_j": 100.0, "min_quality": 0.5,
+                        "device_class": "phone"})
+    assert r.status_code == 200, r.text
+    meta = r.json()["images"][0]
+    assert meta["quality"] >= 0.5 and meta["predicted_latency_s"] <= 60.0
+    assert meta["predicted_energy_j"] <= 100.0 and meta["where"] in ("device", "edge")
+    tight = {"n": 2, "latency_s": 1e-6, "energy_j": 1e-9, "min_quality": 0.9,
+             "device_class": "mcu"}
+    r = _post(service, tight)
+    assert r.status_code == 422 and "nearest feasible" in r.json()["error"]
+    near = r.json()["nearest"]
+    # the nearest budget it names is one the service accepts (with 5% slack for the queue)
+    ok = _post(service, {**tight, "latency_s": near["latency_s"] * 1.05,
+                         "energy_j": near["energy_j"] * 1.05})
+    assert ok.status_code == 200, ok.text
+
+
+def test_concurrent_requests_are_batched(service):
+    with ThreadPoolExecutor(8) as pool:
+        rs = list(pool.map(lambda s: _post(service, {"n": 1, "seed": s, "steps": 8}), range(8)))
+    assert all(r.status_code == 200 for r in rs)
+    assert max(r.json()["batch_requests"] for r in rs) > 1
+
+
+def test_loadtest_reports_throughput_and_no_errors(service, tmp_path):
+    from service.loadtest import loadtest, save
+
+    table = loadtest(service, [1, 4], 8, {"n": 1, "steps": 2})
+    assert list(table["concurrency"]) == [1, 4] and (table["errors"] == 0).all()
+    assert (table["ok"] == 8).all() and (table["requests_per_s"] > 0).all()
+    assert (table["p50_s"] <= table["p99_s"]).all()
+    files = save(table, tmp_path / "lt")
+    assert all(p for p in files)
+
+
+def test_stop_releases_the_port_and_the_actors(service):
+    """Last test on the module's service: it stops it."""
+    import ray
+    from ray import serve
+
+    from service import app
+
+    assert requests.get(f"{service}/health", timeout=30).status_code == 200
+    app.stop()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{service}/health", timeout=5)
+    with socket.socket() as s:  # the port is free to bind again
+        s.bind(("127.0.0.1", int(service.rsplit(":", 1)[1])))
+    alive = [a for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == serve._private.constants.SERVE_NAMESPACE]
+    assert alive == []
+
+
+def test_service_refuses_a_model_whose_cached_audit_says_backdoored(tiny_run, tmp_path):
+    """The refusal reads the audit in the run's defense cache (computed for the served
+    model); here that verdict is set by hand, as a backdoored tiny model's audit would say."""
+    import shutil
+
+    from ssdiff_ray.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    audit = json.loads((run / "defense" / "audit.json").read_text())
+    (run / "defense" / "audit.json").write_text(json.dumps({**audit, "verdict": "backdoored"}))
+    assert main(["serve", str(run), "--port", str(_free_port())]) == 2
+    from ssdiff_ray.serving.generator import Generator
+
+    assert Generator(run, allow_backdoored=True).audit["verdict"] == "backdoored"
+
+
+
+def test_defense_cache_is_reused_and_made_again_for_other_weights(tiny_run, tmp_path):
+    import shutil
+
+    import torch
+
+    from ssdiff_ray.defense import cache
+    from ssdiff_ray.defense.defense import Defense
+    from ssdiff_ray.inference import load_run_model
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    cfg, unet, scheduler = load_run_model(run)
+    fresh = Defense.from_config(cfg, unet, scheduler)
+    assert cache.load(run, fresh) is not None  # the service's startup saved it
+    x = torch.randn((6, 1, 16, 16), generator=torch.Generator().manual_seed(0))
+    x[:3, :, :6, :6] += 4.0
+    made = Defense.from_config(cfg, unet, scheduler).prepare()
+    assert (fresh.detect(x)["flagged"] == made.detect(x)["flagged"]).all()
+    assert np.allclose(fresh.est.tau, made.est.tau)
+    with torch.no_grad():  # other weights: the cache no longer applies
+        next(unet.parameters()).add_(0.01)
+    unet.save_pretrained(run / "model" / "unet")
+    assert cache.load(run, Defense.from_config(cfg, unet, scheduler)) is None
