@@ -115,7 +115,7 @@ def main(argv=None) -> dict:
             plan.append((f"lora r8 {args.quant_aggregation} 4-bit{args.tag}",
                          ["train.mode=lora", "lora.rank=8", "lora.alpha=8",
                           f"lora.aggregation={args.quant_aggregation}", "quant.bits=4"], tuned))
-        for i, (label, sets, com) in enumerate(plan):
+        for label, sets, com in plan:
             full_ft = label.startswith("full fine-tune")
             extra = ["eval.baseline=true"] if full_ft else []
             row = run_row(f"{label} s{seed}", [*sets, *extra], com, runs,

@@ -13,11 +13,10 @@ import numpy as np
 from ssdiff_ray import codec
 from ssdiff_ray.aggregation import make_aggregator
 from ssdiff_ray.aggregation.base import ClientUpdate, clip_to_norm
+from ssdiff_ray.aggregation.lora_exact import add_residuals
 from ssdiff_ray.config import Config
 from ssdiff_ray.model.lora_ranks import RankParts
-from ssdiff_ray.aggregation.lora_exact import add_residuals
-from ssdiff_ray.model.unet import (build_scheduler, get_flat, param_layout, set_flat,
-                                   trainable_mask, unet_for)
+from ssdiff_ray.model.unet import build_scheduler, get_flat, param_layout, set_flat, trainable_mask, unet_for
 from ssdiff_ray.round_results import ChunkVerdicts, RoundOutcome, TrainedChunk
 
 

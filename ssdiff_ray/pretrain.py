@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -34,7 +33,10 @@ def pretrain(cfg: Config, out: str | Path, steps: int, progress: bool = True) ->
     unet, sched = unet_for(cfg), build_scheduler(cfg.model.timesteps, cfg.model.beta_schedule)
     t = cfg.train
     opt = torch.optim.Adam(unet.parameters(), lr=t.lr)
-    lr_at = lambda i: t.lr_final + (t.lr - t.lr_final) * 0.5 * (1 + math.cos(math.pi * i / steps))
+
+    def lr_at(i: int) -> float:  # cosine from train.lr to train.lr_final
+        return t.lr_final + (t.lr - t.lr_final) * 0.5 * (1 + math.cos(math.pi * i / steps))
+
     gen = torch.Generator().manual_seed(cfg.seed)
     images = torch.from_numpy(data.images)
     labels = torch.from_numpy(data.labels) if cfg.model.conditional else None

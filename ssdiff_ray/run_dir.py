@@ -93,8 +93,7 @@ def resolve_pretrained(cfg: Config) -> Config:
     """Check that the pretrained model fits the data and the adapters, and take its noise
     schedule (so attacks, training and sampling all use the one it was trained with)."""
     from ssdiff_ray.model import BETA_SCHEDULES
-    from ssdiff_ray.model.pretrained import (PretrainedError, check_fit, check_lora_targets,
-                                             describe)
+    from ssdiff_ray.model.pretrained import PretrainedError, check_fit, check_lora_targets, describe
 
     d = cfg.data
     try:

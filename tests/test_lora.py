@@ -10,14 +10,13 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DConditionModel
 
 from ssdiff_ray import api, codec, config
 from ssdiff_ray.aggregation.lora_exact import product_residual
 from ssdiff_ray.cli import main as cli_main
 from ssdiff_ray.model.unet import context_table, get_flat
-
-from conftest import TINY
 
 LORA = ["train.mode=lora", "lora.rank=2", "lora.alpha=2"]
 
@@ -111,7 +110,8 @@ def test_server_aggregates_adapters(base_dir, aggregation, ranks):
             client[where] += d
             prods.append(mat(client, layer.b) @ mat(client, layer.a))
         want = mat(old, layer.base) + layer.scaling * np.mean(prods, axis=0)
-        got = mat(ps.weights, layer.base) + layer.scaling * mat(ps.weights, layer.b) @ mat(ps.weights, layer.a)
+        got = (mat(ps.weights, layer.base)
+               + layer.scaling * mat(ps.weights, layer.b) @ mat(ps.weights, layer.a))
         worst = max(worst, float(np.abs(got - want).max()))
     if aggregation == "exact":
         assert worst < 1e-5

@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import requests
-
 from conftest import TINY
 
 pytestmark = pytest.mark.usefixtures("ray_local")
