@@ -211,3 +211,41 @@ def test_defense_cache_is_reused_and_made_again_for_other_weights(tiny_run, tmp_
         next(unet.parameters()).add_(0.01)
     unet.save_pretrained(run / "model" / "unet")
     assert cache.load(run, Defense.from_config(cfg, unet, scheduler)) is None
+
+
+def test_serve_config_file_deploys_through_the_app_builder(tiny_run):
+    """cluster/serve.yaml's application, as `serve deploy` builds it (run_dir swapped)."""
+    from pathlib import Path
+
+    import yaml
+    from ray import serve
+
+    from service.app import build_app
+
+    conf = yaml.safe_load((Path(__file__).parents[1] / "cluster" / "serve.yaml").read_text())
+    args = {**conf["applications"][0]["args"], "run_dir": tiny_run, "max_replicas": 1}
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.run(build_app(args), name="ssdiff", route_prefix="/")
+        card = requests.get(f"http://127.0.0.1:{port}/model", timeout=60).json()
+        assert card["limits"]["max_n"] == args["max_n"] and card["defense"] is True
+    finally:
+        serve.shutdown()
+    with pytest.raises(ValueError, match="unknown option colour"):
+        build_app({"run_dir": tiny_run, "colour": 1})
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["serve", "/no/such/run"], "not a finished run directory"),
+    (["serve-profile", "RUN", "--samplers", "euler"], "--samplers 'euler'"),
+    (["loadtest", "http://127.0.0.1:9", "--concurrency", "0,8"], "--concurrency '0,8'"),
+    (["loadtest", "127.0.0.1:8000"], "expected an http"),
+])
+def test_service_commands_bad_input_one_line(tiny_run, capsys, argv, words):
+    from ssdiff_ray.cli import main
+
+    argv = [tiny_run if a == "RUN" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0]

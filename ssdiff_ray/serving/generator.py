@@ -108,6 +108,8 @@ class Generator:
                         "predicted_latency_s": _finite(plan.latency_s),
                         "predicted_energy_j": _finite(plan.energy_j),
                         "predicted_server_energy_j": _finite(plan.server_energy_j),
+                        "predicted_server_s": _finite(plan.server_s),
+                        "predicted_radio_s": _finite(plan.radio_s),
                         "quality": plan.quality, "cpu_hz": plan.cpu_hz,
                         "class": None if r.label is None else self.info.class_names[r.label]}
                 out[i] = {"images": [

@@ -50,6 +50,8 @@ class Plan:
     quality: float | None
     fid: float | None
     cpu_hz: float | None = None  # the device's DVFS frequency when it runs the sampler
+    server_s: float = 0.0        # the edge server's part of latency_s (queue included)
+    radio_s: float = 0.0         # the radio's part of latency_s
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -94,18 +96,18 @@ def options(n: int, profile: pd.DataFrame, dev: DeviceClass | None, link: Channe
         server_s = r.server_s0 + r.server_s_per_image * (queued_images + n)
         server_j = server.power_w * r.server_s_per_image * n
         base = {"sampler": r.sampler, "steps": int(r.steps), "quality": r.quality, "fid": r.fid,
-                "server_energy_j": server_j}
+                "server_energy_j": server_j, "server_s": server_s, "radio_s": 0.0}
         if dev is None:
             rows.append({**base, "where": "edge", "latency_s": server_s, "energy_j": server_j,
                          "cpu_hz": None})
             continue
         radio_s, radio_j = radio_costs(dev, server.request_bytes, n * image_bytes, link, server)
         rows.append({**base, "where": "edge", "latency_s": server_s + radio_s,
-                     "energy_j": radio_j, "cpu_hz": None})
+                     "energy_j": radio_j, "cpu_hz": None, "radio_s": radio_s})
         if model_bytes <= dev.memory_bytes:
             s, j, f = device_costs(dev, n * r.flops_per_image, latency_s)
             rows.append({**base, "where": "device", "latency_s": s, "energy_j": j,
-                         "server_energy_j": 0.0, "cpu_hz": f})
+                         "server_energy_j": 0.0, "server_s": 0.0, "cpu_hz": f})
     return pd.DataFrame(rows)
 
 
@@ -154,4 +156,5 @@ def _plan_fields(row: pd.Series) -> dict:
     return {"sampler": row["sampler"], "steps": int(row["steps"]), "where": row["where"],
             "latency_s": float(row["latency_s"]), "energy_j": float(row["energy_j"]),
             "server_energy_j": float(row["server_energy_j"]), "quality": float(row["quality"]),
-            "fid": float(row["fid"]), "cpu_hz": None if cpu is None or pd.isna(cpu) else float(cpu)}
+            "fid": float(row["fid"]), "cpu_hz": None if cpu is None or pd.isna(cpu) else float(cpu),
+            "server_s": float(row["server_s"]), "radio_s": float(row["radio_s"])}
