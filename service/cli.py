@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 
-def _user_error(msg: str):
-    from ssdiff_ray.cli import UserError
+class ServiceError(ValueError):
+    """Anything a user can fix: ``ssdiff`` prints it as one line and exits 2."""
 
-    return UserError(msg)
+
+def _user_error(msg: str) -> ServiceError:
+    return ServiceError(msg)
 
 
 def _check_run(run_dir: str) -> Path:

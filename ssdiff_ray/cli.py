@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         # Errors a user can cause in their data (DataError, DeviceProfileError) are
         # ValueErrors with a one-line message; internal bugs are other types and raise.
-        if type(e).__name__ in ("DataError", "DeviceProfileError"):
+        if type(e).__name__ in ("DataError", "DeviceProfileError", "ServiceError"):
             print(f"ssdiff: error: {e}", file=sys.stderr)
             return 2
         raise

@@ -7,13 +7,14 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("ssdiff_ray", "actors", "driver", "tuning")
+PACKAGES = ("ssdiff_ray", "actors", "driver", "tuning", "service")
 OUTER_SHELL = {"ssdiff_ray.api", "ssdiff_ray.cli"}  # start Ray and call the actors
 # importer prefix -> top-level names it must never import
 FORBIDDEN = {
-    "ssdiff_ray": {"ray", "optuna", "actors", "driver", "tuning"},
+    "ssdiff_ray": {"ray", "optuna", "actors", "driver", "tuning", "service"},
     "actors": {"optuna", "driver", "tuning"},
     "driver": {"optuna", "tuning"},
+    "service": {"optuna", "actors", "driver", "tuning"},
 }
 
 
@@ -85,7 +86,8 @@ def test_no_forbidden_imports():
 
 def test_graph_covers_the_packages_and_function_level_imports():
     g = import_graph(ROOT)
-    assert {"ssdiff_ray.config", "actors.client_pool", "driver.federation", "tuning.study"} <= set(g)
+    assert {"ssdiff_ray.config", "actors.client_pool", "driver.federation", "tuning.study",
+            "service.app"} <= set(g)
     # ssdiff_ray.api imports the round loop inside run(): it must be seen
     assert "driver.federation" in g["ssdiff_ray.api"]
 
