@@ -45,6 +45,15 @@ def service(tiny_run):
     app.stop()
 
 
+def _assert_nobody_listens(port: int) -> None:
+    """A server can listen on the port again (SO_REUSEADDR, as servers do: the closed
+    connections' TIME_WAIT entries do not count, a live listener does)."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", port))
+        s.listen()
+
+
 def _post(url, body, **kw):
     data = body if isinstance(body, bytes | str) else json.dumps(body)
     return requests.post(f"{url}/generate", data=data, timeout=120, **kw)
@@ -163,11 +172,40 @@ def test_stop_releases_the_port_and_the_actors(service):
     app.stop()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{service}/health", timeout=5)
-    with socket.socket() as s:  # the port is free to bind again
-        s.bind(("127.0.0.1", int(service.rsplit(":", 1)[1])))
+    _assert_nobody_listens(int(service.rsplit(":", 1)[1]))
     alive = [a for a in ray.util.list_named_actors(all_namespaces=True)
              if a["namespace"] == serve._private.constants.SERVE_NAMESPACE]
     assert alive == []
+
+
+@pytest.mark.slow
+def test_ssdiff_serve_command_serves_until_interrupted(tiny_run):
+    """The command a user runs: its own embedded Ray, HTTP until Ctrl-C, then a clean stop."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "ssdiff_ray.cli", "serve", tiny_run,
+                             "--port", str(port)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
+                    break
+            except requests.RequestException:  # not up yet
+                time.sleep(1)
+        r = _post(f"http://127.0.0.1:{port}", {"n": 2, "steps": 2})
+        assert r.status_code == 200 and len(r.json()["images"]) == 2
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert f"at http://127.0.0.1:{port}" in out and "stopped" in out
+    _assert_nobody_listens(port)
 
 
 def test_service_refuses_a_model_whose_cached_audit_says_backdoored(tiny_run, tmp_path):
