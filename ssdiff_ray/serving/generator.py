@@ -73,8 +73,9 @@ class Generator:
             if req.budgeted:
                 raise RequestError(422, "budgeted requests need the model's serve profile: "
                                         f"run `ssdiff serve-profile {self.run_dir}` first")
-            return Plan(req.sampler, req.steps, "edge", float("nan"), float("nan"),
-                        float("nan"), None, None)
+            nan = float("nan")
+            return Plan(req.sampler, req.steps, "edge", nan, nan, nan, None, None,
+                        server_s=nan, radio_s=nan)
         return plan_request(req, self.profile, self.link, self.image_bytes, queued_images,
                             self.model_bytes)
 

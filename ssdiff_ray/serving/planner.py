@@ -124,7 +124,8 @@ def plan_request(req, profile: pd.DataFrame, link: ChannelConfig, image_bytes: f
         pick = opts[(opts["sampler"] == req.sampler) & (opts["steps"] == req.steps)
                     & (opts["where"] == "edge")]
         if pick.empty:  # a setting the profile did not measure: no prediction
-            return Plan(req.sampler, req.steps, "edge", math.nan, math.nan, math.nan, None, None)
+            return Plan(req.sampler, req.steps, "edge", math.nan, math.nan, math.nan, None, None,
+                        server_s=math.nan, radio_s=math.nan)
         return Plan(**_plan_fields(pick.iloc[0]))
     floor = req.min_quality or 0.0
     good = opts[opts["quality"] >= floor - 1e-12]
