@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 
 from ray import serve
 from starlette.requests import Request
@@ -63,6 +64,7 @@ class GenerationService:
         from ssdiff_ray.serving.planner import Infeasible
         from ssdiff_ray.serving.request import RequestError
 
+        t0 = time.perf_counter()
         limit = self.gen.limits.max_body_bytes
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:  # refused before it is read
@@ -79,8 +81,9 @@ class GenerationService:
             result = await self.generate_batch((req, plan))
         finally:
             self.queued_images -= req.n
+        self.gen.latency.record(plan.server_s, time.perf_counter() - t0)
         self.served += 1
-        return JSONResponse(result)
+        return JSONResponse({**result, "server_time_scale": self.gen.latency.value()})
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def generate_batch(self, items: list) -> list[dict]:

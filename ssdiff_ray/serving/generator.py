@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ssdiff_ray.energy import ChannelConfig
-from ssdiff_ray.serving.planner import Plan, plan_request
+from ssdiff_ray.serving.planner import LatencyScale, Plan, plan_request
 from ssdiff_ray.serving.profile import load_profile
 from ssdiff_ray.serving.request import GenerateRequest, Limits, ModelInfo, RequestError, parse_generate
 
@@ -54,6 +54,7 @@ class Generator:
                               timesteps=int(self.scheduler.config.num_train_timesteps),
                               sampler=e.sampler, steps=e.steps, guidance=e.guidance)
         self.profile = load_profile(self.run_dir)
+        self.latency = LatencyScale()  # the service records observed server times
         self.link = ChannelConfig.from_config(c.devices)
         self.model_bytes = 4 * sum(p.numel() for p in self.unet.parameters())
         # PNG bytes of one image, for the downlink: the profile's grid is not the served
@@ -77,7 +78,7 @@ class Generator:
             return Plan(req.sampler, req.steps, "edge", nan, nan, nan, None, None,
                         server_s=nan, radio_s=nan)
         return plan_request(req, self.profile, self.link, self.image_bytes, queued_images,
-                            self.model_bytes)
+                            self.model_bytes, server_scale=self.latency.value())
 
     def initial_noise(self, req: GenerateRequest) -> torch.Tensor:
         if req.noise is not None:

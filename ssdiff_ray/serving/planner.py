@@ -31,6 +31,29 @@ from ssdiff_ray.devices import DEVICE_CLASSES, DeviceClass
 from ssdiff_ray.energy import ACCEL_POWER_EXPONENT, ChannelConfig, path_loss_db, rate_bps
 
 
+class LatencyScale:
+    """Observed over predicted server time of the replica's recent requests. The profile
+    times a quiet machine; under load a request also waits for the batch in progress, and
+    the HTTP proxy and clients share the cores. The planner multiplies its prediction by the
+    95th percentile of recent ratios (1 until ``min_samples`` are seen), so a budget holds
+    for 95% of requests at the load the replica actually sees."""
+
+    def __init__(self, window: int = 200, min_samples: int = 20):
+        from collections import deque
+
+        self.ratios: deque[float] = deque(maxlen=window)
+        self.min_samples = min_samples
+
+    def record(self, predicted_s: float, observed_s: float) -> None:
+        if np.isfinite(predicted_s) and predicted_s > 0:
+            self.ratios.append(observed_s / predicted_s)
+
+    def value(self) -> float:
+        if len(self.ratios) < self.min_samples:
+            return 1.0
+        return max(1.0, float(np.percentile(np.fromiter(self.ratios, float), 95)))
+
+
 class Infeasible(ValueError):
     """No setting meets the budget; ``nearest`` is the cheapest budget that would."""
 
@@ -89,11 +112,13 @@ def radio_costs(dev: DeviceClass, up_bytes: float, down_bytes: float, link: Chan
 
 def options(n: int, profile: pd.DataFrame, dev: DeviceClass | None, link: ChannelConfig,
             image_bytes: float, queued_images: int, latency_s: float | None,
-            model_bytes: int, server: EdgeServer = EdgeServer()) -> pd.DataFrame:
-    """Every (sampler, steps, where) with its predicted latency and energy for this request."""
+            model_bytes: int, server: EdgeServer = EdgeServer(),
+            server_scale: float = 1.0) -> pd.DataFrame:
+    """Every (sampler, steps, where) with its predicted latency and energy for this request;
+    ``server_scale`` multiplies the profile's server time (``LatencyScale``)."""
     rows = []
     for r in profile.itertuples():
-        server_s = r.server_s0 + r.server_s_per_image * (queued_images + n)
+        server_s = server_scale * (r.server_s0 + r.server_s_per_image * (queued_images + n))
         server_j = server.power_w * r.server_s_per_image * n
         base = {"sampler": r.sampler, "steps": int(r.steps), "quality": r.quality, "fid": r.fid,
                 "server_energy_j": server_j, "server_s": server_s, "radio_s": 0.0}
@@ -112,14 +137,14 @@ def options(n: int, profile: pd.DataFrame, dev: DeviceClass | None, link: Channe
 
 
 def plan_request(req, profile: pd.DataFrame, link: ChannelConfig, image_bytes: float,
-                 queued_images: int, model_bytes: int,
-                 server: EdgeServer = EdgeServer()) -> Plan:
+                 queued_images: int, model_bytes: int, server: EdgeServer = EdgeServer(),
+                 server_scale: float = 1.0) -> Plan:
     """The plan for a budgeted request (the cheapest feasible option in device energy, then
     latency), or for an explicit one (its sampler and steps on the edge server); raises
     ``Infeasible`` with the nearest budget that is."""
     dev = DEVICE_CLASSES[req.device_class] if req.device_class else None
     opts = options(req.n, profile, dev, link, image_bytes, queued_images, req.latency_s,
-                   model_bytes, server)
+                   model_bytes, server, server_scale)
     if not req.budgeted:
         pick = opts[(opts["sampler"] == req.sampler) & (opts["steps"] == req.steps)
                     & (opts["where"] == "edge")]
