@@ -109,7 +109,7 @@ def test_latency_scale_is_the_95th_percentile_of_observed_over_predicted():
     from ssdiff_ray.serving.planner import LatencyScale
 
     scale = LatencyScale(window=100, min_samples=20)
-    for i in range(19):
+    for _ in range(19):
         scale.record(1.0, 2.0)
     assert scale.value() == 1.0  # too few to trust
     for i in range(81):
