@@ -22,7 +22,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 DEFAULTS = {"defend": True, "allow_backdoored": False, "max_batch_size": 32,
-            "batch_wait_timeout_s": 0.01, "max_n": 64, "torch_threads": 0}
+            "batch_wait_timeout_s": 0.05, "max_n": 64, "torch_threads": 0}
 
 
 def _error(status: int, message: str, **extra) -> JSONResponse:
@@ -85,7 +85,7 @@ class GenerationService:
         self.served += 1
         return JSONResponse({**result, "server_time_scale": self.gen.latency.value()})
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)  # both set from options
     async def generate_batch(self, items: list) -> list[dict]:
         # in a thread: the event loop keeps taking requests into the next batch meanwhile
         return await asyncio.to_thread(self.gen.generate, items)
