@@ -105,19 +105,19 @@ def test_noise_round_trips_and_unconditional_models_refuse_a_class():
         parse_generate(b'{"class": "3"}', info)
 
 
-def test_latency_scale_is_the_95th_percentile_of_observed_over_predicted():
+def test_latency_scale_adds_the_95th_percentile_of_observed_minus_predicted():
     from ssdiff_ray.serving.planner import LatencyScale
 
     scale = LatencyScale(window=100, min_samples=20)
     for _ in range(19):
         scale.record(1.0, 2.0)
-    assert scale.value() == 1.0  # too few to trust
+    assert scale.value() == 0.0  # too few to trust
     for i in range(81):
-        scale.record(0.5, 0.5 * (1 + i / 80))  # ratios 1 .. 2
-    assert 1.8 < scale.value() <= 2.0
+        scale.record(0.5, 0.5 + i / 80)  # residuals 0 .. 1
+    assert 0.8 < scale.value() <= 1.0
     scale.record(float("nan"), 5.0)  # an unpredicted request is not a sample
-    assert len(scale.ratios) == 100
+    assert len(scale.residuals) == 100
     req = _req(n=1, latency_s=5.0, min_quality=0.9, device_class="phone")
     base = plan_request(req, _profile(), ChannelConfig(), 600, 0, 4_000_000)
-    slow = plan_request(req, _profile(), ChannelConfig(), 600, 0, 4_000_000, server_scale=3.0)
-    assert slow.server_s == pytest.approx(3 * base.server_s)
+    slow = plan_request(req, _profile(), ChannelConfig(), 600, 0, 4_000_000, server_extra_s=0.7)
+    assert slow.server_s == pytest.approx(base.server_s + 0.7)

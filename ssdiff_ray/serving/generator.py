@@ -78,7 +78,15 @@ class Generator:
             return Plan(req.sampler, req.steps, "edge", nan, nan, nan, None, None,
                         server_s=nan, radio_s=nan)
         return plan_request(req, self.profile, self.link, self.image_bytes, queued_images,
-                            self.model_bytes, server_scale=self.latency.value())
+                            self.model_bytes, server_extra_s=self.latency.value())
+
+    def warm_up(self, batch: int = 8) -> None:
+        """One small batch and one of ``batch`` images through the served path: the first
+        calls of a fresh process are several times slower (allocations, kernel choice), and
+        its requests would otherwise pay for them."""
+        for n in (1, batch):
+            req = GenerateRequest(n=n, sampler="ddim", steps=2, guidance=self.info.guidance)
+            self.generate([(req, self.plan(req))])
 
     def initial_noise(self, req: GenerateRequest) -> torch.Tensor:
         if req.noise is not None:

@@ -32,26 +32,29 @@ from ssdiff_ray.energy import ACCEL_POWER_EXPONENT, ChannelConfig, path_loss_db,
 
 
 class LatencyScale:
-    """Observed over predicted server time of the replica's recent requests. The profile
-    times a quiet machine; under load a request also waits for the batch in progress, and
-    the HTTP proxy and clients share the cores. The planner multiplies its prediction by the
-    95th percentile of recent ratios (1 until ``min_samples`` are seen), so a budget holds
-    for 95% of requests at the load the replica actually sees."""
+    """How much longer the replica's recent requests took than predicted. The profile
+    times a quiet machine; under load a request also waits for the batch in progress and
+    finishes with its whole batch, and the HTTP proxy and clients share the cores. The
+    planner adds the 95th percentile of recent (observed - predicted) server seconds to its
+    prediction (0 until ``min_samples`` are seen), so a budget holds for 95% of requests at
+    the load the replica actually sees. (Additive: a ratio swung from 1.7 to 3 with the
+    queue position inside one batch that all finished together.)"""
 
-    def __init__(self, window: int = 200, min_samples: int = 20):
+    def __init__(self, window: int = 100, min_samples: int = 16):
         from collections import deque
 
-        self.ratios: deque[float] = deque(maxlen=window)
+        self.residuals: deque[float] = deque(maxlen=window)
         self.min_samples = min_samples
 
     def record(self, predicted_s: float, observed_s: float) -> None:
-        if np.isfinite(predicted_s) and predicted_s > 0:
-            self.ratios.append(observed_s / predicted_s)
+        if np.isfinite(predicted_s):
+            self.residuals.append(observed_s - predicted_s)
 
     def value(self) -> float:
-        if len(self.ratios) < self.min_samples:
-            return 1.0
-        return max(1.0, float(np.percentile(np.fromiter(self.ratios, float), 95)))
+        """Seconds to add to a predicted server time."""
+        if len(self.residuals) < self.min_samples:
+            return 0.0
+        return max(0.0, float(np.percentile(np.fromiter(self.residuals, float), 95)))
 
 
 class Infeasible(ValueError):
@@ -113,12 +116,12 @@ def radio_costs(dev: DeviceClass, up_bytes: float, down_bytes: float, link: Chan
 def options(n: int, profile: pd.DataFrame, dev: DeviceClass | None, link: ChannelConfig,
             image_bytes: float, queued_images: int, latency_s: float | None,
             model_bytes: int, server: EdgeServer = EdgeServer(),
-            server_scale: float = 1.0) -> pd.DataFrame:
+            server_extra_s: float = 0.0) -> pd.DataFrame:
     """Every (sampler, steps, where) with its predicted latency and energy for this request;
-    ``server_scale`` multiplies the profile's server time (``LatencyScale``)."""
+    ``server_extra_s`` is added to the profile's server time (``LatencyScale``)."""
     rows = []
     for r in profile.itertuples():
-        server_s = server_scale * (r.server_s0 + r.server_s_per_image * (queued_images + n))
+        server_s = r.server_s0 + r.server_s_per_image * (queued_images + n) + server_extra_s
         server_j = server.power_w * r.server_s_per_image * n
         base = {"sampler": r.sampler, "steps": int(r.steps), "quality": r.quality, "fid": r.fid,
                 "server_energy_j": server_j, "server_s": server_s, "radio_s": 0.0}
@@ -138,13 +141,13 @@ def options(n: int, profile: pd.DataFrame, dev: DeviceClass | None, link: Channe
 
 def plan_request(req, profile: pd.DataFrame, link: ChannelConfig, image_bytes: float,
                  queued_images: int, model_bytes: int, server: EdgeServer = EdgeServer(),
-                 server_scale: float = 1.0) -> Plan:
+                 server_extra_s: float = 0.0) -> Plan:
     """The plan for a budgeted request (the cheapest feasible option in device energy, then
     latency), or for an explicit one (its sampler and steps on the edge server); raises
     ``Infeasible`` with the nearest budget that is."""
     dev = DEVICE_CLASSES[req.device_class] if req.device_class else None
     opts = options(req.n, profile, dev, link, image_bytes, queued_images, req.latency_s,
-                   model_bytes, server, server_scale)
+                   model_bytes, server, server_extra_s)
     if not req.budgeted:
         pick = opts[(opts["sampler"] == req.sampler) & (opts["steps"] == req.steps)
                     & (opts["where"] == "edge")]
