@@ -145,6 +145,11 @@ def start(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: 
     return f"http://{host}:{port}"
 
 
+def delete() -> None:
+    """Remove this application, leaving Serve (and anything else it serves) running."""
+    serve.delete("ssdiff")
+
+
 def stop() -> None:
     """Delete the application and shut Serve down (its proxy frees the port)."""
     serve.shutdown()

@@ -62,11 +62,12 @@ def cmd_serve(args) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        app.stop()
-        if started:
-            import ray
+        import ray
 
+        if started:  # our embedded Ray: shutting it down stops Serve, its proxy and replicas
             ray.shutdown()
+        else:  # a cluster's Serve may host other applications: remove only ours
+            app.delete()
     print("stopped", file=sys.stderr)
     return 0
 
