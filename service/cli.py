@@ -94,7 +94,7 @@ def cmd_profile(args) -> int:
     steps = _ints(args.steps, "--steps")
     if args.n < 2:
         raise _user_error(f"--n {args.n}: FID needs at least 2 samples")
-    profile_run(run_dir, samplers, steps, n=args.n, batch=args.batch)
+    profile_run(run_dir, samplers, steps, n=args.n, batch=args.batch, defended=args.defense)
     print((run_dir / "serve_profile.md").read_text())
     print(f"saved: {run_dir / 'serve_profile.parquet'}")
     return 0
@@ -154,6 +154,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--steps", default="5,10,20,50")
     p.add_argument("--n", type=int, default=500, help="samples per FID")
     p.add_argument("--batch", type=int, default=32, help="batch size of the timed batch")
+    p.add_argument("--defense", action=argparse.BooleanOptionalAction, default=True,
+                   help="time the defended path (default; --no-defense: the sampler alone)")
     p.set_defaults(func=cmd_profile)
 
     lt = sub.add_parser("loadtest", help="HTTP load on a running service: requests/s, latency")

@@ -35,8 +35,10 @@ def _timed(fn, reps: int) -> float:
 
 
 def profile_run(run_dir: str | Path, samplers=("dpm", "ddim", "ddpm"), steps=(5, 10, 20, 50),
-                n: int = 500, batch: int = 32, seed: int = 0, log=print) -> pd.DataFrame:
-    """Measure every (sampler, steps), save the table with the run and return it."""
+                n: int = 500, batch: int = 32, seed: int = 0, defended: bool = True,
+                log=print) -> pd.DataFrame:
+    """Measure every (sampler, steps), save the table with the run and return it.
+    ``defended`` False times the plain sampler (a service run with ``--no-defense``)."""
     from ssdiff_ray.defense.cache import cached_defense
     from ssdiff_ray.defense.defense import Defense
     from ssdiff_ray.evaluation import Evaluator
@@ -50,7 +52,7 @@ def profile_run(run_dir: str | Path, samplers=("dpm", "ddim", "ddpm"), steps=(5,
     unet.eval()
     quality = Evaluator(cfg).quality
     defense = None
-    if cfg.defense.enabled:
+    if defended and cfg.defense.enabled:
         defense, _ = cached_defense(run_dir, Defense.from_config(cfg, unet, scheduler), log=log)
     conditional = cfg.model.conditional
     labels = np.arange(n) % cfg.data.num_classes if conditional else None
@@ -105,8 +107,10 @@ def to_markdown(table: pd.DataFrame) -> str:
         cells = " | ".join(f"{fid.loc[k, s]:.2f} | {per.loc[k, s]:.4f}" for s in fid.columns)
         lines.append(f"| {k} | {cells} |")
     space = table["feature_space"].iloc[0]
+    path = ("input tests + negation + sampling" if table["defended"].iloc[0]
+            else "sampling only, no defense")
     return (f"FID ({space} space, n = {int(table['n'].iloc[0])}) and served seconds per image "
-            "(input tests + negation + sampling, this machine)\n\n" + "\n".join(lines) + "\n")
+            f"({path}, this machine)\n\n" + "\n".join(lines) + "\n")
 
 
 def load_profile(run_dir: str | Path) -> pd.DataFrame | None:
