@@ -178,36 +178,6 @@ def test_stop_releases_the_port_and_the_actors(service):
     assert alive == []
 
 
-@pytest.mark.slow
-def test_ssdiff_serve_command_serves_until_interrupted(tiny_run):
-    """The command a user runs: its own embedded Ray, HTTP until Ctrl-C, then a clean stop."""
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "ssdiff_ray.cli", "serve", tiny_run,
-                             "--port", str(port)], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline:
-            try:
-                if requests.get(f"http://127.0.0.1:{port}/health", timeout=5).ok:
-                    break
-            except requests.RequestException:  # not up yet
-                time.sleep(1)
-        r = _post(f"http://127.0.0.1:{port}", {"n": 2, "steps": 2})
-        assert r.status_code == 200 and len(r.json()["images"]) == 2
-    finally:
-        proc.send_signal(signal.SIGINT)
-        out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    assert f"at http://127.0.0.1:{port}" in out and "stopped" in out
-    _assert_nobody_listens(port)
-
-
 def test_service_refuses_a_model_whose_cached_audit_says_backdoored(tiny_run, tmp_path):
     """The refusal reads the audit in the run's defense cache (computed for the served
     model); here that verdict is set by hand, as a backdoored tiny model's audit would say."""
