@@ -55,6 +55,9 @@ class DataConfig:
     min_samples: int = _f(8, lo=1, hi=100000, doc="fewest samples any client holds")
     classes: str = _f("", doc="keep only these labels, relabelled 0..K-1: '5-9' or '1,3,7' "
                       "('' = all); e.g. pretrain on 0-4, fine-tune on 5-9")
+    holdout: float = _f(0.0, lo=0.0, hi=0.5, doc="share of each class kept from the clients "
+                        "(RUN/holdout.parquet): real test data the model never saw, for "
+                        "ssdiff distill-eval")
 
 
 @dataclass

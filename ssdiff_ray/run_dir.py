@@ -56,7 +56,14 @@ def prepare(cfg: Config, run_dir: str | Path | None = None) -> Prepared:
     if data.class_names is not None:  # label k is class_names[k]
         (run_dir / "class_names.json").write_text(json.dumps(data.class_names))
     n = cfg.clients.count
-    split = dirichlet_split(data.labels, n, cfg.data.alpha, cfg.seed, cfg.data.min_samples)
+    train_rows = np.arange(len(data.labels))
+    if cfg.data.holdout > 0:
+        train_rows, held = holdout_split(data.labels, cfg.data.holdout, cfg.seed)
+        pd.DataFrame({"index": held, "label": data.labels[held]}).to_parquet(
+            run_dir / "holdout.parquet", index=False)
+    split = dirichlet_split(data.labels[train_rows], n, cfg.data.alpha, cfg.seed,
+                            cfg.data.min_samples)
+    split = [train_rows[s] for s in split]
     shard_dir = run_dir / "shards"
     if not shard_path(shard_dir, n - 1).exists():
         write_shards(data.images, data.labels, split, shard_dir)
@@ -67,6 +74,31 @@ def prepare(cfg: Config, run_dir: str | Path | None = None) -> Prepared:
         steps = np.full(n, cfg.train.local_steps)
     num_samples = np.array([len(s) for s in split], dtype=np.int64)
     return Prepared(cfg, run_dir, shard_dir, num_samples, pop, steps.astype(np.int64))
+
+
+def holdout_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, held-out rows): ``share`` of each class held out, seeded, both sorted."""
+    rng = np.random.default_rng([seed, 7])  # its own stream: the client split stays as it was
+    held = []
+    for c in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == c))
+        held.append(rows[:max(1, round(share * len(rows)))])
+    held = np.sort(np.concatenate(held))
+    return np.setdiff1d(np.arange(len(labels)), held), held
+
+
+def real_split(run_dir: str | Path, cfg: Config) -> tuple[Dataset, Dataset]:
+    """(the data the run's clients held, its held-out data) as arrays; a run without
+    ``data.holdout`` has no held-out data, and the error says so."""
+    held_file = Path(run_dir) / "holdout.parquet"
+    if not held_file.is_file():
+        raise config_mod.ConfigError(
+            f"{run_dir}: no held-out data (train the run with --set data.holdout=0.2)")
+    data = load_dataset(cfg.data)
+    held = pd.read_parquet(held_file)["index"].to_numpy()
+    train = np.setdiff1d(np.arange(len(data.labels)), held)
+    return (Dataset(data.images[train], data.labels[train], data.class_names),
+            Dataset(data.images[held], data.labels[held], data.class_names))
 
 
 def resolve(cfg: Config, dataset: Dataset) -> Config:
