@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-SUBMITTABLE = ("run", "tune", "stress")
+SUBMITTABLE = ("run", "tune", "stress", "distill", "distill-eval", "distill-scan")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded with the working directory: results, environments, caches.
 EXCLUDES = [".git", ".venv", "venv", "runs", "studies", "benchmarks/results", "__pycache__",

@@ -132,6 +132,109 @@ def cmd_audit(args) -> int:
     return 0
 
 
+def _with_ray(address, fn):
+    """fn(map_fn) with map_fn running Ray tasks: embedded local Ray unless ``address``."""
+    from ssdiff_ray import api
+
+    started = api.init_ray(address)
+    try:
+        from driver.distill import ray_map
+
+        return fn(ray_map)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+
+def _distill_run(run_dir: str):
+    """(config, class names) of a run directory, or a UserError."""
+    from ssdiff_ray import config as config_mod
+    from ssdiff_ray.inference import class_names
+
+    if not (Path(run_dir) / "config.toml").is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.toml)")
+    cfg = config_mod.load(Path(run_dir) / "config.toml")
+    return cfg, class_names(run_dir, cfg)
+
+
+def cmd_distill(args) -> int:
+    from ssdiff_ray.distill import DistillError
+    from ssdiff_ray.distill.distill import DistillSpec, check_request, distill, parse_classes
+
+    cfg, names = _distill_run(args.run_dir)
+    try:
+        spec = DistillSpec(ipc=args.ipc, selection=args.selection, pool=args.pool,
+                           defend=args.defend, sampler=args.sampler or cfg.eval.sampler,
+                           steps=args.steps or cfg.eval.steps,
+                           guidance=cfg.eval.guidance if args.guidance is None else args.guidance,
+                           seed=args.seed, triggered_share=args.triggered_share,
+                           classes=parse_classes(args.classes, names) if names else ())
+        check_request(args.run_dir, spec, names)  # before Ray starts
+        m = _with_ray(args.address, lambda map_fn: distill(args.run_dir, spec, args.out,
+                                                           map_fn, log=print))
+    except DistillError as e:
+        raise UserError(str(e)) from None
+    print(f"{m['images']} images ({spec.ipc} per class x {len(m['per_class'])} classes, "
+          f"{m['selection']} of {m['generated']} generated, {m['flagged']} inputs flagged by "
+          f"the defense{'' if spec.defend else ': defense off'}), {_fmt_bytes(m['bytes'])}, "
+          f"{m['seconds']:.0f} s\nset: {m['out']} (data.parquet, manifest.json, grid.png)")
+    return 0
+
+
+def cmd_distill_eval(args) -> int:
+    from ssdiff_ray.config import ConfigError
+    from ssdiff_ray.distill import DistillError
+    from ssdiff_ray.distill.evaluate import baseline_sources, evaluate, set_source, summarise
+    from ssdiff_ray.distill.student import StudentSpec
+    from ssdiff_ray.run_dir import real_split
+
+    cfg, _names = _distill_run(args.run_dir)
+    try:
+        widths = tuple(int(w) for w in args.widths.split(","))
+    except ValueError:
+        raise UserError(f"--widths {args.widths!r}: expected channel counts like 16,32") from None
+    if not widths or min(widths) < 1 or args.steps < 1 or args.seeds < 1:
+        raise UserError("--widths, --steps and --seeds must be positive")
+    try:
+        train, test = real_split(args.run_dir, cfg)
+        sources = [set_source(s) for s in args.sets]
+    except (ConfigError, DistillError) as e:
+        raise UserError(str(e)) from None
+    if args.baselines:
+        sources = baseline_sources(train.images, train.labels,
+                                   [s.ipc for s in sources] or [10]) + sources
+    spec = StudentSpec(widths=widths, steps=args.steps)
+    rows = _with_ray(args.address, lambda map_fn: evaluate(
+        sources, test.images, test.labels, cfg.data.num_classes, spec,
+        range(args.seeds), args.device, map_fn))
+    out = Path(args.out) if args.out else Path(args.run_dir) / "distill" / "eval.parquet"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    rows.to_parquet(out, index=False)
+    table = summarise(rows)
+    print(f"students: CNN widths {widths}, {args.steps} steps, {args.seeds} seeds; accuracy "
+          f"on {len(test.labels)} held-out real images; costs on a {args.device}")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"rows: {out}")
+    return 0
+
+
+def cmd_distill_scan(args) -> int:
+    from ssdiff_ray.distill import DistillError
+    from ssdiff_ray.distill.scan_set import scan_path
+
+    try:
+        res = scan_path(args.set_dir, args.run, args.alpha, args.out)
+    except DistillError as e:
+        raise UserError(str(e)) from None
+    print(f"{res['flagged']} of {res['images']} images flagged (threshold {res['threshold']:.4g},"
+          f" p = {res['p_value']:.3g}): {'SUSPECT' if res['suspect'] else 'no shared trigger found'}")
+    if res.get("out"):
+        print(f"set without the flagged images: {res['out']}")
+    return 1 if res["suspect"] and not res.get("out") else 0
+
+
 def _jobs_call(fn, *a, **kw):
     from driver.jobs import JobError
 
@@ -217,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_commands(sub)
     _add_model_commands(sub)
     _add_cluster_commands(sub)
+    _add_distill_commands(sub)
     from service.cli import add_parsers as add_service  # argparse only; Serve loads when run
     from tuning.cli import add_parser as add_tune  # argparse only; optuna/ray load when run
 
@@ -281,6 +385,53 @@ def _add_model_commands(sub) -> None:
     aud.set_defaults(func=cmd_audit)
 
 
+def _add_distill_commands(sub) -> None:
+    """distill, distill-eval, distill-scan."""
+    from ssdiff_ray.distill import SELECTIONS
+
+    d = sub.add_parser("distill", help="a small labelled synthetic data set (K images per "
+                       "class) from a class-conditional run, for edge devices")
+    d.add_argument("run_dir")
+    d.add_argument("--ipc", type=int, default=10, help="images per class (K)")
+    d.add_argument("--selection", default="prototypes", choices=tuple(SELECTIONS))
+    d.add_argument("--pool", type=int, default=0, help="candidates generated per kept image "
+                   "(default: the method's, 5; random keeps its first K)")
+    d.add_argument("--classes", default="", help="only these classes ('3,7' or names)")
+    d.add_argument("--defend", action=argparse.BooleanOptionalAction, default=True,
+                   help="never generate from noise the sampling defense flags")
+    d.add_argument("--sampler", default=None, help="default: the run's eval.sampler")
+    d.add_argument("--steps", type=int, default=0, help="default: the run's eval.steps")
+    d.add_argument("--guidance", type=float, default=None, help="default: eval.guidance")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--triggered-share", type=float, default=0.0,
+                   help="red team: share of the noise carrying the run's attack trigger")
+    d.add_argument("--out", help="directory (default RUN_DIR/distill/<selection>-ipc<K>)")
+    d.add_argument("--address", default=None, help="Ray cluster to join (default: embedded)")
+    d.set_defaults(func=cmd_distill)
+
+    e = sub.add_parser("distill-eval", help="edge students trained on distilled sets and "
+                       "baselines, scored on the run's held-out real data")
+    e.add_argument("run_dir", help="the run (its held-out data: data.holdout)")
+    e.add_argument("sets", nargs="*", help="distilled set directories")
+    e.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="also the full real set and random real subsets at the sets' K")
+    e.add_argument("--widths", default="32,64", help="the student CNN's conv channels")
+    e.add_argument("--steps", type=int, default=1000, help="student training steps")
+    e.add_argument("--seeds", type=int, default=3, help="students per source")
+    e.add_argument("--device", default="rpi4", help="device class for the training energy")
+    e.add_argument("--out", help="Parquet of every student (default RUN_DIR/distill/eval.parquet)")
+    e.add_argument("--address", default=None, help="Ray cluster to join (default: embedded)")
+    e.set_defaults(func=cmd_distill_eval)
+
+    s = sub.add_parser("distill-scan", help="does a synthetic set carry a shared trigger? "
+                       "(exit 1 if so)")
+    s.add_argument("set_dir")
+    s.add_argument("--run", help="the model that made the set (default: the manifest's)")
+    s.add_argument("--alpha", type=float, default=0.01, help="false-positive rate per image")
+    s.add_argument("--out", help="write the set without the flagged images here")
+    s.set_defaults(func=cmd_distill_scan)
+
+
 def _add_cluster_commands(sub) -> None:
     """Ray jobs on a cluster (submit, jobs, stop) and the stress harness."""
     addr_help = "Ray Jobs API (dashboard) URL, e.g. http://HEAD:8265 (default: RAY_JOB_ADDRESS)"
@@ -329,7 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         # Errors a user can cause in their data (DataError, DeviceProfileError) are
         # ValueErrors with a one-line message; internal bugs are other types and raise.
-        if type(e).__name__ in ("DataError", "DeviceProfileError", "ServiceError"):
+        if type(e).__name__ in ("DataError", "DeviceProfileError", "ServiceError", "DistillError"):
             print(f"ssdiff: error: {e}", file=sys.stderr)
             return 2
         raise
