@@ -112,7 +112,8 @@ def _ssdiff(*args, env, timeout=600):
 def test_submit_follow_runs_a_job_on_a_two_node_cluster(cluster, tmp_path):
     env, addr = cluster["env"], cluster["address"]
     sets = [a for s in [*TINY, "rounds=2", f"out_dir={tmp_path}", "name=job", "eval.samples=10",
-                        "ray.server_resource=ps", "clients.pools=3"] for a in ("--set", s)]
+                        "ray.server_resource=ps", "clients.pools=3", "model.conditional=true",
+                        "data.holdout=0.2"] for a in ("--set", s)]
     r = _ssdiff("submit", "--address", addr, "--follow", "--job-id", "ssd-e2e", "--",
                 "run", "--quiet", *sets, env=env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -131,6 +132,13 @@ def test_submit_follow_runs_a_job_on_a_two_node_cluster(cluster, tmp_path):
     place = summary["placement"]
     assert place["server_node_resources"].get("ps") == 1
     assert any(n != place["server_node"] for n in place["pool_nodes"])
+
+    # distillation as a job: its classes are Ray tasks on the cluster
+    r = _ssdiff("submit", "--address", addr, "--follow", "--", "distill", run_dir, "--ipc", "2",
+                "--selection", "minimax", "--no-defend", "--steps", "2", env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    m = json.loads((run_dir / "distill" / "minimax-ipc2" / "manifest.json").read_text())
+    assert m["per_class"] == [2] * 10 and m["generated"] == 2 * 5 * 10
 
     r = _ssdiff("jobs", "--address", addr, env=env, timeout=60)
     assert r.returncode == 0 and any(line.split()[:2] == ["ssd-e2e", "SUCCEEDED"]
