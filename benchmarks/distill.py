@@ -71,7 +71,8 @@ def _grid(set_dir: Path, name: str, out: Path) -> None:
 
 
 # --- accuracy ---------------------------------------------------------------------------
-def part_accuracy(runs: dict[str, str], ks, seeds, work: Path, map_fn, out: Path) -> dict:
+def part_accuracy(runs: dict[str, str], ks, seeds, work: Path, map_fn, out: Path,
+                  defend: bool = True) -> dict:
     from ssdiff_ray.distill.distill import DistillSpec, distill
     from ssdiff_ray.distill.evaluate import baseline_sources, evaluate, set_source, summarise
 
@@ -84,7 +85,8 @@ def part_accuracy(runs: dict[str, str], ks, seeds, work: Path, map_fn, out: Path
                 set_dir = work / data_name / f"{sel}-ipc{k}"
                 t0 = time.perf_counter()
                 spec = DistillSpec(ipc=k, selection=sel, sampler=cfg.eval.sampler,
-                                   steps=cfg.eval.steps, guidance=cfg.eval.guidance)
+                                   steps=cfg.eval.steps, guidance=cfg.eval.guidance,
+                                   defend=defend)
                 m = distill(run, spec, set_dir, map_fn, log=print)
                 distill_s[f"{sel}-{k}"] = time.perf_counter() - t0
                 print(f"[{data_name}] {sel} K={k}: {m['images']} images, {m['bytes']} B, "
@@ -99,7 +101,7 @@ def part_accuracy(runs: dict[str, str], ks, seeds, work: Path, map_fn, out: Path
                         seeds=range(seeds), map_fn=map_fn)
         table = summarise(rows)
         print(table.to_string(index=False), flush=True)
-        result[data_name] = {"run": str(run), "test_images": len(test.labels),
+        result[data_name] = {"run": str(run), "test_images": len(test.labels), "defend": defend,
                              "train_images": len(train.labels), "distill_s": distill_s,
                              "rows": rows.to_dict("records"),
                              "table": table.to_dict("records")}
@@ -257,7 +259,8 @@ def markdown(res: dict) -> str:
              "training energy and time on an rpi4 (device model, highest frequency).", ""]
     for data_name, r in res.get("accuracy", {}).items():
         lines += [f"## Accuracy: {data_name} ({r['train_images']} real training images, "
-                  f"{r['test_images']} held out)", "",
+                  f"{r['test_images']} held out; sampling defense "
+                  f"{'on' if r.get('defend', True) else 'off'})", "",
                   "| source | K | images | bytes | accuracy | std | train J | train s |",
                   "|---|---|---|---|---|---|---|---|"]
         for t in r["table"]:
@@ -324,6 +327,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="accuracy,federated,distiller")
     ap.add_argument("--ks", default="1,10,50")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--no-defend", action="store_true",
+                    help="accuracy part: distill without the sampling defense (no estimate)")
     ap.add_argument("--work", default="/tmp/ssdiff-distill-bench", help="distilled sets go here")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args(argv)
@@ -339,7 +344,11 @@ def main(argv=None) -> int:
         if part == "accuracy":
             runs = {n: r for n, r in (("digits", args.digits), ("colour", args.colour)) if r}
             res = part_accuracy(runs, [int(k) for k in args.ks.split(",")], args.seeds,
-                                work, ray_map, out)
+                                work, ray_map, out, defend=not args.no_defend)
+            for name, r in res.items():  # one file per data set: each can be rerun alone
+                (out / f"distill_accuracy_{name}.json").write_text(
+                    json.dumps(r, indent=1, default=float))
+            continue
         elif part == "federated":
             res = part_federated(args.backdoored, args.seeds, work, ray_map, out)
         elif part == "distiller":
@@ -349,7 +358,9 @@ def main(argv=None) -> int:
         print(f"{part}: {time.perf_counter() - t0:.0f} s", flush=True)
         (out / f"distill_{part}.json").write_text(json.dumps(res, indent=1, default=float))
     res = {p: json.loads((out / f"distill_{p}.json").read_text())
-           for p in ("accuracy", "federated", "distiller") if (out / f"distill_{p}.json").exists()}
+           for p in ("federated", "distiller") if (out / f"distill_{p}.json").exists()}
+    res["accuracy"] = {f.stem.removeprefix("distill_accuracy_"): json.loads(f.read_text())
+                       for f in sorted(out.glob("distill_accuracy_*.json"))}
     (out / "distill.md").write_text(markdown(res))
     print(markdown(res))
     return 0

@@ -60,6 +60,12 @@ def test_distill_writes_k_images_per_class_and_a_manifest(cond_run, ray_local, t
     assert m["generated"] == 3 * 5 * 10 and m["defend"] is False
     assert (out / "grid.png").stat().st_size > 0
     assert "30 images (3 per class x 10 classes" in capsys.readouterr().out
+    # another selection over the same pool reuses the candidates instead of sampling again
+    candidates = sorted((cond_run / "distill" / "candidates").iterdir())
+    assert len(candidates) == 10
+    assert _ssdiff("distill", cond_run, "--ipc", 3, "--selection", "minimax", "--no-defend",
+                   "--out", tmp_path / "mm") == 0
+    assert sorted((cond_run / "distill" / "candidates").iterdir()) == candidates
     # the set is a data set the rest of the tool reads (data.name = parquet)
     from ssdiff_ray import config
     from ssdiff_ray.data import load_dataset
@@ -241,3 +247,31 @@ def test_distill_eval_needs_held_out_data(tmp_path, capsys):
     assert _ssdiff("distill-eval", tmp_path / "r") == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "no held-out data" in err
+
+
+# --- selection methods ------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["random", "prototypes", "minimax"])
+def test_every_selection_keeps_k_distinct_candidates(name):
+    from ssdiff_ray.distill import SELECTIONS, make_selection
+
+    assert name in SELECTIONS
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 10, (5, 8))
+    cluster = np.repeat(np.arange(5), [40, 25, 15, 12, 8])  # one big mode, four smaller
+    feats = centres[cluster] + rng.normal(0, 0.3, (len(cluster), 8))
+    sel = make_selection(name)
+    keep = sel.select(feats, 5, np.random.default_rng(1))
+    assert len(keep) == 5 == len(set(keep.tolist()))
+    if name == "random":
+        assert keep.tolist() == [0, 1, 2, 3, 4]  # the first k: no choice made
+        assert sel.pool_factor == 1
+    else:  # diversity: one candidate from each mode, not five from the big one
+        assert sorted(cluster[keep].tolist()) == [0, 1, 2, 3, 4]
+    assert len(sel.select(feats[:3], 5, np.random.default_rng(1))) == 3  # fewer than k: all
+
+
+def test_unknown_selection_is_refused_by_the_parser(cond_run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _ssdiff("distill", cond_run, "--selection", "best", "--out", tmp_path / "s")
+    assert e.value.code == 2 and "invalid choice: 'best'" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()

@@ -3,11 +3,16 @@
 Per class: generate K x pool candidates (never from noise the defense flags), embed them
 in the model's own feature space, keep K with the selection method. Classes are
 independent, so ``map_fn`` may run them in parallel (Ray tasks: ``driver/distill.py``).
+Candidates are kept in ``RUN/distill/candidates/`` under a key of everything they depend
+on, so another selection method over the same pool does not sample again.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -83,23 +88,44 @@ def distill_class(run_dir: str, label: int, spec: DistillSpec) -> dict:
 
     t0 = time.perf_counter()
     cfg, unet, scheduler = load_run_model(run_dir)
-    defense = _defense(run_dir, cfg, unet, scheduler) if spec.defend else None
     n = spec.ipc * spec.pool_factor()
     seed = spec.seed * 100_003 + label
-    gen = torch.Generator().manual_seed(seed)
-    size = cfg.data.image_size
-    x_T = torch.randn((n, unet.config.in_channels, size, size), generator=gen)
-    n_trig = int(round(spec.triggered_share * n))
-    if n_trig:
-        rows = torch.randperm(n, generator=gen)[:n_trig]
-        x_T[rows] = _triggered(cfg, n_trig, size, seed)
-    images, flagged = generate_class(unet, scheduler, label, n, sampler=spec.sampler,
-                                     steps=spec.steps, guidance=spec.guidance, seed=seed,
-                                     defense=defense, x_T=x_T)
+    cache = _candidates_path(run_dir, spec, label, n)
+    if cache.is_file():
+        with np.load(cache) as z:
+            images, flagged, n_trig = z["images"], int(z["flagged"]), int(z["triggered"])
+    else:
+        defense = _defense(run_dir, cfg, unet, scheduler) if spec.defend else None
+        gen = torch.Generator().manual_seed(seed)
+        size = cfg.data.image_size
+        x_T = torch.randn((n, unet.config.in_channels, size, size), generator=gen)
+        n_trig = int(round(spec.triggered_share * n))
+        if n_trig:
+            rows = torch.randperm(n, generator=gen)[:n_trig]
+            x_T[rows] = _triggered(cfg, n_trig, size, seed)
+        images, flagged = generate_class(unet, scheduler, label, n, sampler=spec.sampler,
+                                         steps=spec.steps, guidance=spec.guidance, seed=seed,
+                                         defense=defense, x_T=x_T)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.npz")
+        np.savez(tmp, images=images, flagged=flagged, triggered=n_trig)
+        tmp.replace(cache)  # whole files only, also when two tasks race
     feats = model_features(unet, scheduler, images, np.full(n, label), seed=seed)
     keep = make_selection(spec.selection).select(feats, spec.ipc, np.random.default_rng(seed))
     return {"label": label, "images": images[keep], "generated": n, "flagged": flagged,
             "triggered": n_trig, "seconds": time.perf_counter() - t0}
+
+
+def _candidates_path(run_dir, spec: DistillSpec, label: int, n: int) -> Path:
+    """Where a class's candidates are kept: a digest of the weights and of every setting
+    the generations depend on (not the selection method)."""
+    from ssdiff_ray.defense.cache import model_digest
+
+    what = {**asdict(spec), "label": label, "n": n, "model": model_digest(Path(run_dir) / "model")}
+    for k in ("ipc", "selection", "pool", "classes"):
+        what.pop(k)
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(run_dir) / "distill" / "candidates" / f"{key}.npz"
 
 
 def _defense(run_dir, cfg, unet, scheduler, log=None):
