@@ -274,7 +274,6 @@ def markdown(res: dict) -> str:
             best = max((s for s in at if s in SELECTIONS[1:] or s == "plain generation"),
                        key=lambda s: at[s])
             verdict = "beats" if at[best] > at["real random"] else "does not beat"
-            verdict = "beats" if at[best] > at["real random"] else "does not beat"
             lines.append(f"- K = {k}: best synthetic `{best}` {at[best]:.3f} vs random real "
                          f"{at['real random']:.3f} ({verdict} it); "
                          f"{at[best] / full:.1%} of the full-data accuracy {full:.3f}")
