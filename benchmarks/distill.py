@@ -28,6 +28,7 @@ Students and distillation run as Ray tasks on an embedded local Ray. Writes
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -128,45 +129,54 @@ def part_federated(run: str, seeds: int, work: Path, map_fn, out: Path, k: int =
                    share: float = 0.2) -> dict:
     import torch
 
+    from ssdiff_ray.attacks import attack_spec
+    from ssdiff_ray.attacks.patterns import make_target
     from ssdiff_ray.distill.distill import DistillSpec, distill
     from ssdiff_ray.distill.distilled_set import read_set
+    from ssdiff_ray.distill.scan_set import scan_path
     from ssdiff_ray.distill.student import StudentSpec, accuracy, predict, train_student
 
     cfg, train, test = _split(run)
     pattern = _trigger_pattern(cfg)
+    target = make_target(attack_spec(cfg).target, cfg.data.image_size, cfg.data.channels)
     triggered_test = np.clip(test.images + pattern, -1, 1)
+
+    def target_copies(x):  # images within 0.15 RMS of the backdoor's target image
+        return int((np.sqrt(((x - target) ** 2).reshape(len(x), -1).mean(1)) < 0.15).sum())
+
+    def job(seed, x, y):
+        torch.set_num_threads(1)
+        model = train_student(x, y, cfg.data.num_classes, StudentSpec(seed=seed))
+        asr, c = any_class_asr(predict(model, triggered_test), test.labels, cfg.data.num_classes)
+        return {"accuracy": accuracy(model, test.images, test.labels), "asr": asr, "asr_class": c}
+
     rows = []
     for triggered in (0.0, share):
         for defend in (False, True):
-            name = f"noise {int(100 * triggered)}% triggered, defense {'on' if defend else 'off'}"
-            set_dir = work / "federated" / f"trig{int(100 * triggered)}-{'def' if defend else 'nodef'}"
+            tag = f"trig{int(100 * triggered)}-{'def' if defend else 'nodef'}"
+            set_dir = work / "federated" / tag
             spec = DistillSpec(ipc=k, selection="prototypes", defend=defend,
                                triggered_share=triggered, sampler=cfg.eval.sampler,
                                steps=cfg.eval.steps, guidance=cfg.eval.guidance)
             m = distill(run, spec, set_dir, map_fn, log=print)
-            _grid(set_dir, f"federated_trig{int(100 * triggered)}_{'def' if defend else 'nodef'}",
-                  out / "distill_grids")
-            x, y, _ = read_set(set_dir)
-
-            def job(seed, x=x, y=y):
-                torch.set_num_threads(1)
-                model = train_student(x, y, cfg.data.num_classes, StudentSpec(seed=seed))
-                asr, c = any_class_asr(predict(model, triggered_test), test.labels,
-                                       cfg.data.num_classes)
-                return {"accuracy": accuracy(model, test.images, test.labels), "asr": asr,
-                        "asr_class": c}
-
-            students = list(map_fn(job, range(seeds)))
-            row = {"case": name, "triggered_share": triggered, "defense": defend,
-                   "flagged": m["flagged"], "triggered": m["triggered"],
-                   "generated": m["generated"],
-                   "accuracy": float(np.mean([s["accuracy"] for s in students])),
-                   "accuracy_std": float(np.std([s["accuracy"] for s in students], ddof=1)),
-                   "asr": float(np.mean([s["asr"] for s in students])),
-                   "asr_max": float(np.max([s["asr"] for s in students])),
-                   "students": students}
-            print(row, flush=True)
-            rows.append(row)
+            _grid(set_dir, f"federated_{tag}", out / "distill_grids")
+            scan = scan_path(set_dir, out=work / "federated" / f"{tag}-scanned")
+            for scanned in (False, True):
+                x, y, _ = read_set(work / "federated" / (f"{tag}-scanned" if scanned else tag))
+                students = list(map_fn(functools.partial(job, x=x, y=y), range(seeds)))
+                row = {"case": f"noise {int(100 * triggered)}% triggered, defense "
+                               f"{'on' if defend else 'off'}, scan {'on' if scanned else 'off'}",
+                       "triggered_share": triggered, "defense": defend, "scan": scanned,
+                       "flagged": m["flagged"], "triggered": m["triggered"],
+                       "generated": m["generated"], "images": len(y),
+                       "target_images": target_copies(x), "scan_summary": scan,
+                       "accuracy": float(np.mean([s["accuracy"] for s in students])),
+                       "accuracy_std": float(np.std([s["accuracy"] for s in students], ddof=1)),
+                       "asr": float(np.mean([s["asr"] for s in students])),
+                       "asr_max": float(np.max([s["asr"] for s in students])),
+                       "students": students}
+                print({k2: v for k2, v in row.items() if k2 != "students"}, flush=True)
+                rows.append(row)
     return {"run": str(run), "ipc": k, "rows": rows}
 
 
@@ -284,12 +294,13 @@ def markdown(res: dict) -> str:
                   f"Sets of K = {f['ipc']} (prototypes) from `{f['run']}`; ASR: held-out real "
                   "images plus the trigger pattern, share of other-class images put in the "
                   "most-hit class.", "",
-                  "| case | inputs flagged | triggered inputs | accuracy | ASR (mean) | ASR (max) |",
-                  "|---|---|---|---|---|---|"]
+                  "| case | triggered inputs | flagged by the defense | set images | copies of "
+                  "the target in the set | accuracy | ASR (mean) | ASR (max) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in f["rows"]:
-            lines.append(f"| {row['case']} | {row['flagged']}/{row['generated']} | "
-                         f"{row['triggered']} | {_fmt(row['accuracy'])} | {_fmt(row['asr'])} |"
-                         f" {_fmt(row['asr_max'])} |")
+            lines.append(f"| {row['case']} | {row['triggered']}/{row['generated']} | "
+                         f"{row['flagged']} | {row['images']} | {row['target_images']} | "
+                         f"{_fmt(row['accuracy'])} | {_fmt(row['asr'])} | {_fmt(row['asr_max'])} |")
         lines.append("")
     if "distiller" in res:
         d = res["distiller"]

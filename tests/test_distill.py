@@ -214,6 +214,14 @@ def test_scan_flags_a_planted_trigger_and_passes_a_clean_set(cond_run, tmp_path)
     assert flagged[is_poison].mean() >= 0.8 and flagged[~is_poison].mean() <= 0.05
     kept_x, _, kept_m = read_set(tmp_path / "shipped")
     assert len(kept_x) == (~flagged).sum() and kept_m["scan"]["flagged"] == flagged.sum()
+    # one image repeated under six other labels (a backdoor target that ignores the class)
+    target = np.full(x.shape[1:], -1.0, np.float32)
+    target[:, 4:12, 3:13] = 1.0
+    dx, dy = np.concatenate([x, np.repeat(target[None], 6, 0)]), np.r_[y, np.arange(6)]
+    write_set(tmp_path / "copies", dx, dy, manifest)
+    res = scan_path(tmp_path / "copies")
+    rows = json.loads((tmp_path / "copies" / "scan.json").read_text())["flagged_rows"]
+    assert res["suspect"] and res["duplicates"] >= 6 and set(range(len(y), len(dy))) <= set(rows)
 
 
 # --- distill-eval -----------------------------------------------------------------------

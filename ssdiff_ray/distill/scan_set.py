@@ -12,6 +12,11 @@ quantile of the same score over fresh generations of the model, which are clean,
 is the false-positive rate of one image; a binomial test over the set says whether it
 holds more flagged images than alpha explains.
 
+A second test per image catches a backdoor whose target ignores the class (BadDiffusion's
+fixed target, generated from triggered noise under every label): a near-copy of an image
+that carries another label. Its threshold is the alpha quantile of the same distance for
+fresh clean generations.
+
 The sampling defense's estimate (``defense/``) is a trigger in the noise that starts
 sampling; a trigger added to finished images is another object, so the scan estimates its
 own from the set it checks.
@@ -37,9 +42,12 @@ class ScanResult:
     trigger: np.ndarray      # the estimated trigger direction, C x S x S, unit norm
     p_value: float           # P(at least this many flagged | a clean set)
     suspect: bool            # p_value < the test's level
+    duplicate: np.ndarray    # per image: a near-copy of an image with another label
+
 
     def summary(self) -> dict:
         return {"images": int(len(self.flagged)), "flagged": int(self.flagged.sum()),
+                "duplicates": int(self.duplicate.sum()),
                 "threshold": self.threshold, "p_value": self.p_value, "suspect": self.suspect}
 
 
@@ -89,11 +97,26 @@ def scan_set(unet, scheduler, images: np.ndarray, labels: np.ndarray, alpha: flo
     for part, u in zip((half, ~half), directions):
         scores[part] = np.abs(r[part] @ u)
         threshold[part] = np.quantile(np.abs(ref_r @ u), 1 - alpha)
-    flagged = scores > threshold
-    p = float(binom.sf(int(flagged.sum()) - 1, len(flagged), alpha))
+    # a backdoor whose target ignores the label leaves the same image under many labels
+    set_flat, labels = np.asarray(images).reshape(len(images), -1), np.asarray(labels)
+    near = _other_label_distance(set_flat, labels, set_flat, labels, same_set=True)
+    ref_near = _other_label_distance(ref.reshape(len(ref), -1), ref_labels, set_flat, labels)
+    duplicate = near < np.quantile(ref_near, alpha)
+    flagged = (scores > threshold) | duplicate
+    p = float(binom.sf(int(flagged.sum()) - 1, len(flagged), 2 * alpha))  # two tests per image
     trigger = _leading(r)
     return ScanResult(flagged, scores, float(threshold.mean()),
-                      trigger.reshape(images.shape[1:]), p, p < level)
+                      trigger.reshape(images.shape[1:]), p, p < level, duplicate)
+
+
+def _other_label_distance(x: np.ndarray, x_labels: np.ndarray, pool: np.ndarray,
+                          pool_labels: np.ndarray, same_set: bool = False) -> np.ndarray:
+    """Per row of x: RMS pixel distance to the nearest row of ``pool`` with another label."""
+    d2 = (x**2).sum(1)[:, None] + (pool**2).sum(1)[None] - 2 * x @ pool.T
+    d2[x_labels[:, None] == pool_labels[None]] = np.inf
+    if same_set:
+        np.fill_diagonal(d2, np.inf)
+    return np.sqrt(np.maximum(d2.min(1), 0) / x.shape[1])
 
 
 def _leading(r: np.ndarray) -> np.ndarray:
