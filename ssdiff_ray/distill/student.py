@@ -52,8 +52,8 @@ def train_student(images: np.ndarray, labels: np.ndarray, num_classes: int,
     (seeded, so reproducible)."""
     if len(images) == 0:
         raise ValueError("train_student: the data set is empty")
-    x = torch.as_tensor(np.asarray(images, np.float32))
-    y = torch.as_tensor(np.asarray(labels, np.int64))
+    x = torch.as_tensor(np.array(images, np.float32))  # copies: the inputs may be read-only
+    y = torch.as_tensor(np.array(labels, np.int64))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.seed)
         model = StudentCNN(x.shape[1], num_classes, spec.widths)
