@@ -233,6 +233,7 @@ def part_distiller(run: str, seeds: int, work: Path, map_fn, out: Path, k: int =
             flagged = np.array(json.loads((pdir / "scan.json").read_text())["flagged_rows"], int)
             caught = int(np.isin(np.flatnonzero(is_poison), flagged).sum())
             false_flags = int(len(flagged) - caught)
+            originals = originals_flagged(y, target, share, attack_seed, flagged)
             sx, sy, _ = read_set(sdir)
             base, off, on = (students(x, y, delta, target), students(px, py, delta, target),
                              students(sx, sy, delta, target))
@@ -248,12 +249,44 @@ def part_distiller(run: str, seeds: int, work: Path, map_fn, out: Path, k: int =
                    "poisons_caught": caught, "poison_tpr": caught / n_p,
                    "poison_tpr_ci": wilson(caught, n_p),
                    "clean_flagged": false_flags, "clean_fpr": false_flags / n_c,
+                   "originals_flagged": originals,
+                   "other_clean_fpr_ci": wilson(false_flags - originals, n_c - n_p),
                    "clean_fpr_ci": wilson(false_flags, n_c), "scan": scan,
                    "students": {"clean": base, "off": off, "on": on}}
             print({k2: v for k2, v in row.items() if k2 != "students"}, flush=True)
             rows.append(row)
     return {"run": str(run), "ipc": k, "share": share, "eps": eps, "clean_set_scan": clean_scan,
             "clean_set_images": int(m["images"]), "rows": rows}
+
+
+def originals_flagged(labels, target: int, share: float, seed: int, flagged) -> int:
+    """How many flagged clean images are the originals the poisons were copied from (the
+    near-copy test flags both sides of such a pair); ``poison_set``'s draw, repeated."""
+    rng = np.random.default_rng(seed)
+    others = np.flatnonzero(np.asarray(labels) != target)
+    n = int(round(share * len(labels)))
+    pick = rng.choice(others, size=n, replace=n > len(others))
+    return int(np.isin(np.asarray(flagged), pick).sum())
+
+
+def fill_originals(d: dict, work: Path) -> None:
+    """Rows written before ``originals_flagged`` existed: computed from the sets on disk."""
+    from ssdiff_ray.distill.distilled_set import read_set
+
+    clean = work / "distiller" / f"clean-ipc{d['ipc']}"
+    if not clean.is_dir():
+        return
+    _, y, _ = read_set(clean)
+    for row in d["rows"]:
+        if "originals_flagged" in row:
+            continue
+        scan = work / "distiller" / f"poisoned-{row['trigger']}-seed{row['seed']}" / "scan.json"
+        flagged = np.array(json.loads(scan.read_text())["flagged_rows"], int)
+        row["originals_flagged"] = originals_flagged(y, row["target"], d["share"], row["seed"],
+                                                     flagged[flagged < len(y)])
+        n_c = len(y)
+        row["other_clean_fpr_ci"] = wilson(row["clean_flagged"] - row["originals_flagged"],
+                                           n_c - row["poisons"])
 
 
 # --- report -----------------------------------------------------------------------------
@@ -313,18 +346,21 @@ def markdown(res: dict) -> str:
                   f"set: {cs['flagged']} of {cs['images']} flagged, p = {cs['p_value']:.3g}, "
                   f"{'SUSPECT' if cs['suspect'] else 'passed'}.", "",
                   "| seed | trigger | target | acc. clean set | ASR clean set | acc. scan off |"
-                  " ASR scan off | acc. scan on | ASR scan on | poisons caught | clean flagged |",
+                  " ASR scan off | acc. scan on | ASR scan on | poisons caught | clean flagged: "
+                  "originals of poisons + others (others' 95% interval) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
         for row in d["rows"]:
             lo, hi = row["poison_tpr_ci"]
-            flo, fhi = row["clean_fpr_ci"]
+            flo, fhi = row["other_clean_fpr_ci"]
+            others = row["clean_flagged"] - row["originals_flagged"]
             lines.append(
                 f"| {row['seed']} | {row['trigger']} | {row['target']} | "
                 f"{_fmt(row['clean_accuracy_clean_set'])} | "
                 f"{_fmt(row['asr_clean_set'])} | {_fmt(row['accuracy_scan_off'])} | "
                 f"{_fmt(row['asr_scan_off'])} | {_fmt(row['accuracy_scan_on'])} | "
                 f"{_fmt(row['asr_scan_on'])} | {row['poisons_caught']}/{row['poisons']} "
-                f"({lo:.2f}-{hi:.2f}) | {row['clean_flagged']} ({flo:.3f}-{fhi:.3f}) |")
+                f"({lo:.2f}-{hi:.2f}) | {row['originals_flagged']} + {others} "
+                f"({flo:.3f}-{fhi:.3f}) |")
         lines.append("")
     return "\n".join(lines)
 
@@ -346,7 +382,8 @@ def main(argv=None) -> int:
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     from ssdiff_ray import api
 
-    api.init_ray(None)
+    if parts:  # none: only the report, from the JSON files already written
+        api.init_ray(None)
     from driver.distill import ray_map
 
     for part in parts:
@@ -369,6 +406,10 @@ def main(argv=None) -> int:
         (out / f"distill_{part}.json").write_text(json.dumps(res, indent=1, default=float))
     res = {p: json.loads((out / f"distill_{p}.json").read_text())
            for p in ("federated", "distiller") if (out / f"distill_{p}.json").exists()}
+    if "distiller" in res:
+        fill_originals(res["distiller"], work)
+        (out / "distill_distiller.json").write_text(
+            json.dumps(res["distiller"], indent=1, default=float))
     res["accuracy"] = {f.stem.removeprefix("distill_accuracy_"): json.loads(f.read_text())
                        for f in sorted(out.glob("distill_accuracy_*.json"))}
     (out / "distill.md").write_text(markdown(res))
