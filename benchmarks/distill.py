@@ -125,6 +125,33 @@ def any_class_asr(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> tup
     return float(shares[c]), c
 
 
+TARGET_RMS = 0.55  # generated hats lie within 0.5 RMS of the exact target, digits beyond 0.65
+
+
+def count_target_copies(images: np.ndarray, target: np.ndarray) -> int:
+    """Images of the set that are the backdoor's target image (checked on the grids)."""
+    rms = np.sqrt(((images - target) ** 2).reshape(len(images), -1).mean(1))
+    return int((rms < TARGET_RMS).sum())
+
+
+def fill_target_copies(f: dict, work: Path) -> None:
+    """Recount the target's copies in each federated set on disk (rows of an earlier
+    count keep theirs where the sets are gone)."""
+    from ssdiff_ray import config as config_mod
+    from ssdiff_ray.attacks import attack_spec
+    from ssdiff_ray.attacks.patterns import make_target
+    from ssdiff_ray.distill.distilled_set import read_set
+
+    cfg = config_mod.load(Path(f["run"]) / "config.toml")
+    target = make_target(attack_spec(cfg).target, cfg.data.image_size, cfg.data.channels)
+    for row in f["rows"]:
+        tag = (f"trig{int(100 * row['triggered_share'])}-{'def' if row['defense'] else 'nodef'}"
+               f"{'-scanned' if row['scan'] else ''}")
+        if (work / "federated" / tag / "data.parquet").is_file():
+            row["target_images"] = count_target_copies(read_set(work / "federated" / tag)[0],
+                                                       target)
+
+
 def part_federated(run: str, seeds: int, work: Path, map_fn, out: Path, k: int = 10,
                    share: float = 0.2) -> dict:
     import torch
@@ -141,8 +168,8 @@ def part_federated(run: str, seeds: int, work: Path, map_fn, out: Path, k: int =
     target = make_target(attack_spec(cfg).target, cfg.data.image_size, cfg.data.channels)
     triggered_test = np.clip(test.images + pattern, -1, 1)
 
-    def target_copies(x):  # images within 0.15 RMS of the backdoor's target image
-        return int((np.sqrt(((x - target) ** 2).reshape(len(x), -1).mean(1)) < 0.15).sum())
+    def target_copies(x):
+        return count_target_copies(x, target)
 
     def job(seed, x, y):
         torch.set_num_threads(1)
@@ -406,6 +433,10 @@ def main(argv=None) -> int:
         (out / f"distill_{part}.json").write_text(json.dumps(res, indent=1, default=float))
     res = {p: json.loads((out / f"distill_{p}.json").read_text())
            for p in ("federated", "distiller") if (out / f"distill_{p}.json").exists()}
+    if "federated" in res:
+        fill_target_copies(res["federated"], work)
+        (out / "distill_federated.json").write_text(
+            json.dumps(res["federated"], indent=1, default=float))
     if "distiller" in res:
         fill_originals(res["distiller"], work)
         (out / "distill_distiller.json").write_text(

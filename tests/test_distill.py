@@ -112,10 +112,11 @@ def test_bad_distill_requests_are_one_line_and_start_nothing(cond_run, tmp_path,
     from pathlib import Path
 
     out = tmp_path / "set"
+    before = sorted(str(p) for p in cond_run.rglob("*"))
     r = subprocess.run([Path(sys.executable).parent / "ssdiff", "distill", str(cond_run), *args,
                         "--out", str(out)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and message in r.stderr, r.stderr
-    assert not out.exists() and not (cond_run / "distill").exists()
+    assert not out.exists() and sorted(str(p) for p in cond_run.rglob("*")) == before
     assert "Ray" not in r.stdout + r.stderr  # refused before Ray (or the defense) started
 
 
