@@ -274,7 +274,7 @@ class Federation:
         state = {
             "format": CHECKPOINT_FORMAT, "round": self.last_round,
             "server": ray.get(self.server.state_dict.remote()),
-            "pools": ray.get([p.state_dict.remote() for p in self.pools]),
+            "pools": _get_while_restarting(lambda: [p.state_dict.remote() for p in self.pools]),
             "planner": self.planner.state_dict(), "baseline": self.baseline,
         }
         path = self.prep.run_dir / CHECKPOINT
@@ -326,3 +326,17 @@ def _due(r: int, every: int) -> bool:
 
 
 __all__ = ["Federation", "pool_count", "server_placement"]
+
+
+def _get_while_restarting(submit, timeout_s: float = 120.0):
+    """ray.get(submit()), submitted again while an actor is still restarting: right after a
+    pool failure the checkpoint asks the restarted actor for its state, and Ray answers
+    ActorUnavailableError until the restart is done (how long depends on the node's load)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            return ray.get(submit())
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
