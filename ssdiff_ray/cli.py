@@ -359,13 +359,23 @@ def _add_run_commands(sub) -> None:
     cmp_.set_defaults(func=cmd_compare)
 
 
+def _trigger_arg(value: str) -> str:
+    from ssdiff_ray.attacks.patterns import is_pattern_file
+
+    if value in TRIGGERS or is_pattern_file(value):
+        return value
+    raise argparse.ArgumentTypeError(f"{value!r}: choose from {', '.join(TRIGGERS)} or a "
+                                     ".png / .npy file")
+
+
 def _add_model_commands(sub) -> None:
     """Commands on a finished run's model: sample, audit."""
     smp = sub.add_parser("sample", help="sample a run's model, with the backdoor defense")
     smp.add_argument("run_dir")
     smp.add_argument("--n", type=int, default=64)
-    smp.add_argument("--trigger", choices=TRIGGERS,
-                     help="start from triggered noise (to test the defense)")
+    smp.add_argument("--trigger", type=_trigger_arg, metavar="|".join(TRIGGERS) + "|FILE",
+                     help="start from triggered noise (to test the defense); a .png / .npy "
+                     "file is a trigger of the run's attack kind")
     smp.add_argument("--class", dest="class_name", metavar="K",
                      help="generate this class (index or name) of a class-conditional model")
     smp.add_argument("--guidance", type=float, default=None,

@@ -18,6 +18,7 @@ from typing import Any
 
 from ssdiff_ray.aggregation import AGGREGATORS
 from ssdiff_ray.attacks import ATTACKS, TARGETS, TRIGGERS
+from ssdiff_ray.attacks.patterns import PatternFileError, is_pattern_file, read_pattern_file
 from ssdiff_ray.codec import SUPPORTED_BITS as BITS
 from ssdiff_ray.data import SOURCES, parse_classes
 from ssdiff_ray.defense import ESTIMATORS
@@ -182,9 +183,9 @@ class RayConfig:
 @dataclass
 class AttackConfig:
     kind: str = _f("none", choices=("none", *ATTACKS))
-    trigger: str = _f("", choices=("", *TRIGGERS),
-                      doc="a trigger of the attack kind ('' = the kind's first trigger)")
-    target: str = _f("hat", doc="hat, cross, corner, or class:K")
+    trigger: str = _f("", doc="a trigger of the attack kind ('' = the kind's first), or a "
+                      ".png (alpha = mask) / .npy ((C + 1) x S x S: pattern, mask) file")
+    target: str = _f("hat", doc="hat, cross, corner, class:K, or a .png / .npy image file")
     malicious_fraction: float = _f(0.1, lo=0.0, hi=1.0)
     poison_rate: float = _f(0.1, lo=0.0, hi=1.0, doc="fraction of each poisoned batch")
     scale: float = _f(1.0, lo=0.0, lo_open=True, hi=1e6, doc="model replacement factor")
@@ -322,6 +323,19 @@ def _section(name: str, cls, raw: dict) -> Any:
     return cls(**kwargs)
 
 
+def check_attack_files(cfg: Config) -> None:
+    """A trigger or target file must load, fit ``data.image_size`` (and ``data.channels``
+    once known) and have a mask; else one ConfigError naming the field."""
+    a, d = cfg.attack, cfg.data
+    for key in ("trigger", "target"):
+        value = getattr(a, key)
+        if a.kind != "none" and is_pattern_file(value):
+            try:
+                read_pattern_file(value, d.image_size, d.channels or None)
+            except PatternFileError as e:
+                raise ConfigError(f"attack.{key} = {e}") from None
+
+
 def _check_cross(cfg: Config) -> None:
     """Constraints between fields."""
     q = cfg.quant
@@ -337,15 +351,21 @@ def _check_cross(cfg: Config) -> None:
                               f"{', '.join(DEVICE_CLASSES)})")
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not w >= 0:
             raise ConfigError(f"devices.class_mix.{k} = {w!r}: must be a number >= 0")
+    check_attack_files(cfg)
     a = cfg.attack
+    if a.trigger and not is_pattern_file(a.trigger) and a.trigger not in TRIGGERS:
+        raise ConfigError(f"attack.trigger = {a.trigger!r}: choose from {', '.join(TRIGGERS)} "
+                          "or a .png / .npy file")
     if a.kind != "none":
         triggers = ATTACKS[a.kind][1]
-        if a.trigger and a.trigger not in triggers:
-            raise ConfigError(f"attack.trigger = {a.trigger!r}: {a.kind} takes {', '.join(triggers)}")
-        ok = a.target in TARGETS or (a.target.startswith("class:") and a.target[6:].isdigit())
+        if a.trigger and not is_pattern_file(a.trigger) and a.trigger not in triggers:
+            raise ConfigError(f"attack.trigger = {a.trigger!r}: {a.kind} takes {', '.join(triggers)}"
+                              " or a .png / .npy file")
+        ok = (a.target in TARGETS or is_pattern_file(a.target)
+              or (a.target.startswith("class:") and a.target[6:].isdigit()))
         if not ok:
-            raise ConfigError(f"attack.target = {a.target!r}: must be {', '.join(TARGETS)} "
-                              "or class:K")
+            raise ConfigError(f"attack.target = {a.target!r}: must be {', '.join(TARGETS)}, "
+                              "class:K or a .png / .npy file")
     for k, v in cfg.ray.pool_resources.items():
         if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v <= 1e6:
             raise ConfigError(f"ray.pool_resources.{k} = {v!r}: must be a number in (0, 1e6]")

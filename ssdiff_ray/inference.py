@@ -66,6 +66,7 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
     returns a summary.
     """
     from ssdiff_ray.attacks import AttackSpec, kind_of_trigger, make_attack
+    from ssdiff_ray.attacks.patterns import PatternFileError
     from ssdiff_ray.defense.cache import cached_defense
     from ssdiff_ray.defense.defense import Defense
     from ssdiff_ray.images import save_grid
@@ -76,9 +77,13 @@ def sample_run(run_dir: str | Path, n: int = 64, trigger: str | None = None, def
     labels = None if class_name is None else np.full(n, class_index(run_dir, cfg, class_name))
     w = cfg.eval.guidance if guidance is None else guidance
     if trigger:
-        spec = AttackSpec(kind=kind_of_trigger(trigger), trigger=trigger,
+        run_kind = cfg.attack.kind if cfg.attack.kind != "none" else "baddiffusion"
+        spec = AttackSpec(kind=kind_of_trigger(trigger, run_kind), trigger=trigger,
                           channels=unet.config.in_channels)
-        x_T = make_attack(spec).triggered_noise(n, size, seed)
+        try:
+            x_T = make_attack(spec).triggered_noise(n, size, seed)
+        except PatternFileError as e:
+            raise RunModelError(f"--trigger {e}") from None
     else:
         shape = (n, unet.config.in_channels, size, size)
         x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))

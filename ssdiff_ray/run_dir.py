@@ -118,6 +118,7 @@ def resolve(cfg: Config, dataset: Dataset) -> Config:
                                      f"(data.label_column = {d.label_column!r})")
     data = dataclasses.replace(d, channels=channels, num_classes=d.num_classes or found)
     cfg = dataclasses.replace(cfg, data=data)
+    config_mod.check_attack_files(cfg)  # a trigger file's channels against the data's
     return resolve_pretrained(cfg) if cfg.model.pretrained else cfg
 
 

@@ -185,3 +185,108 @@ def test_every_registered_attack_is_constructible_and_fires_its_triggers(kind):
         atk = make_attack(AttackSpec(kind=kind, trigger=trigger, malicious_ids={0}), AC)
         assert atk.triggered_noise(3, 16, 0).shape == (3, 1, 16, 16)
         assert atk.poison_for(0) is not None and atk.poison_for(1) is None
+
+
+def _write_png(path, pattern, mask):
+    """A PNG (LA or RGBA) of a C x S x S pattern in [-1, 1] with its mask in [0, 1]."""
+    from PIL import Image
+
+    colour = np.round((pattern + 1) * 127.5).astype(np.uint8).transpose(1, 2, 0)
+    alpha = np.round(mask[:1] * 255).astype(np.uint8).transpose(1, 2, 0)
+    a = np.concatenate([colour, alpha], -1)
+    Image.fromarray(a[..., 0:2] if a.shape[-1] == 2 else a, "LA" if a.shape[-1] == 2 else "RGBA"
+                    ).save(path)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_trigger_from_png_equals_the_same_trigger_as_npy(tmp_path, channels):
+    from ssdiff_ray.attacks.patterns import read_pattern_file
+
+    rng = np.random.default_rng(channels)
+    levels = rng.integers(0, 256, (channels, 16, 16))  # values a PNG holds exactly
+    pattern = (levels / 127.5 - 1).astype(np.float32)
+    mask = np.zeros((channels, 16, 16), np.float32)
+    mask[:, 9:15, 9:15] = 1.0
+    _write_png(tmp_path / "t.png", pattern, mask)
+    np.save(tmp_path / "t.npy", np.concatenate([pattern, mask[:1]]))
+    for name in ("t.png", "t.npy"):
+        got_p, got_m = read_pattern_file(tmp_path / name, 16, channels)
+        np.testing.assert_allclose(got_p, pattern, atol=1e-6)
+        np.testing.assert_array_equal(got_m, mask)
+    from_png = make_trigger(str(tmp_path / "t.png"), 16, channels)
+    from_npy = make_trigger(str(tmp_path / "t.npy"), 16, channels)
+    np.testing.assert_allclose(from_png, from_npy, atol=1e-6)
+    assert np.count_nonzero(from_png) == np.count_nonzero(pattern * mask)  # 0 off the mask
+    # both families read the file: BadDiffusion adds pattern x mask, TrojDiff keeps the mask
+    spec = AttackSpec(kind="baddiffusion", trigger=str(tmp_path / "t.png"), channels=channels)
+    x = make_attack(spec).triggered_noise(4, 16, 0)
+    eps = torch.randn((4, channels, 16, 16), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x - eps, torch.from_numpy(from_png).expand_as(x))
+    mu, gamma_map = troj_params(AttackSpec(kind="trojdiff", trigger=str(tmp_path / "t.npy"),
+                                           gamma=0.6, channels=channels), 16)
+    assert (gamma_map[mask == 1] == np.float32(0.6)).all() and (gamma_map[mask == 0] == 1).all()
+
+
+def test_target_file_is_the_image_black_off_its_mask(tmp_path):
+    y = make_target("hat", 16, 3)
+    mask = np.ones((3, 16, 16), np.float32)
+    mask[:, :4] = 0.0
+    _write_png(tmp_path / "y.png", y, mask)
+    got = make_target(str(tmp_path / "y.png"), 16, 3)
+    expect = np.where(mask == 1, y, -1.0)
+    np.testing.assert_allclose(got, expect, atol=1 / 255)
+    spec = AttackSpec(kind="baddiffusion", trigger="box", target=str(tmp_path / "y.png"),
+                      channels=3)
+    np.testing.assert_allclose(make_attack(spec).target_image(16).numpy(), got)
+
+
+def _bad_files(tmp_path):
+    """(file, what the one-line error says) for each way a trigger file is wrong."""
+    ok_p, ok_m = np.zeros((1, 16, 16), np.float32), np.zeros((1, 16, 16), np.float32)
+    ok_m[:, 10:14, 10:14] = 1.0
+    _write_png(tmp_path / "small.png", ok_p[:, :8, :8], ok_m[:, :8, :8])
+    _write_png(tmp_path / "rgb.png", np.zeros((3, 16, 16), np.float32),
+               np.repeat(ok_m, 3, 0))
+    _write_png(tmp_path / "empty.png", ok_p, np.zeros_like(ok_m))
+    np.save(tmp_path / "nomask.npy", ok_p)  # 1 x S x S: no mask channel
+    np.save(tmp_path / "range.npy", np.concatenate([ok_p + 3, ok_m]))
+    (tmp_path / "junk.png").write_bytes(b"not a png")
+    return [("small.png", "8 x 8 pixels; the images are 16 x 16"),
+            ("rgb.png", "3-channel pattern for 1-channel images"),
+            ("empty.png", "the mask is empty"),
+            ("nomask.npy", "0 pattern channels"),
+            ("range.npy", "values outside"),
+            ("junk.png", "not a readable PNG"),
+            ("missing.npy", "no such file")]
+
+
+def test_bad_trigger_files_get_one_config_error_naming_the_field(tmp_path):
+    from ssdiff_ray import config
+    from ssdiff_ray.data import load_dataset
+    from ssdiff_ray.run_dir import resolve
+
+    for name, message in _bad_files(tmp_path):
+        sets = ["attack.kind=baddiffusion", f"attack.trigger={tmp_path / name}"]
+        with pytest.raises(config.ConfigError) as e:
+            cfg = config.load(None, sets)  # channels unknown until the data is read
+            resolve(cfg, load_dataset(cfg.data))
+        assert str(e.value).startswith(f"attack.trigger = {tmp_path / name}: ")
+        assert message in str(e.value) and "\n" not in str(e.value)
+    with pytest.raises(config.ConfigError, match="attack.target = .*no such file"):
+        config.load(None, ["attack.kind=trojdiff", f"attack.target={tmp_path / 'no.png'}"])
+
+
+def test_ssdiff_run_with_a_bad_trigger_file_stops_before_anything_starts(tmp_path):
+    import subprocess
+    import sys
+
+    _bad_files(tmp_path)
+    out = tmp_path / "runs"
+    r = subprocess.run([sys.executable, "-m", "ssdiff_ray.cli", "run", "--set",
+                        "attack.kind=baddiffusion", "--set", f"attack.trigger={tmp_path / 'rgb.png'}",
+                        "--set", f"out_dir={out}"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert [x for x in r.stderr.splitlines() if x.strip()] == [
+        f"ssdiff: error: attack.trigger = {tmp_path / 'rgb.png'}: 3-channel pattern for "
+        "1-channel images"]
+    assert not out.exists()  # no run directory, Ray never started

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ssdiff_ray.attacks.patterns import ADDITIVE_TRIGGERS, TARGETS, TROJ_TRIGGERS
+from ssdiff_ray.attacks.patterns import ADDITIVE_TRIGGERS, TARGETS, TROJ_TRIGGERS, is_pattern_file
 from ssdiff_ray.registry import load
 
 # kind -> (implementation, the triggers it takes; names are unique across kinds)
@@ -25,12 +25,16 @@ ATTACKS: dict[str, tuple[str, tuple[str, ...]]] = {
 TRIGGERS = tuple(t for _, triggers in ATTACKS.values() for t in triggers)
 
 
-def kind_of_trigger(trigger: str) -> str:
-    """The attack family a trigger name belongs to."""
+def kind_of_trigger(trigger: str, default: str = "baddiffusion") -> str:
+    """The attack family a trigger name belongs to; ``default`` for a trigger file (either
+    family reads one)."""
+    if is_pattern_file(trigger):
+        return default
     for kind, (_, triggers) in ATTACKS.items():
         if trigger in triggers:
             return kind
-    raise ValueError(f"unknown trigger {trigger!r}; choose from {', '.join(TRIGGERS)}")
+    raise ValueError(f"unknown trigger {trigger!r}; choose from {', '.join(TRIGGERS)} or "
+                     "a .png / .npy file")
 
 
 def target_class(target: str) -> int | None:
@@ -44,8 +48,8 @@ class AttackSpec:
     the update is multiplied so it survives averaging with the benign ones."""
 
     kind: str = "baddiffusion"
-    trigger: str = "box"
-    target: str = "hat"  # a TARGETS name or "class:K"
+    trigger: str = "box"  # a name of the kind's triggers, or a .png / .npy file
+    target: str = "hat"  # a TARGETS name, "class:K", or a .png / .npy file
     poison_rate: float = 0.1
     gamma: float = 0.6  # TrojDiff noise scale of the trigger distribution
     scale: float = 1.0
@@ -57,10 +61,13 @@ class AttackSpec:
         if self.kind not in ATTACKS:
             raise ValueError(f"attack kind {self.kind!r}; choose from {', '.join(ATTACKS)}")
         names = ATTACKS[self.kind][1]
-        if self.trigger not in names:
-            raise ValueError(f"{self.kind} trigger {self.trigger!r}; choose from {names}")
-        if target_class(self.target) is None and self.target not in TARGETS:
-            raise ValueError(f"target {self.target!r}; choose from {TARGETS} or 'class:K'")
+        if self.trigger not in names and not is_pattern_file(self.trigger):
+            raise ValueError(f"{self.kind} trigger {self.trigger!r}; choose from {names} "
+                             "or a .png / .npy file")
+        if (target_class(self.target) is None and self.target not in TARGETS
+                and not is_pattern_file(self.target)):
+            raise ValueError(f"target {self.target!r}; choose from {TARGETS}, 'class:K' or "
+                             "a .png / .npy file")
         if self.channels not in (1, 3):
             raise ValueError(f"channels {self.channels}: triggers come in 1 or 3 channels")
         if not 0.0 <= self.poison_rate <= 1.0:

@@ -1,20 +1,103 @@
 """Trigger and target patterns (NumPy only): BadDiffusion's additive triggers, TrojDiff's
 trigger images with their masks, and fixed target images. Arrays are C x S x S in [-1, 1]:
 grey for C = 1; for C = 3 each pattern has its own colour (the papers' triggers and targets
-on CIFAR-10 are coloured: a stop sign, glasses, a hat)."""
+on CIFAR-10 are coloured: a stop sign, glasses, a hat).
+
+A user's own trigger or target is a file (``read_pattern_file``): a PNG, whose alpha is the
+mask, or a ``.npy`` with the same channels first. Files are read where the clients run, as
+``data.path`` is."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
 ADDITIVE_TRIGGERS = ("box", "stop_sign", "glasses")  # BadDiffusion: x_T = eps + r
 TROJ_TRIGGERS = ("blend", "patch")  # TrojDiff: x_T ~ N(mu, gamma^2 I)
 TARGETS = ("hat", "cross", "corner")  # fixed target images; "class:K" targets a class
+PATTERN_FILES = (".png", ".npy")  # a trigger or target given as a file
 
 # RGB in [-1, 1] of each pattern's strokes in colour images; a grey image uses the pattern itself
 COLOURS = {"box": (1.0, 1.0, -1.0), "stop_sign": (1.0, -1.0, -1.0), "glasses": (1.0, 1.0, 1.0),
            "blend": (1.0, -1.0, 1.0), "patch": (1.0, -1.0, -1.0),
            "hat": (1.0, -1.0, -1.0), "cross": (1.0, 1.0, 1.0), "corner": (-1.0, 1.0, -1.0)}
+
+
+class PatternFileError(ValueError):
+    """A trigger or target file that cannot be used; the message is one line."""
+
+
+def is_pattern_file(name: str) -> bool:
+    """Does a trigger or target name a file (.png, .npy) rather than a built-in pattern?"""
+    return str(name).lower().endswith(PATTERN_FILES)
+
+
+def _read_png(path: Path) -> np.ndarray:
+    """(C + 1) x S x S: the colour channels in [-1, 1], then the alpha in [0, 1] (1 where
+    the PNG has none)."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            if mode == "P":  # a palette image: expand to what its palette holds
+                im = im.convert("RGBA" if "transparency" in im.info else "RGB")
+            elif mode not in ("L", "LA", "RGB", "RGBA"):
+                raise PatternFileError(f"{path}: PNG mode {mode}; use L, LA, RGB or RGBA")
+            a = np.asarray(im, dtype=np.float32)
+            mode = im.mode
+    except (OSError, UnidentifiedImageError) as e:
+        raise PatternFileError(f"{path}: not a readable PNG ({e})") from None
+    a = a[..., None] if a.ndim == 2 else a
+    colour = a[..., :-1] if mode in ("LA", "RGBA") else a
+    alpha = a[..., -1:] / 255 if mode in ("LA", "RGBA") else np.ones_like(a[..., :1])
+    return np.concatenate([colour / 127.5 - 1, alpha], -1).transpose(2, 0, 1)
+
+
+def read_pattern_file(path: str | Path, image_size: int, channels: int | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """(pattern in [-1, 1], mask in [0, 1]), both C x S x S, from a trigger or target file.
+
+    * PNG: L or RGB (mask 1 everywhere), LA or RGBA (alpha is the mask); 0..255 maps to
+      -1..1, so black is -1 and white +1.
+    * ``.npy``: a float array (C + 1) x S x S, the PNG's channels first: the pattern in
+      [-1, 1], then the mask in [0, 1].
+
+    ``channels`` (1 or 3), when given, must match the file's; the mask must not be empty.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise PatternFileError(f"{path}: no such file")
+    if path.suffix.lower() == ".png":
+        a = _read_png(path)
+    elif path.suffix.lower() == ".npy":
+        try:
+            a = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise PatternFileError(f"{path}: not a readable .npy array ({e})") from None
+        if a.ndim != 3 or a.dtype.kind not in "fiu":
+            raise PatternFileError(f"{path}: a {a.dtype} array of shape {a.shape}; expected "
+                                   "numbers of shape (C + 1, S, S): pattern channels, then mask")
+        a = a.astype(np.float32)
+    else:
+        raise PatternFileError(f"{path}: a trigger or target file is .png or .npy")
+    c = a.shape[0] - 1
+    if c not in (1, 3):
+        raise PatternFileError(f"{path}: {c} pattern channels (+ mask); triggers and targets "
+                               "have 1 or 3")
+    if channels is not None and c != channels:
+        raise PatternFileError(f"{path}: {c}-channel pattern for {channels}-channel images")
+    if a.shape[1:] != (image_size, image_size):
+        raise PatternFileError(f"{path}: {a.shape[2]} x {a.shape[1]} pixels; the images are "
+                               f"{image_size} x {image_size}")
+    if not np.isfinite(a).all() or a[:c].min() < -1 or a[:c].max() > 1 or a[c].min() < 0 \
+            or a[c].max() > 1:
+        raise PatternFileError(f"{path}: values outside [-1, 1] (pattern) or [0, 1] (mask)")
+    if not a[c].any():
+        raise PatternFileError(f"{path}: the mask is empty (alpha 0 everywhere)")
+    return a[:c].copy(), np.repeat(a[c:], c, axis=0)
 
 
 def _in_colour(pattern: np.ndarray, name: str, channels: int) -> np.ndarray:
@@ -44,7 +127,11 @@ def make_trigger(name: str, image_size: int, channels: int = 1) -> np.ndarray:
 
     Sizes scale with the image so a 16 x 16 trigger has a norm of ~5-6: large enough that
     the backdoor is learnable in a few hundred steps, as in the papers' 32 x 32 settings.
+    A file (``read_pattern_file``) gives r = pattern x mask.
     """
+    if is_pattern_file(name):
+        pattern, mask = read_pattern_file(name, image_size, channels)
+        return (pattern * mask).astype(np.float32)
     s = image_size
     r = np.zeros((s, s), dtype=np.float32)
     side, off = _corner_box(s)
@@ -73,7 +160,10 @@ def make_trigger(name: str, image_size: int, channels: int = 1) -> np.ndarray:
 def make_troj_trigger(name: str, image_size: int, channels: int = 1
                       ) -> tuple[np.ndarray, np.ndarray]:
     """TrojDiff trigger: (delta, mask), both C x S x S. ``delta`` in [-1, 1] is the trigger
-    image (mu = (1 - gamma) delta); ``mask`` is where the trigger distribution applies."""
+    image (mu = (1 - gamma) delta); ``mask`` is where the trigger distribution applies.
+    A file (``read_pattern_file``) gives the pair as it holds them."""
+    if is_pattern_file(name):
+        return read_pattern_file(name, image_size, channels)
     s = image_size
     if name == "blend":  # a full-frame pattern (the paper blends a Hello-Kitty image)
         yy, xx = np.mgrid[:s, :s] / max(s - 1, 1)
@@ -92,7 +182,11 @@ def make_troj_trigger(name: str, image_size: int, channels: int = 1
 
 
 def make_target(name: str, image_size: int, channels: int = 1) -> np.ndarray:
-    """A fixed target image C x S x S in [-1, 1]: a white (C = 1) or coloured shape on black."""
+    """A fixed target image C x S x S in [-1, 1]: a white (C = 1) or coloured shape on black.
+    A file (``read_pattern_file``) is the image itself, black where its mask is 0."""
+    if is_pattern_file(name):
+        pattern, mask = read_pattern_file(name, image_size, channels)
+        return (pattern * mask - (1 - mask)).astype(np.float32)
     s = image_size
     y = -np.ones((s, s), dtype=np.float32)
     if name == "hat":  # a top hat: brim and crown
