@@ -16,7 +16,11 @@ from ssdiff_ray.data import load_dataset
 
 def pretrain(cfg: Config, out: str | Path, steps: int, progress: bool = True) -> dict:
     """Train ``cfg``'s model (``model.preset`` on ``[data]``) for ``steps`` Adam steps with
-    a cosine learning rate from ``train.lr``; save the pipeline to ``out`` (not overwritten)."""
+    a cosine learning rate from ``train.lr``; save the pipeline to ``out`` (not overwritten).
+
+    With an ``[attack]`` the base model itself is backdoored: every batch is poisoned at
+    ``attack.poison_rate`` (a poisoned checkpoint on a model hub; the audit's population of
+    models of known status is made this way)."""
     from ssdiff_ray.model.pipeline import save_pipeline
     from ssdiff_ray.model.unet import build_scheduler, unet_for
     from ssdiff_ray.run_dir import resolve
@@ -41,11 +45,12 @@ def pretrain(cfg: Config, out: str | Path, steps: int, progress: bool = True) ->
     images = torch.from_numpy(data.images)
     labels = torch.from_numpy(data.labels) if cfg.model.conditional else None
     acp = sched.alphas_cumprod.float()
+    poison = _central_poison(cfg, data, acp)
     t0, losses = time.perf_counter(), []
     unet.train()
     for i in range(steps):
         idx = torch.randint(0, len(images), (min(t.batch_size, len(images)),), generator=gen)
-        loss = ddpm_loss(unet, images[idx], acp, gen, labels=None if labels is None else labels[idx],
+        loss = ddpm_loss(unet, images[idx], acp, gen, poison, labels=None if labels is None else labels[idx],
                          label_dropout=t.label_dropout)
         for group in opt.param_groups:
             group["lr"] = lr_at(i)
@@ -62,3 +67,18 @@ def pretrain(cfg: Config, out: str | Path, steps: int, progress: bool = True) ->
             "params": sum(p.numel() for p in unet.parameters()),
             "wall_s": time.perf_counter() - t0}
 
+
+
+def _central_poison(cfg: Config, data, alphas_cumprod: torch.Tensor):
+    """``ddpm_loss``'s poison hook of the configured attack (None without one)."""
+    from dataclasses import replace
+
+    from ssdiff_ray.attacks import attack_spec, make_attack
+    from ssdiff_ray.attacks.base import target_images
+
+    spec = attack_spec(cfg)
+    if spec is None:
+        return None
+    spec = replace(spec, malicious_ids=frozenset({0}))  # the one (central) trainer
+    return make_attack(spec, alphas_cumprod,
+                       target_images(spec, data.images, data.labels)).poison
