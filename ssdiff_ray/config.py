@@ -204,6 +204,9 @@ class DefenseConfig:
     estimate_gen_steps: int = _f(8, lo=1, hi=1000,
                                  doc="DDIM steps of each short generation the trigger estimator "
                                  "runs (its cost scales with them; fewer is coarser)")
+    negation: str = _f("redraw", choices=("redraw", "subtract"),
+                       doc="flagged inputs: redrawn from N(0, I), or the estimated trigger "
+                       "subtracted first (TERD; keeps the caller's noise)")
     target_check: bool = _f(True, doc="also flag inputs whose generation lands on the "
                             "estimated target (one more generation per input)")
 

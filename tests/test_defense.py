@@ -97,6 +97,21 @@ def test_purify_returns_inputs_that_pass():
     assert not detect_inputs(purify(troj, f, _tests(), seed=1), _tests())["flagged"].any()
 
 
+def test_subtract_negation_keeps_the_callers_noise_and_redraw_replaces_it():
+    est = _est("stop_sign")
+    eps = _clean(30)
+    x = eps + torch.from_numpy(est.mu)  # triggered exactly as the estimate describes
+    flags = detect_inputs(x, _tests(est))["flagged"]
+    assert flags.all()
+    sub = purify(x, flags, _tests(est), seed=0, negation="subtract")
+    torch.testing.assert_close(sub, eps)  # (x - mu) / gamma, and eps passes the tests
+    red = purify(x, flags, _tests(est), seed=0)
+    assert not detect_inputs(red, _tests(est))["flagged"].any()
+    assert float((red - eps).abs().mean()) > 0.5  # fresh noise, not the caller's
+    with pytest.raises(ValueError, match="negation 'nope'"):
+        purify(x, flags, _tests(est), seed=0, negation="nope")
+
+
 def test_estimate_and_defended_sample_run_on_tiny_model():
     torch.manual_seed(0)
     unet = build_unet("tiny", 8, seed=0)

@@ -18,11 +18,13 @@ class Defense:
 
     def __init__(self, unet, scheduler, shape: tuple[int, ...], *, estimator=None,
                  estimate: bool = True, target_check: bool = True, fpr: float = 0.01,
-                 sampler: str = "dpm", steps: int = 10, seed: int = 0):
+                 sampler: str = "dpm", steps: int = 10, seed: int = 0,
+                 negation: str = "redraw"):
         self.unet, self.scheduler, self.shape = unet, scheduler, tuple(shape)
         self.estimator = estimator or ProbeEstimator()
         self.use_estimate, self.use_target_check = estimate, target_check
         self.fpr, self.sampler, self.steps, self.seed = fpr, sampler, steps, seed
+        self.negation = negation
         self.est: TriggerEstimate | None = None
         self.check: TargetCheck | None = None
         self.tests: list[InputTest] = []
@@ -37,7 +39,7 @@ class Defense:
                                      cfg.data.image_size),
                    estimator=estimator or make_estimator(d), estimate=d.estimate_trigger,
                    target_check=d.target_check, fpr=d.fpr, sampler=e.sampler, steps=e.steps,
-                   seed=seed)
+                   seed=seed, negation=d.negation)
 
     def prepare(self) -> Defense:
         """Estimate the trigger, calibrate the output check and list the input tests: the
@@ -68,7 +70,7 @@ class Defense:
         return defended_sample(self.unet, self.scheduler, x_T, self.tests,
                                sampler or self.sampler, steps or self.steps,
                                self.seed if seed is None else seed, self.fpr, flags=flags,
-                               labels=labels, guidance=guidance)
+                               labels=labels, guidance=guidance, negation=self.negation)
 
     def audit(self) -> dict:
         """The model-level verdict (``audit_model``) with this model's estimate (made for
