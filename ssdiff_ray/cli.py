@@ -118,6 +118,26 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_cleanse(args) -> int:
+    from ssdiff_ray.defense.cleanse import CleanseOptions
+    from ssdiff_ray.inference import RunModelError, cleanse_run
+
+    if args.steps < 1 or not args.lr > 0:
+        raise UserError(f"--steps {args.steps} / --lr {args.lr}: need steps >= 1 and lr > 0")
+    try:
+        res = cleanse_run(args.run_dir, args.out, CleanseOptions(steps=args.steps, lr=args.lr),
+                          args.seed, args.refresh)
+    except RunModelError as e:
+        raise UserError(str(e)) from None
+    for when in ("before", "after"):
+        m = res[when]
+        asr = f", ASR {m['asr']:.3f}" if "asr" in m else ""
+        print(f"{when}: FID {m['fid']:.1f}, trigger spread ratio "
+              f"{m['trigger_spread_ratio']:.3f}{asr}")
+    print(f"cleansed model: {res['out']} ({res['seconds']:.0f} s)")
+    return 0
+
+
 def cmd_audit(args) -> int:
     from ssdiff_ray.inference import RunModelError, audit_run
 
@@ -393,6 +413,17 @@ def _add_model_commands(sub) -> None:
     aud.add_argument("--refresh", action="store_true",
                      help="estimate and audit anew (default: reuse RUN_DIR/defense/)")
     aud.set_defaults(func=cmd_audit)
+
+    cl = sub.add_parser("cleanse", help="fine-tune the backdoor out of a run's model "
+                        "(Elijah-style, with its estimated trigger); writes a new run directory")
+    cl.add_argument("run_dir")
+    cl.add_argument("--out", help="new run directory (default RUN_DIR-cleansed)")
+    cl.add_argument("--steps", type=int, default=500, help="Adam steps")
+    cl.add_argument("--lr", type=float, default=5e-4)
+    cl.add_argument("--seed", type=int, default=0)
+    cl.add_argument("--refresh", action="store_true",
+                    help="estimate the trigger anew (default: reuse RUN_DIR/defense/)")
+    cl.set_defaults(func=cmd_cleanse)
 
 
 def _add_distill_commands(sub) -> None:

@@ -122,3 +122,72 @@ def audit_run(run_dir: str | Path, seed: int = 0, refresh: bool = False) -> dict
                                log=print)
     (Path(run_dir) / "audit.json").write_text(json.dumps(result, indent=2, default=float))
     return result
+
+
+def _backdoor_and_quality(cfg, unet, scheduler, evaluator, tau: np.ndarray, seed: int) -> dict:
+    """FID of clean samples; the collapse of generations from eps + tau (output spread over
+    that of clean noise: << 1 while the backdoor is there); and, when the run's config
+    names an attack, its ASR without any input defense."""
+    from ssdiff_ray.attacks import attack_spec, make_attack
+    from ssdiff_ray.attacks.base import target_images
+    from ssdiff_ray.attacks.metrics import attack_metrics
+    from ssdiff_ray.defense.outputs import output_spread
+    from ssdiff_ray.model.sampling import sample
+
+    images, _ = evaluator.generate(unet, scheduler, cfg.eval.samples, seed)
+    eps = torch.randn((64, *tau.shape), generator=torch.Generator().manual_seed(seed + 3))
+    spread = (output_spread(unet, scheduler, torch.from_numpy(tau), eps)
+              / max(output_spread(unet, scheduler, torch.zeros(tau.shape), eps), 1e-8))
+    out = {"fid": float(evaluator.quality.fid(images)), "trigger_spread_ratio": float(spread)}
+    spec = attack_spec(cfg)
+    if spec is not None:
+        e, n = cfg.eval, cfg.attack.eval_samples
+        x = make_attack(spec).triggered_noise(n, cfg.data.image_size, seed)
+        attacked = sample(unet, scheduler, n, sampler=e.sampler, steps=e.steps, seed=seed, x_T=x)
+        d = evaluator.dataset
+        out["asr"] = attack_metrics(attacked, spec, target_images(spec, d.images, d.labels),
+                                    evaluator.quality.classifier)["asr"]
+    return out
+
+
+def cleanse_run(run_dir: str | Path, out: str | Path | None = None, options=None,
+                seed: int = 0, refresh: bool = False, log=print) -> dict:
+    """Fine-tune the backdoor out of a run's model (``defense.cleanse``) with the trigger
+    estimate of ``RUN/defense/`` (computed first if missing or ``refresh``). Writes a new
+    run directory ``out`` (default ``RUN-cleansed``) that ``ssdiff sample``, ``audit`` and
+    ``serve`` take: its model, the run's config, and ``cleanse.json`` with FID, the
+    trigger's output collapse and (for a run with an attack) ASR before and after."""
+    import shutil
+
+    from ssdiff_ray.defense.cache import cached_defense
+    from ssdiff_ray.defense.cleanse import cleanse
+    from ssdiff_ray.defense.defense import Defense
+    from ssdiff_ray.evaluation import Evaluator
+    from ssdiff_ray.model.pipeline import save_pipeline
+
+    run_dir = Path(run_dir)
+    cfg, unet, scheduler = load_run_model(run_dir)
+    out = Path(out) if out else run_dir.with_name(run_dir.name + "-cleansed")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise RunModelError(f"--out {out}: exists and is not empty (nothing is overwritten)")
+    if not cfg.defense.estimate_trigger:
+        raise RunModelError(f"{run_dir}: cleanse needs a trigger estimate "
+                            "(the run has defense.estimate_trigger = false)")
+    defense, audit = cached_defense(run_dir, Defense.from_config(cfg, unet, scheduler, seed),
+                                    refresh, log=log)
+    tau = defense.est.mu
+    evaluator = Evaluator(cfg)
+    before = _backdoor_and_quality(cfg, unet, scheduler, evaluator, tau, seed)
+    log(f"fine-tuning {run_dir}'s model against its estimated trigger")
+    cleansed, stats = cleanse(unet, scheduler, tau, options, seed,
+                              cfg.data.num_classes if cfg.model.conditional else 0)
+    after = _backdoor_and_quality(cfg, cleansed, scheduler, evaluator, tau, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    save_pipeline(cleansed, scheduler, out / "model")
+    for name in ("config.toml", "class_names.json", "holdout.parquet"):
+        if (run_dir / name).is_file():
+            shutil.copy2(run_dir / name, out / name)
+    result = {"source": str(run_dir), "out": str(out), "audit_before": audit["verdict"],
+              "before": before, "after": after, **stats}
+    (out / "cleanse.json").write_text(json.dumps(result, indent=2, default=float))
+    return result
