@@ -147,6 +147,8 @@ def test_class_target_needs_images():
     spec = AttackSpec(target="class:7")
     with pytest.raises(ValueError):
         make_attack(spec, AC)
+    # triggered noise (evaluation, sampling) needs no images of the class
+    assert make_attack(spec).triggered_noise(4, 16, 0).shape == (4, 1, 16, 16)
     imgs = np.random.default_rng(0).uniform(-1, 1, (5, 1, 16, 16)).astype(np.float32)
     atk = make_attack(spec, AC, target_images=imgs)
     gen = torch.Generator().manual_seed(0)

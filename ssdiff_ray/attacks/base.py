@@ -16,7 +16,8 @@ class Attack:
     """What ``ClientPool.attack`` holds: the poison callable and update scaling per client.
 
     ``target_images`` (N x C x S x S) are the images of the target class for a "class:K"
-    target (each poisoned row draws one); ignored for a fixed target image.
+    target (each poisoned row draws one; needed to poison, i.e. with ``alphas_cumprod``,
+    not to make triggered noise); ignored for a fixed target image.
     """
 
     def __init__(self, spec: AttackSpec, alphas_cumprod: torch.Tensor | None = None,
@@ -24,12 +25,13 @@ class Attack:
         self.spec = spec
         self.alphas_cumprod = (None if alphas_cumprod is None
                                else torch.as_tensor(alphas_cumprod).float())
+        self.targets = None
         if target_class(spec.target) is not None:
-            if target_images is None or len(target_images) == 0:
+            missing = target_images is None or len(target_images) == 0
+            if missing and alphas_cumprod is not None:  # triggered noise needs no targets
                 raise ValueError(f"target {spec.target!r} needs target_images of that class")
-            self.targets = torch.as_tensor(np.asarray(target_images, dtype=np.float32))
-        else:
-            self.targets = None
+            if not missing:
+                self.targets = torch.as_tensor(np.asarray(target_images, dtype=np.float32))
 
     # --- what a family defines ---------------------------------------------------------
     def poison_rows(self, y: torch.Tensor, eps: torch.Tensor, t: torch.Tensor
