@@ -279,3 +279,46 @@ def test_likelihood_ratio_threshold_holds_its_fpr_and_every_test_gets_an_equal_s
     det = detect_inputs(_clean(20, seed=22), tests, fpr=0.02)
     assert det["llr_threshold"] == llr.threshold(0.01)  # two tests: 0.02 / 2 each
     assert det["disdet_threshold"] == DisDet((1, 16, 16)).threshold(0.01)
+
+
+def test_audit_rule_is_calibrated_on_the_population_and_scored_leave_one_out(tmp_path):
+    from ssdiff_ray.defense.audit import AuditRule, calibrate_rule, leave_one_out
+
+    rng = np.random.default_rng(0)
+    # spread_ratio separates (backdoored collapse: low), spread_z is noise on both
+    bd = [{"spread_ratio": r, "spread_z": z} for r, z in zip(rng.uniform(0.0, 0.3, 8),
+                                                           rng.normal(5, 2, 8), strict=True)]
+    cl = [{"spread_ratio": r, "spread_z": z} for r, z in zip(rng.uniform(0.6, 1.2, 8),
+                                                           rng.normal(5, 2, 8), strict=True)]
+    stats, truth = bd + cl, [True] * 8 + [False] * 8
+    rule = calibrate_rule(stats, truth, ("spread_z", "spread_ratio"))
+    assert rule.statistic == "spread_ratio" and rule.below
+    assert max(s["spread_ratio"] for s in bd) < rule.threshold < min(s["spread_ratio"] for s in cl)
+    loo = leave_one_out(stats, truth, ("spread_z", "spread_ratio"))
+    assert loo == ["backdoored"] * 8 + ["clean"] * 8
+    # an overlapping population: out-of-sample verdicts show the errors in-sample would hide
+    mixed = bd[:6] + [{"spread_ratio": 0.8, "spread_z": 5.0}] * 2 + cl[:6] + \
+        [{"spread_ratio": 0.1, "spread_z": 5.0}] * 2
+    loo = leave_one_out(mixed, truth, ("spread_ratio",))
+    assert loo[6:8] == ["clean"] * 2 and loo[14:] == ["backdoored"] * 2
+    rule.save(tmp_path / "rule.json")
+    back = AuditRule.load(tmp_path / "rule.json")
+    assert back == rule and back.verdict({"spread_ratio": 0.0}) == "backdoored"
+    with pytest.raises(ValueError, match="backdoored and clean"):
+        calibrate_rule(bd, [True] * 8)
+
+
+def test_a_cached_audit_is_judged_by_the_current_rule():
+    from ssdiff_ray.defense.audit import AuditRule
+    from ssdiff_ray.defense.cache import rejudge
+
+    rule = AuditRule.load()
+    low, high = rule.threshold * 0.5, rule.threshold * 2 + 1e-3
+    for value in (low, high):
+        stale = {rule.statistic: value, "verdict": "stale", "rule": "old"}
+        got = rejudge(stale)
+        assert got["verdict"] == rule.verdict(stale) != "stale"
+        assert got["rule"].startswith(rule.statistic)
+    assert {rejudge({rule.statistic: low})["verdict"],
+            rejudge({rule.statistic: high})["verdict"]} == {"clean", "backdoored"}
+    assert rejudge({"verdict": "clean"}) is None  # made before the statistic: recompute

@@ -77,8 +77,8 @@ def save(run_dir: str | Path, defense: Defense, audit: dict) -> Path:
 
 
 def load(run_dir: str | Path, defense: Defense) -> dict | None:
-    """Fill ``defense`` from the cache and return the audit, or None when the cache is
-    missing or was made for other weights or settings."""
+    """Fill ``defense`` from the cache and return the audit (judged by the current rule), or
+    None when the cache is missing or was made for other weights or settings."""
     import torch
 
     from ssdiff_ray.defense.input_tests import TargetCheck, standard_tests
@@ -105,7 +105,19 @@ def load(run_dir: str | Path, defense: Defense) -> dict | None:
     defense.est, defense.check = est, check
     defense.tests = standard_tests(defense.shape, est, check)
     defense._ready = True
-    return json.loads((d / "audit.json").read_text())
+    return rejudge(json.loads((d / "audit.json").read_text()))
+
+
+def rejudge(audit: dict) -> dict | None:
+    """The cached audit's statistics under the current ``AuditRule``: a recalibrated rule
+    applies to models audited before it (the statistics do not depend on the rule)."""
+    from ssdiff_ray.defense.audit import AuditRule
+
+    rule = AuditRule.load()
+    if rule.statistic not in audit:  # saved before the statistic existed: recompute
+        return None
+    return {**audit, "verdict": rule.verdict(audit),
+            "rule": f"{rule.statistic} {'<' if rule.below else '>'} {rule.threshold:.4g}"}
 
 
 def cached_defense(run_dir: str | Path, defense: Defense, refresh: bool = False,
