@@ -190,6 +190,9 @@ class AttackConfig:
     poison_rate: float = _f(0.1, lo=0.0, hi=1.0, doc="fraction of each poisoned batch")
     scale: float = _f(1.0, lo=0.0, lo_open=True, hi=1e6, doc="model replacement factor")
     gamma: float = _f(0.6, lo=0.0, lo_open=True, hi=10.0, doc="TrojDiff trigger noise scale")
+    sampler: str = _f("ddim", choices=("ddim", "ddpm", "ode", "both"),
+                      doc="BadDiffusion: the sampler the backdoor is tuned to (VillanDiffusion's "
+                      "correction: ddim, ancestral ddpm, probability-flow ode, or both)")
     eval_samples: int = _f(200, lo=10, hi=1_000_000, doc="triggered samples per evaluation")
 
 

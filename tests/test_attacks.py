@@ -169,6 +169,24 @@ def test_spec_validation_and_choice():
     assert len(choose_malicious(5, 0.1, seed=1)) == 1
 
 
+def test_attack_sampler_from_config_sets_the_backdoors_correction():
+    from ssdiff_ray import config
+    from ssdiff_ray.attacks import attack_spec
+
+    t = torch.tensor([500, 900])
+    y, eps = torch.zeros(2, 1, 16, 16), torch.zeros(2, 1, 16, 16)
+    targets = {}
+    for sampler in ("ddim", "ode"):
+        cfg = config.load(None, ["attack.kind=baddiffusion", f"attack.sampler={sampler}"])
+        spec = attack_spec(cfg)
+        assert spec.sampler == sampler
+        targets[sampler] = make_attack(spec, AC).poison_rows(y, eps, t)[1]
+    # VillanDiffusion's probability-flow correction differs from the DDIM one
+    assert not torch.allclose(targets["ddim"], targets["ode"])
+    with pytest.raises(config.ConfigError, match="attack.sampler"):
+        config.load(None, ["attack.sampler=euler"])
+
+
 def test_ssim_and_metrics():
     rng = np.random.default_rng(0)
     a = rng.uniform(0, 1, (3, 1, 16, 16))

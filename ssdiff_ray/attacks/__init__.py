@@ -91,7 +91,7 @@ def attack_spec(cfg) -> AttackSpec | None:
     ids = choose_malicious(cfg.clients.count, a.malicious_fraction, cfg.seed)
     return AttackSpec(kind=a.kind, trigger=a.trigger or ATTACKS[a.kind][1][0], target=a.target,
                       poison_rate=a.poison_rate, gamma=a.gamma, scale=a.scale,
-                      malicious_ids=ids, channels=cfg.data.channels or 1)
+                      malicious_ids=ids, sampler=a.sampler, channels=cfg.data.channels or 1)
 
 
 def make_attack(spec: AttackSpec, alphas_cumprod=None, target_images=None):
