@@ -166,10 +166,10 @@ def cleanse_run(run_dir: str | Path, out: str | Path | None = None, options=None
     from ssdiff_ray.model.pipeline import save_pipeline
 
     run_dir = Path(run_dir)
-    cfg, unet, scheduler = load_run_model(run_dir)
     out = Path(out) if out else run_dir.with_name(run_dir.name + "-cleansed")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # before loading anything
         raise RunModelError(f"--out {out}: exists and is not empty (nothing is overwritten)")
+    cfg, unet, scheduler = load_run_model(run_dir)
     if not cfg.defense.estimate_trigger:
         raise RunModelError(f"{run_dir}: cleanse needs a trigger estimate "
                             "(the run has defense.estimate_trigger = false)")
