@@ -1,4 +1,4 @@
-"""Negation: flagged inputs are cleaned (the estimated trigger removed) or redrawn until they
+"""Negation: flagged inputs are redrawn (or first get the estimated trigger removed) until they
 pass the input tests; the sample is generated from the clean inputs."""
 
 from __future__ import annotations
@@ -8,7 +8,6 @@ import torch
 
 from ssdiff_ray.defense.input_tests import InputTest, LikelihoodRatio, detect_inputs, fpr_share
 from ssdiff_ray.model.sampling import sample
-
 
 NEGATIONS = ("redraw", "subtract")
 
