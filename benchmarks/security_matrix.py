@@ -205,7 +205,8 @@ def report(rows: list[dict], verdicts: dict | None = None) -> str:
     given, else the verdict of the rule the row was measured with."""
     verdicts = verdicts or {r["name"]: r["audit"]["verdict"] for r in rows}
     head = ("| model | ASR | ASR defended | TPR | FPR (95% CI) | AUROC | FID | FID defended | "
-            "audit (leave-one-out) | cosine | ASR cleansed | FID cleansed | estimate s |")
+            "audit (leave-one-out) | cosine | ASR cleansed | FID before -> after cleanse | "
+            "estimate s |")
     lines = [head, "|" + "---|" * 13]
     for r in (r for r in rows if "cleanse" in r):
         cl = r["cleanse"]
@@ -214,7 +215,8 @@ def report(rows: list[dict], verdicts: dict | None = None) -> str:
             f"{fmt(r.get('tpr'))} | {r['fpr']:.4f} ({r['fpr_ci'][0]:.4f}-{r['fpr_ci'][1]:.4f}) | "
             f"{fmt(r.get('auroc'))} | {r['fid']:.1f} | {r['fid_defended']:.1f} | "
             f"{verdicts[r['name']]} | {fmt(r.get('cosine'), '.2f')} | "
-            f"{fmt(cl['after'].get('asr'))} | {cl['after']['fid']:.1f} | {r['estimate_s']:.0f} |")
+            f"{fmt(cl['after'].get('asr'))} | {cl['before']['fid']:.1f} -> {cl['after']['fid']:.1f} | "
+            f"{r['estimate_s']:.0f} |")
     return "\n".join(lines)
 
 
