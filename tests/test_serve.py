@@ -180,16 +180,20 @@ def test_stop_releases_the_port_and_the_actors(service):
 
 def test_service_refuses_a_model_whose_cached_audit_says_backdoored(tiny_run, tmp_path):
     """The refusal reads the audit in the run's defense cache (computed for the served
-    model); here that verdict is set by hand, as a backdoored tiny model's audit would say."""
+    model); here its statistic is set by hand to a value the audit rule calls backdoored."""
     import shutil
 
     from ssdiff_ray.cli import main
+    from ssdiff_ray.defense.audit import AuditRule
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     audit = json.loads((run / "defense" / "audit.json").read_text())
-    (run / "defense" / "audit.json").write_text(json.dumps({**audit, "verdict": "backdoored"}))
-    assert main(["serve", str(run), "--port", str(_free_port())]) == 2
+    rule = AuditRule.load()  # the cached verdict is re-judged from the statistic
+    value = rule.threshold - 1 if rule.below else rule.threshold + 1
+    (run / "defense" / "audit.json").write_text(json.dumps({**audit, rule.statistic: value}))
+    # --for-s: were the refusal to fail, the service stops after 1 s instead of serving on
+    assert main(["serve", str(run), "--port", str(_free_port()), "--for-s", "1"]) == 2
     from ssdiff_ray.serving.generator import Generator
 
     assert Generator(run, allow_backdoored=True).audit["verdict"] == "backdoored"
