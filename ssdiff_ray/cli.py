@@ -126,7 +126,7 @@ def cmd_cleanse(args) -> int:
         raise UserError(f"--steps {args.steps} / --lr {args.lr}: need steps >= 1 and lr > 0")
     try:
         res = cleanse_run(args.run_dir, args.out, CleanseOptions(steps=args.steps, lr=args.lr),
-                          args.seed, args.refresh)
+                          args.seed, args.refresh, force=args.force)
     except RunModelError as e:
         raise UserError(str(e)) from None
     for when in ("before", "after"):
@@ -423,6 +423,8 @@ def _add_model_commands(sub) -> None:
     cl.add_argument("--seed", type=int, default=0)
     cl.add_argument("--refresh", action="store_true",
                     help="estimate the trigger anew (default: reuse RUN_DIR/defense/)")
+    cl.add_argument("--force", action="store_true",
+                    help="cleanse even a model the audit calls clean (costs quality)")
     cl.set_defaults(func=cmd_cleanse)
 
 

@@ -151,12 +151,14 @@ def _backdoor_and_quality(cfg, unet, scheduler, evaluator, tau: np.ndarray, seed
 
 
 def cleanse_run(run_dir: str | Path, out: str | Path | None = None, options=None,
-                seed: int = 0, refresh: bool = False, log=print) -> dict:
+                seed: int = 0, refresh: bool = False, log=print, force: bool = False) -> dict:
     """Fine-tune the backdoor out of a run's model (``defense.cleanse``) with the trigger
     estimate of ``RUN/defense/`` (computed first if missing or ``refresh``). Writes a new
     run directory ``out`` (default ``RUN-cleansed``) that ``ssdiff sample``, ``audit`` and
     ``serve`` take: its model, the run's config, and ``cleanse.json`` with FID, the
-    trigger's output collapse and (for a run with an attack) ASR before and after."""
+    trigger's output collapse and (for a run with an attack) ASR before and after. A model
+    the audit calls clean is refused unless ``force``: fine-tuning against a spurious
+    estimate costs quality (``benchmarks/security_matrix.py``: a clean model's FID 36 -> 64)."""
     import shutil
 
     from ssdiff_ray.defense.cache import cached_defense
@@ -175,6 +177,9 @@ def cleanse_run(run_dir: str | Path, out: str | Path | None = None, options=None
                             "(the run has defense.estimate_trigger = false)")
     defense, audit = cached_defense(run_dir, Defense.from_config(cfg, unet, scheduler, seed),
                                     refresh, log=log)
+    if audit["verdict"] != "backdoored" and not force:
+        raise RunModelError(f"{run_dir}: the audit says {audit['verdict']!r} (rule "
+                            f"{audit.get('rule', '')}); nothing to cleanse (--force to do it anyway)")
     tau = defense.est.mu
     evaluator = Evaluator(cfg)
     before = _backdoor_and_quality(cfg, unet, scheduler, evaluator, tau, seed)

@@ -78,10 +78,15 @@ def test_backdoored_model_estimate_points_at_the_trigger_and_the_audit_says_back
 
 
 def test_clean_model_of_the_same_recipe_is_audited_clean(clean_run):
-    from ssdiff_ray.inference import audit_run
+    from ssdiff_ray.inference import RunModelError, audit_run, cleanse_run
 
     audit = audit_run(clean_run)
     assert audit["verdict"] == "clean", audit
+    # cleanse refuses it (its estimate is spurious) and writes nothing
+    out = clean_run.with_name("clean-cleansed")
+    with pytest.raises(RunModelError, match="the audit says 'clean'.*--force"):
+        cleanse_run(clean_run, out)
+    assert not out.exists()
 
 
 def test_ssdiff_cleanse_removes_the_backdoor_and_keeps_clean_quality(backdoored_run):
