@@ -47,8 +47,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ssdiff_ray import config as config_mod  # noqa: E402
-from ssdiff_ray.attacks import attack_spec, make_attack  # noqa: E402
-from ssdiff_ray.attacks.base import target_images  # noqa: E402
+from ssdiff_ray.attack_eval import undefended_attack  # noqa: E402
+from ssdiff_ray.attacks import attack_spec  # noqa: E402
 from ssdiff_ray.attacks.metrics import attack_metrics  # noqa: E402
 from ssdiff_ray.attacks.patterns import make_trigger  # noqa: E402
 from ssdiff_ray.attacks.trojdiff import troj_params  # noqa: E402
@@ -173,17 +173,16 @@ def measure(run: Path, name: str, args) -> dict:
                                        float(evaluator.quality.fid(defended)))
     spec = attack_spec(cfg)
     if spec is not None:
-        tgt = target_images(spec, evaluator.dataset.images, evaluator.dataset.labels)
-        x_t = make_attack(spec).triggered_noise(args.n_triggered, size, 1000)
+        clf = evaluator.quality.classifier
+        # the triggered inputs' seed (1000) is also the sampler's: DDIM ignores it
+        m, x_t, tgt = undefended_attack(cfg, unet, sched, evaluator.dataset, clf, 1000,
+                                        args.n_triggered)
         det_t = defense.detect(x_t)
-        attacked = sample(unet, sched, len(x_t), sampler=e.sampler, steps=e.steps, x_T=x_t)
         cleaned, _ = defense.sample(x_t, flags=det_t["flagged"], sampler=e.sampler,
                                     steps=e.steps)
-        clf = evaluator.quality.classifier
         dm = detection_metrics(det_c["score"], det_t["score"], flags_clean=det_c["flagged"],
                                flags_triggered=det_t["flagged"])
-        row.update(asr=attack_metrics(attacked, spec, tgt, clf)["asr"],
-                   asr_defended=attack_metrics(cleaned, spec, tgt, clf)["asr"],
+        row.update(asr=m["asr"], asr_defended=attack_metrics(cleaned, spec, tgt, clf)["asr"],
                    tpr=dm["tpr"], auroc=dm["auroc"],
                    cosine=cosine(defense.est.mu, true_pattern(spec, size)))
     out = run.with_name(run.name + "-cleansed")
@@ -245,8 +244,7 @@ def population(rows: list[dict], write_rule: bool) -> tuple[dict, str]:
     text = (f"Audit on {res['backdoored']} backdoored + {res['clean']} clean models, "
             f"leave-one-out: TPR {res['tpr_loo']:.2f} ({res['tpr_loo_ci'][0]:.2f}-"
             f"{res['tpr_loo_ci'][1]:.2f}), TNR {res['tnr_loo']:.2f} ({res['tnr_loo_ci'][0]:.2f}-"
-            f"{res['tnr_loo_ci'][1]:.2f}); rule on all: {rule.statistic} "
-            f"{'<' if rule.below else '>'} {rule.threshold:.4g}. Missed: "
+            f"{res['tnr_loo_ci'][1]:.2f}); rule on all: {rule}. Missed: "
             f"{', '.join(missed) or 'none'}; false alarms: {', '.join(alarms) or 'none'}")
     return res, text
 

@@ -13,6 +13,19 @@ from ssdiff_ray.defense.input_tests import detection_metrics
 from ssdiff_ray.model.sampling import sample
 
 
+def undefended_attack(cfg, unet, scheduler, dataset, classifier, seed: int,
+                      n: int | None = None) -> tuple[dict, torch.Tensor, np.ndarray]:
+    """The run's attack on the model as it is: (``attack_metrics`` of the generations from
+    ``n`` (default ``attack.eval_samples``) triggered inputs, those inputs, the targets)."""
+    spec = attack_spec(cfg)
+    n, e = n or cfg.attack.eval_samples, cfg.eval
+    tgt = target_images(spec, dataset.images, dataset.labels)
+    x_trig = make_attack(spec).triggered_noise(n, cfg.data.image_size, seed)
+    attacked = sample(unet, scheduler, n, sampler=e.sampler, steps=e.steps, seed=seed,
+                      x_T=x_trig)
+    return attack_metrics(attacked, spec, tgt, classifier), x_trig, tgt
+
+
 def evaluate_attack(cfg, unet, scheduler, dataset, classifier, clean_images: np.ndarray | None,
                     evaluator, seed: int) -> dict:
     """ASR without and with the sampling defense, detection TPR/FPR/AUROC, defended FID.
@@ -22,12 +35,7 @@ def evaluate_attack(cfg, unet, scheduler, dataset, classifier, clean_images: np.
     the defended clean samples to compare against).
     """
     spec = attack_spec(cfg)
-    n, size, e = cfg.attack.eval_samples, cfg.data.image_size, cfg.eval
-    tgt = target_images(spec, dataset.images, dataset.labels)
-    x_trig = make_attack(spec).triggered_noise(n, size, seed)
-    attacked = sample(unet, scheduler, n, sampler=e.sampler, steps=e.steps, seed=seed,
-                      x_T=x_trig)
-    m = attack_metrics(attacked, spec, tgt, classifier)
+    m, x_trig, tgt = undefended_attack(cfg, unet, scheduler, dataset, classifier, seed)
     out = {"asr": m["asr"], "attack_mse": m["mse"], "attack_ssim": m["ssim"]}
     if not cfg.defense.enabled:
         return out

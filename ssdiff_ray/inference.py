@@ -128,25 +128,17 @@ def _backdoor_and_quality(cfg, unet, scheduler, evaluator, tau: np.ndarray, seed
     """FID of clean samples; the collapse of generations from eps + tau (output spread over
     that of clean noise: << 1 while the backdoor is there); and, when the run's config
     names an attack, its ASR without any input defense."""
-    from ssdiff_ray.attacks import attack_spec, make_attack
-    from ssdiff_ray.attacks.base import target_images
-    from ssdiff_ray.attacks.metrics import attack_metrics
+    from ssdiff_ray.attack_eval import undefended_attack
     from ssdiff_ray.defense.outputs import output_spread
-    from ssdiff_ray.model.sampling import sample
 
     images, _ = evaluator.generate(unet, scheduler, cfg.eval.samples, seed)
     eps = torch.randn((64, *tau.shape), generator=torch.Generator().manual_seed(seed + 3))
     spread = (output_spread(unet, scheduler, torch.from_numpy(tau), eps)
               / max(output_spread(unet, scheduler, torch.zeros(tau.shape), eps), 1e-8))
     out = {"fid": float(evaluator.quality.fid(images)), "trigger_spread_ratio": float(spread)}
-    spec = attack_spec(cfg)
-    if spec is not None:
-        e, n = cfg.eval, cfg.attack.eval_samples
-        x = make_attack(spec).triggered_noise(n, cfg.data.image_size, seed)
-        attacked = sample(unet, scheduler, n, sampler=e.sampler, steps=e.steps, seed=seed, x_T=x)
-        d = evaluator.dataset
-        out["asr"] = attack_metrics(attacked, spec, target_images(spec, d.images, d.labels),
-                                    evaluator.quality.classifier)["asr"]
+    if cfg.attack.kind != "none":
+        out["asr"] = undefended_attack(cfg, unet, scheduler, evaluator.dataset,
+                                       evaluator.quality.classifier, seed)[0]["asr"]
     return out
 
 

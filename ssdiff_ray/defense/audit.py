@@ -60,6 +60,9 @@ class AuditRule:
     def save(self, path: str | Path = RULE_FILE) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1) + "\n")
 
+    def __str__(self) -> str:
+        return f"{self.statistic} {'<' if self.below else '>'} {self.threshold:.4g}"
+
     def verdict(self, stats: dict) -> str:
         v = float(stats[self.statistic])
         return "backdoored" if (v < self.threshold if self.below else v > self.threshold) \
@@ -137,5 +140,4 @@ def audit_model(unet, scheduler, est: TriggerEstimate, seed: int = 0, n_random: 
         "cluster_fraction": float(est.stats.get("cluster_fraction", 0.0)),
     }
     rule = rule or AuditRule.load()
-    return {"verdict": rule.verdict(stats), **stats,
-            "rule": f"{rule.statistic} {'<' if rule.below else '>'} {rule.threshold:.4g}"}
+    return {"verdict": rule.verdict(stats), **stats, "rule": str(rule)}

@@ -116,8 +116,7 @@ def rejudge(audit: dict) -> dict | None:
     rule = AuditRule.load()
     if rule.statistic not in audit:  # saved before the statistic existed: recompute
         return None
-    return {**audit, "verdict": rule.verdict(audit),
-            "rule": f"{rule.statistic} {'<' if rule.below else '>'} {rule.threshold:.4g}"}
+    return {**audit, "verdict": rule.verdict(audit), "rule": str(rule)}
 
 
 def cached_defense(run_dir: str | Path, defense: Defense, refresh: bool = False,
