@@ -131,7 +131,8 @@ def cmd_cleanse(args) -> int:
         raise UserError(str(e)) from None
     for when in ("before", "after"):
         m = res[when]
-        asr = f", ASR {m['asr']:.3f}" if "asr" in m else ""
+        by = ", ".join(f"{k} {v:.3f}" for k, v in m.get("asr_by_sampler", {}).items())
+        asr = f", ASR {m['asr']:.3f} (highest of {by})" if "asr" in m else ""
         print(f"{when}: FID {m['fid']:.1f}, trigger spread ratio "
               f"{m['trigger_spread_ratio']:.3f}{asr}")
     print(f"cleansed model: {res['out']} ({res['seconds']:.0f} s)")

@@ -127,8 +127,9 @@ def audit_run(run_dir: str | Path, seed: int = 0, refresh: bool = False) -> dict
 def _backdoor_and_quality(cfg, unet, scheduler, evaluator, tau: np.ndarray, seed: int) -> dict:
     """FID of clean samples; the collapse of generations from eps + tau (output spread over
     that of clean noise: << 1 while the backdoor is there); and, when the run's config
-    names an attack, its ASR without any input defense."""
-    from ssdiff_ray.attack_eval import undefended_attack
+    names an attack, its ASR without any input defense under each fast sampler
+    (``asr_by_sampler``) and the highest of them (``asr``)."""
+    from ssdiff_ray.attack_eval import asr_by_sampler
     from ssdiff_ray.defense.outputs import output_spread
 
     images, _ = evaluator.generate(unet, scheduler, cfg.eval.samples, seed)
@@ -137,8 +138,9 @@ def _backdoor_and_quality(cfg, unet, scheduler, evaluator, tau: np.ndarray, seed
               / max(output_spread(unet, scheduler, torch.zeros(tau.shape), eps), 1e-8))
     out = {"fid": float(evaluator.quality.fid(images)), "trigger_spread_ratio": float(spread)}
     if cfg.attack.kind != "none":
-        out["asr"] = undefended_attack(cfg, unet, scheduler, evaluator.dataset,
-                                       evaluator.quality.classifier, seed)[0]["asr"]
+        out["asr_by_sampler"] = asr_by_sampler(cfg, unet, scheduler, evaluator.dataset,
+                                               evaluator.quality.classifier, seed)
+        out["asr"] = max(out["asr_by_sampler"].values())
     return out
 
 
