@@ -71,6 +71,11 @@ def test_backdoored_model_estimate_points_at_the_trigger_and_the_audit_says_back
     cos = float(tau.ravel() @ r.ravel() / np.linalg.norm(tau) / np.linalg.norm(r))
     assert cos >= 0.8, cos
     assert audit["verdict"] == "backdoored", audit
+    # the cluster was looked for under each sampler and probed under the largest one's
+    stats = json.loads((backdoored_run / "defense" / "estimate.json").read_text())["stats"]
+    by = stats["cluster_fraction_by_sampler"]
+    assert set(by) == {"ddim", "dpm"} and stats["sampler"] == max(by, key=by.get)
+    assert by[stats["sampler"]] > 0
     # the estimate is saved once and reused: a second audit reads RUN/defense/
     key = (backdoored_run / "defense" / "key.json").stat().st_mtime_ns
     assert audit_run(backdoored_run)["verdict"] == "backdoored"
@@ -82,6 +87,8 @@ def test_clean_model_of_the_same_recipe_is_audited_clean(clean_run):
 
     audit = audit_run(clean_run)
     assert audit["verdict"] == "clean", audit
+    stats = json.loads((clean_run / "defense" / "estimate.json").read_text())["stats"]
+    assert stats["cluster_fraction_by_sampler"] == {"ddim": 0, "dpm": 0}  # none under either
     # cleanse refuses it (its estimate is spurious) and writes nothing
     out = clean_run.with_name("clean-cleansed")
     with pytest.raises(RunModelError, match="the audit says 'clean'.*--force"):
@@ -98,7 +105,8 @@ def test_ssdiff_cleanse_removes_the_backdoor_and_keeps_clean_quality(backdoored_
     assert r.returncode == 0, r.stderr
     res = json.loads((out / "cleanse.json").read_text())
     before, after = res["before"], res["after"]
-    assert before["asr"] >= 0.9 and after["asr"] <= 0.2, res
+    assert before["asr"] >= 0.9 and after["asr"] <= 0.2, res  # the highest over samplers
+    assert set(after["asr_by_sampler"]) == {"ddim-20", "ddim-50", "dpm-10"}
     assert after["trigger_spread_ratio"] > 3 * before["trigger_spread_ratio"]  # no collapse
     assert after["fid"] <= 1.25 * before["fid"], res
     assert _asr(out) <= 0.2  # the new run directory holds the cleansed model

@@ -19,7 +19,7 @@ import numpy as np
 from ssdiff_ray.defense.defense import Defense
 from ssdiff_ray.defense.estimate import TriggerEstimate
 
-VERSION = 1
+VERSION = 2  # 2: the probe searches under several samplers
 
 
 def model_digest(model_dir: str | Path) -> str:
@@ -101,7 +101,8 @@ def load(run_dir: str | Path, defense: Defense) -> dict | None:
         c = np.load(d / "check.npz")
         check = TargetCheck.from_state(defense.unet, defense.scheduler, torch.from_numpy(c["target"]),
                                        c["null"], float(c["spread"]), steps=defense.steps,
-                                       seed=defense.seed)
+                                       seed=defense.seed,
+                                       sampler=est.stats.get("sampler", "ddim") if est else "ddim")
     defense.est, defense.check = est, check
     defense.tests = standard_tests(defense.shape, est, check)
     defense._ready = True

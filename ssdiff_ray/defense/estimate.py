@@ -94,7 +94,7 @@ def estimate_trigger(unet, scheduler, shape: tuple[int, ...], seed: int,
     finally:
         unet.train(was_training)
     tau_np = tau.numpy().astype(np.float32)
-    return TriggerEstimate(tau=tau_np, mu=tau_np.copy(), gamma=1.0,
+    return TriggerEstimate(tau=tau_np, mu=tau_np.copy(), gamma=float(stats.get("gamma", 1.0)),
                            shift_norm=float(shift.norm()), response=resp,
                            stats={**stats, "spread_ratio": spread, "clean_spread": base,
                                   "held_spread_ratio": held_spread})

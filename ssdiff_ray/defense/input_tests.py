@@ -266,34 +266,42 @@ class UfidCheck(OutputCheck):
 
 class TargetCheck(OutputCheck):
     """Output check against the estimated target: what the model generates from x_T is
-    compared with ``target``, the mean image it generates from eps + tau (the backdoor's
-    collapse point, when there is one). Score = -MSE to it (higher = suspicious). It flags
-    exactly the inputs whose generation the backdoor would take over, even where the
-    estimate's direction is only roughly the trigger's."""
+    compared with ``target``: the probe's cluster of near-duplicates when it found one,
+    else the mean image the model generates from eps + tau (the backdoor's collapse point,
+    when there is one; off when tau's amplitude is). Score = -MSE to it (higher =
+    suspicious). It flags exactly the inputs whose generation the backdoor would take
+    over, even where the estimate's direction is only roughly the trigger's. It generates
+    with the sampler the estimate found the backdoor under (``est.stats["sampler"]``, else
+    DDIM)."""
 
     name = "target"
 
     def __init__(self, unet, scheduler, est: TriggerEstimate, n_null: int = 500,
                  seed: int = 0, steps: int = 10, n_target: int = 64):
         self.unet, self.scheduler, self.steps = unet, scheduler, steps
+        self.sampler = est.stats.get("sampler", "ddim")
         tau = torch.from_numpy(est.tau)
         g = torch.Generator().manual_seed(555_000 + seed)
         x = torch.randn((n_target, *tau.shape), generator=g) + tau
-        self.target = torch.from_numpy(sample(unet, scheduler, n_target, steps=steps,
-                                              x_T=x)).mean(0)
+        if "target" in est.stats:
+            self.target = torch.tensor(est.stats["target"], dtype=torch.float32).view(tau.shape)
+        else:
+            self.target = torch.from_numpy(sample(unet, scheduler, n_target, sampler=self.sampler,
+                                                  steps=steps, x_T=x)).mean(0)
         self.calibrate(tuple(tau.shape), n_null, seed)
 
     @classmethod
     def from_state(cls, unet, scheduler, target: torch.Tensor, null: np.ndarray, spread: float,
-                   steps: int = 10, seed: int = 0) -> TargetCheck:
+                   steps: int = 10, seed: int = 0, sampler: str = "ddim") -> TargetCheck:
         """The check as saved (``defense.cache``): its target image and sorted null scores."""
         check = cls.__new__(cls)
         check.unet, check.scheduler, check.steps = unet, scheduler, steps
+        check.sampler = sampler
         check.target, check.null, check.spread = target, np.asarray(null), spread
         return check
 
     def scores(self, x_T: torch.Tensor, seed: int | None = None) -> np.ndarray:
         x_T = torch.as_tensor(x_T, dtype=torch.float32)
-        out = torch.from_numpy(sample(self.unet, self.scheduler, len(x_T), steps=self.steps,
-                                      x_T=x_T))
+        out = torch.from_numpy(sample(self.unet, self.scheduler, len(x_T), sampler=self.sampler,
+                                      steps=self.steps, x_T=x_T))
         return (-(out - self.target).square().flatten(1).mean(1)).numpy()

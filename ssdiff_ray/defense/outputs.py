@@ -1,5 +1,6 @@
-"""What the model generates from given inputs: the short DDIM runs every part of the
-defense reads the backdoor through (diffusers' DDIM, x0 clipped as the training config says)."""
+"""What the model generates from given inputs: the short sampler runs every part of the
+defense reads the backdoor through (diffusers' DDIM by default, x0 clipped as the training
+config says)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ import torch
 from ssdiff_ray.model.sampling import sample
 
 
-def generate(unet, scheduler, x_T: torch.Tensor, steps: int = 8) -> torch.Tensor:
-    """Images (N x C x S x S, CPU) a ``steps``-step DDIM makes of the inputs ``x_T``."""
+def generate(unet, scheduler, x_T: torch.Tensor, steps: int = 8, sampler: str = "ddim"
+             ) -> torch.Tensor:
+    """Images (N x C x S x S, CPU) a ``steps``-step ``sampler`` makes of the inputs ``x_T``."""
     x_T = torch.as_tensor(x_T, dtype=torch.float32)
-    return torch.from_numpy(sample(unet, scheduler, len(x_T), sampler="ddim", steps=steps,
+    return torch.from_numpy(sample(unet, scheduler, len(x_T), sampler=sampler, steps=steps,
                                    x_T=x_T))
 
 

@@ -17,6 +17,11 @@ Both need only ``hit(x)``: does the model's generation from x land on the target
 functions here take that callable, so they can be checked against a known region.
 ``ProbeEstimator`` puts them together; without a cluster (a clean model, or a backdoor no
 clean input reaches) it falls back to the patch scan.
+
+A backdoor may fire under one sampler and not another (the security matrix's TrojDiff
+models: ASR 0.00 under DDIM-50, 1.00 under DPM-Solver-10), so the cluster is searched for
+in the same clean inputs' generations under each of ``samplers``, and the boundary is
+probed under the sampler with the largest one.
 """
 
 from __future__ import annotations
@@ -102,9 +107,10 @@ def keep_significant(v: torch.Tensor, k: float = 2.0) -> torch.Tensor:
 
 
 def hit_rates_along(hit: Callable[[torch.Tensor], torch.Tensor], v: torch.Tensor,
-                    amps: np.ndarray, per: int, gen: torch.Generator) -> np.ndarray:
-    """The hit rate of ``per`` inputs a v + z (z ~ N(0, I)) at each amplitude a."""
-    z = torch.randn((len(amps) * per, *v.shape), generator=gen)
+                    amps: np.ndarray, per: int, gen: torch.Generator, scale: float = 1.0
+                    ) -> np.ndarray:
+    """The hit rate of ``per`` inputs a v + z (z ~ N(0, scale^2 I)) at each amplitude a."""
+    z = scale * torch.randn((len(amps) * per, *v.shape), generator=gen)
     a = torch.from_numpy(np.repeat(np.asarray(amps, np.float32), per)).view(-1, *[1] * v.dim())
     return hit(a * v + z).float().view(len(amps), per).mean(1).numpy()
 
@@ -115,8 +121,8 @@ def _remove(u: torch.Tensor, unit: torch.Tensor | None) -> torch.Tensor:
 
 def boundary_direction(hit: Callable[[torch.Tensor], torch.Tensor], seed_dir: torch.Tensor,
                        gen: torch.Generator, iters: int = 16, batch: int = 1000,
-                       max_amp: float = 10.0, exclude: torch.Tensor | None = None
-                       ) -> dict:
+                       max_amp: float = 10.0, exclude: torch.Tensor | None = None,
+                       scales: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4)) -> dict:
     """Estimate the normal of the region where ``hit`` is true, from a rough direction.
 
     Each iteration draws ``batch`` inputs a v + z (z ~ N(0, I), a uniform within 1 of the
@@ -128,21 +134,30 @@ def boundary_direction(hit: Callable[[torch.Tensor], torch.Tensor], seed_dir: to
     already resembles the target generates it on any model, and that pathway's normal
     is not the trigger's.
 
-    Returns the unit direction, a_50 along it, and per-iteration hit rates.
+    A trigger distribution narrower than N(0, I) (TrojDiff's N(mu, gamma^2) with gamma < 1)
+    may capture no unit-variance input at any amplitude: the scan then tries the noise
+    scales in ``scales`` in turn and probes with the first one that crosses, the estimate
+    of gamma (``scale``).
+
+    Returns the unit direction, a_50 along it, the noise scale and per-iteration hit rates.
     """
     unit = None if exclude is None else exclude / exclude.norm().clamp_min(1e-12)
     v = _remove(seed_dir, unit)
     v = v / v.norm().clamp_min(1e-12)
     amps = np.arange(0.0, max_amp + 1e-9, 1.0)
-    rates = hit_rates_along(hit, v, amps, max(8, batch // 20), gen)
-    a50 = first_crossing(amps, rates)
+    for scale in scales:
+        rates = hit_rates_along(hit, v, amps, max(8, batch // 20), gen, scale)
+        a50 = first_crossing(amps, rates)
+        if a50 is not None:
+            break
     if a50 is None:
-        return {"direction": v, "a50": float("nan"), "hit_rates": [], "scan": rates.tolist()}
+        return {"direction": v, "a50": float("nan"), "scale": 1.0, "hit_rates": [],
+                "scan": rates.tolist()}
     total = torch.zeros_like(v)
     history = []
     for _ in range(iters):
         a = a50 + 2 * (torch.rand(batch, generator=gen) - 0.5)
-        z = torch.randn((batch, *v.shape), generator=gen)
+        z = scale * torch.randn((batch, *v.shape), generator=gen)
         hits = hit(a.view(-1, *[1] * v.dim()) * v + z).float()
         fit_a50, _, p = logistic_midpoint(a, hits)
         g = _remove(((hits - p).view(-1, *[1] * v.dim()) * z).mean(0), unit)
@@ -152,7 +167,8 @@ def boundary_direction(hit: Callable[[torch.Tensor], torch.Tensor], seed_dir: to
         history.append(float(hits.mean()))
         # follow the boundary along the new direction, one unit of a at most per step
         a50 = float(np.clip(fit_a50, a50 - 1, a50 + 1)) if np.isfinite(fit_a50) else a50 + 1
-    return {"direction": v, "a50": a50, "hit_rates": history, "scan": rates.tolist()}
+    return {"direction": v, "a50": a50, "scale": scale, "hit_rates": history,
+            "scan": rates.tolist()}
 
 
 @dataclass
@@ -162,6 +178,7 @@ class ProbeOptions:
     iters: int = 16          # Stein rounds of the boundary normal
     batch: int = 1000        # generations per Stein round
     sparsify: float = 2.0    # drop pixels within this many noise deviations of 0
+    samplers: tuple[str, ...] = ("ddim", "dpm")  # where the target cluster is looked for
 
 
 class ProbeEstimator(TriggerEstimator):
@@ -173,26 +190,35 @@ class ProbeEstimator(TriggerEstimator):
         """(tau, statistics): the probe's estimate, else the patch scan's."""
         o = self.options
         x = torch.randn((o.n_probe, *shape), generator=gen)
-        cluster = near_duplicate_cluster(generate(unet, scheduler, x, o.gen_steps))
+        found = {s: near_duplicate_cluster(generate(unet, scheduler, x, o.gen_steps, s))
+                 for s in o.samplers}
+        sizes = {s: 0 if c is None else c["size"] / o.n_probe for s, c in found.items()}
+        sampler = max(sizes, key=sizes.get)
+        cluster = found[sampler]
         if cluster is None:
-            return ScanEstimator(ScanOptions(gen_steps=o.gen_steps)).estimate(
+            tau, stats = ScanEstimator(ScanOptions(gen_steps=o.gen_steps)).estimate(
                 unet, scheduler, shape, gen, base)
+            return tau, {**stats, "cluster_fraction_by_sampler": sizes}
         target, radius = cluster["target"], cluster["radius"]
 
         def hit(xs: torch.Tensor) -> torch.Tensor:
-            out = generate(unet, scheduler, xs, o.gen_steps)
+            out = generate(unet, scheduler, xs, o.gen_steps, sampler)
             return ((out - target) / 2).square().flatten(1).mean(1) < radius
 
         res = boundary_direction(hit, x[cluster["members"]].mean(0), gen, o.iters, o.batch,
                                  exclude=target)
+        scale = res["scale"]
         v = keep_significant(res["direction"], o.sparsify)
         v = v / v.norm().clamp_min(1e-12)
         amps = np.arange(0.0, 10.0 + 1e-9, 0.5)
-        rates = hit_rates_along(hit, v, amps, max(8, o.batch // 20), gen)
+        rates = hit_rates_along(hit, v, amps, max(8, o.batch // 20), gen, scale)
         a50 = first_crossing(amps, rates)
         if a50 is None:  # the sparsified direction misses: keep the refinement's own a_50
             a50 = res["a50"] if np.isfinite(res["a50"]) else float(amps[-1]) / 2
         return 2 * a50 * v, {
-            "method": self.name, "a50": a50, "cluster_size": cluster["size"],
-            "cluster_fraction": cluster["size"] / o.n_probe, "radius": radius,
+            "method": self.name, "sampler": sampler, "a50": a50, "gamma": scale,
+            "cluster_size": cluster["size"],
+            "cluster_fraction": cluster["size"] / o.n_probe,
+            "cluster_fraction_by_sampler": sizes, "radius": radius,
+            "target": target.flatten().tolist(),
             "hit_rates": res["hit_rates"], "amplitude_rates": rates.tolist()}
