@@ -97,3 +97,24 @@ def test_boundary_direction_without_a_boundary_reports_nan():
     res = boundary_direction(lambda x: torch.zeros(len(x), dtype=torch.bool),
                              torch.ones(1, 4, 4), g, iters=3, batch=64)
     assert np.isnan(res["a50"]) and res["hit_rates"] == []
+
+
+def test_boundary_direction_probes_a_narrow_trigger_distribution_with_narrower_noise():
+    """TrojDiff's triggered inputs are N(mu, gamma^2) with gamma < 1: a region that only
+    such inputs reach (near mu and of low spread) captures no unit-variance input at any
+    amplitude, so the probe scans smaller noise scales and keeps the first that crosses."""
+    mu = 0.4 * torch.from_numpy(make_trigger("box", 16))
+    unit = mu / mu.norm()
+
+    def hit(x):
+        f = x.flatten(1)
+        along = f @ unit.flatten()
+        rest = f - along[:, None] * unit.flatten()
+        return (along > mu.norm() / 2) & (rest.square().mean(1) < 0.6 ** 2 * 1.3)
+
+    g = torch.Generator().manual_seed(6)
+    seed = mu + 0.3 * mu.norm() * torch.randn(mu.shape, generator=g) / 16
+    res = boundary_direction(hit, seed, g, iters=8, batch=500)
+    assert res["scale"] == 0.6  # 1.0 and 0.8 never reach the region, 0.6 does
+    assert _cos(res["direction"], mu) > 0.9
+    assert len(res["hit_rates"]) == 8
