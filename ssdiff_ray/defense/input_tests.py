@@ -281,11 +281,11 @@ class TargetCheck(OutputCheck):
         self.unet, self.scheduler, self.steps = unet, scheduler, steps
         self.sampler = est.stats.get("sampler", "ddim")
         tau = torch.from_numpy(est.tau)
-        g = torch.Generator().manual_seed(555_000 + seed)
-        x = torch.randn((n_target, *tau.shape), generator=g) + tau
         if "target" in est.stats:
             self.target = torch.tensor(est.stats["target"], dtype=torch.float32).view(tau.shape)
         else:
+            g = torch.Generator().manual_seed(555_000 + seed)
+            x = torch.randn((n_target, *tau.shape), generator=g) + tau
             self.target = torch.from_numpy(sample(unet, scheduler, n_target, sampler=self.sampler,
                                                   steps=steps, x_T=x)).mean(0)
         self.calibrate(tuple(tau.shape), n_null, seed)
