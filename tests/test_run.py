@@ -1,6 +1,6 @@
 """End to end on a real local Ray: ledgers, saved model, determinism, a killed pool."""
 
-import threading
+import time
 
 import numpy as np
 import pandas as pd
@@ -62,14 +62,21 @@ def test_pool_killed_mid_round_run_survives(tiny_overrides):
     killed = {}
 
     def on_round(fed, r, row):
-        if r == 1:
-            pool = fed.pools[0]
+        if r != 1:
+            return
+        dispatch = fed.dispatch
 
-            def kill():
-                ray.kill(pool, no_restart=False)
-                killed["at"] = r + 1
-            # round 2 trains for ~seconds (20 steps per client); kill inside it
-            threading.Timer(1.0, kill).start()
+        def dispatch_then_kill(plan, weights_ref):
+            fed.dispatch = dispatch
+            calls = dispatch(plan, weights_ref)
+            # Kill pool 0 while its round-2 call runs: that call does round 1's work, so a
+            # third of round 1's training time in, it has started and not finished. (A fixed
+            # timer after round 1 raced with it: on a fast machine the call had finished.)
+            time.sleep(0.3 * row["train_wall_s"])
+            ray.kill(fed.pools[0], no_restart=False)
+            killed["at"] = plan.round
+            return calls
+        fed.dispatch = dispatch_then_kill
 
     s = _run([*tiny_overrides, "rounds=3", "train.local_steps=20",
               "train.scale_work_by_device=false", "name=kill"], on_round=on_round)
