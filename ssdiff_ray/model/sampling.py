@@ -35,6 +35,13 @@ def sampling_scheduler(scheduler: DDPMScheduler, sampler: str, steps: int):
     return sched
 
 
+# On the CPU, batches whose activations stay in cache are fastest: about 2**15 image pixels
+# per forward pass (128 images at 16x16, 32 at 32x32), 1.1-1.9x faster than 500 images on
+# 2 cores (benchmarks/gen_batch.py). An accelerator wants large batches.
+CPU_PIXELS_PER_BATCH = 2**15
+DEVICE_BATCH = 500
+
+
 @torch.no_grad()
 def sample(
     unet: UNet2DModel,
@@ -45,7 +52,7 @@ def sample(
     steps: int = 50,
     seed: int = 0,
     x_T: torch.Tensor | None = None,
-    batch_size: int = 500,
+    batch_size: int | None = None,
     labels: np.ndarray | torch.Tensor | None = None,
     guidance: float = 1.0,
 ) -> np.ndarray:
@@ -54,10 +61,17 @@ def sample(
     ``x_T`` gives the initial noise (e.g. a triggered input); otherwise it is drawn from
     N(0, I) with ``seed``. Every sampler takes ``steps`` steps (``sampling_scheduler``). A
     class-conditional UNet generates ``labels`` (one per image) with classifier-free
-    ``guidance``, or, without labels, unconditionally ("no class").
+    ``guidance``, or, without labels, unconditionally ("no class"). ``batch_size`` defaults
+    to ``CPU_PIXELS_PER_BATCH`` pixels per forward pass on the CPU, ``DEVICE_BATCH`` images
+    elsewhere: DDIM and DPM-Solver++ give the same images at any batch size; DDPM's noise
+    draws follow it.
     """
     device = next(unet.parameters()).device
-    shape = (n, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    size = unet.config.sample_size
+    if batch_size is None:
+        batch_size = (max(1, CPU_PIXELS_PER_BATCH // (size * size)) if device.type == "cpu"
+                      else DEVICE_BATCH)
+    shape = (n, unet.config.in_channels, size, size)
     if x_T is None:
         x_T = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
     gen = torch.Generator().manual_seed(seed + 1)
