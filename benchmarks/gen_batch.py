@@ -1,4 +1,4 @@
-"""Generation speed against the batch size: what ``sampling.CPU_BATCH`` is set from.
+"""Generation speed against the batch size: what ``sampling.CPU_PIXELS_PER_BATCH`` is set from.
 
 Times ``sample`` (DDIM, 8 steps, the defense's generations) of ``--n`` images with each
 batch size, in turns (every size once per repeat, so machine noise hits all alike), on
