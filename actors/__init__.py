@@ -1,2 +1,3 @@
-"""The Ray actors: client pools (many virtual clients each) and the parameter server.
-Each is a thin shell over its core class in ``ssdiff_ray``."""
+"""The Ray actors: client pools (many virtual clients each, ``client_pool``) and the
+parameter server (``parameter_server``). Each module holds the class itself, which runs
+without Ray too, and the same class as a Ray actor (``ray.remote(...)``)."""

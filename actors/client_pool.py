@@ -1,34 +1,205 @@
-"""The pool actor: a Ray actor hosting many virtual clients (a thin shell over ClientPool)."""
+"""The pool actor: virtual clients, many per process, each with its own shard, randomness
+and residual.
+
+``ClientPool`` is a plain class (tests and the no-framework floor benchmark call it
+directly); ``ClientPoolActor`` is the same class as a Ray actor. The driver imports this
+module to define the actor and must not load torch (~330 MB and ~5 s of imports it never
+uses), so the modules that need torch are imported inside the methods, in the actor's
+process.
+"""
 
 from __future__ import annotations
 
+import os
+import time
+from pathlib import Path
+
+import numpy as np
 import ray
 
+from ssdiff_ray import codec, faults
+from ssdiff_ray.attacks import attack_spec, make_attack, target_class
 from ssdiff_ray.config import Config
+from ssdiff_ray.data.shards import read_shard, shard_path
+from ssdiff_ray.model.lora_ranks import RankParts
+from ssdiff_ray.round_results import TrainedChunk
 
 
-@ray.remote
-class ClientPoolActor:
-    def __init__(self, pool_index: int, cfg: Config, shard_dir: str, device: str = "cpu"):
-        # torch is imported here, in the actor's process: the driver defines this class
-        # and must not load torch itself (~330 MB and ~5 s of imports it never uses)
-        from ssdiff_ray.client_pool import ClientPool
+class ClientPool:
+    """The clients one pool hosts. One model + optimizer serve them all in turn."""
+
+    def __init__(self, cfg: Config, shard_dir: str | Path, device: str = "cpu",
+                 reuse_blob: bool = False, threads: int | None = None):
+        from ssdiff_ray.batched import BatchedTrainer
+        from ssdiff_ray.model.unet import build_scheduler, param_layout, unet_for
         from ssdiff_ray.threads import set_threads
+        from ssdiff_ray.train import LocalTrainer
 
-        set_threads(cfg.ray.torch_threads)
-        self.pool_index = pool_index
-        self.pool = ClientPool(cfg, shard_dir, device, reuse_blob=True)  # see ClientPool
+        if threads is not None:
+            set_threads(threads)
+        self.cfg = cfg
+        # A Ray actor copies its result into the object store as it returns, so it can
+        # hand every call the same blob buffer (no 64 MB allocation and page faults per
+        # chunk); a direct caller that keeps results across calls must not (the default).
+        self.reuse_blob = reuse_blob
+        self._blob = np.empty(0, dtype=np.uint8)
+        self.shard_dir = Path(shard_dir)
+        self.device = device
+        unet = unet_for(cfg).to(device)
+        sched = build_scheduler(cfg.model.timesteps, cfg.model.beta_schedule)
+        # What clients upload: every parameter, or only the adapters (train.mode = lora).
+        # A client of a smaller LoRA rank uploads only its components (``uplink_part``).
+        self.uplink_part = RankParts(param_layout(unet, trainable_only=True), cfg.lora.rank)
+        _, self.num_params, self.layout = self.uplink_part(None)
+        t = cfg.train
+        self.trainer = LocalTrainer(unet, sched.alphas_cumprod, t.lr, t.grad_clip, t.label_dropout)
+        self.batched = BatchedTrainer(unet, sched.alphas_cumprod, t.lr, t.grad_clip,
+                                      label_dropout=t.label_dropout)
+        self.conditional = cfg.model.conditional
+        self.shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # loaded on first use
+        self.residuals: dict[int, np.ndarray] = {}  # error feedback, only after a first upload
+        self.attack = self._make_attack(sched.alphas_cumprod)  # None: all clients benign
+        self.faults = faults.parse_faults(cfg.faults.inject)  # injected faults (tests, chaos)
 
-    def train_round(self, global_flat, round_, client_ids, bits, steps, ranks=None):
-        # After a crash Ray re-runs __init__ in a new process: the report's pid changes, and
-        # the driver records that these clients' state (residuals) was reset.
-        return self.pool.train_round(global_flat, round_, client_ids, bits, steps, ranks)
+    def _make_attack(self, alphas_cumprod):
+        spec = attack_spec(self.cfg)
+        if spec is None:
+            return None
+        targets = None
+        if target_class(spec.target) is not None:
+            from ssdiff_ray.attacks.base import target_images
+            from ssdiff_ray.data import load_dataset
+
+            data = load_dataset(self.cfg.data)
+            targets = target_images(spec, data.images, data.labels)
+        return make_attack(spec, alphas_cumprod, targets)
+
+    def images(self, client_id: int) -> np.ndarray:
+        return self.shard(client_id)[0]
+
+    def shard(self, client_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """(images, labels) of a client's shard, read on first use."""
+        if client_id not in self.shards:
+            self.shards[client_id] = read_shard(shard_path(self.shard_dir, client_id))
+        return self.shards[client_id]
+
+    def labels(self, client_id: int) -> np.ndarray | None:
+        """A client's labels when the model is class-conditional, else None."""
+        return self.shard(client_id)[1] if self.conditional else None
+
+    def _payload_buffer(self, client_ids: np.ndarray, bits: np.ndarray, ranks
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(sizes, offsets, blob): payload sizes are known before encoding, so each payload
+        is encoded straight into its slice of one blob (no bytes objects, no join)."""
+        sizes = []
+        for c, b, r in zip(client_ids, bits, ranks):
+            fault = self.faults.get(int(c))
+            size = codec.encoded_size(self.uplink_part(r)[1], faults.sent_bits(int(b), fault),
+                                      self.cfg.quant.block_size)
+            sizes.append(faults.payload_size(size, fault))
+        sizes = np.array(sizes, dtype=np.int64)
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        if not self.reuse_blob:
+            return sizes, offsets, np.empty(int(offsets[-1]), dtype=np.uint8)
+        if self._blob.size < offsets[-1]:
+            self._blob = np.empty(int(offsets[-1]), dtype=np.uint8)
+        return sizes, offsets, self._blob[:int(offsets[-1])]
+
+    def _encode(self, client_id: int, delta: np.ndarray, bits: int, seed: int,
+                out: np.ndarray, rank: int | None = None) -> str:
+        """Quantize ``delta`` (its rank-``rank`` part) into ``out``, with this client's
+        error-feedback residual. Returns "" or why nothing was sent: a diverged client
+        (NaN, Inf) is rejected alone, its pool's other clients go on."""
+        if not np.isfinite(delta).all():
+            return "non_finite"
+        idx, _, layout = self.uplink_part(rank)
+        if idx is not None:
+            delta = delta[idx]
+        q = self.cfg.quant
+        rng = np.random.default_rng(seed)
+        fault = self.faults.get(client_id)
+        bits = faults.sent_bits(bits, fault)
+        if fault is not None and fault[0] in ("truncate", "oversize"):
+            full = np.zeros(codec.encoded_size(len(delta), bits, q.block_size), np.uint8)
+            codec.encode_into(full, delta, bits, q.block_size, rng, layout)
+            out[:] = 0
+            n = min(len(out), len(full))
+            out[:n] = full[:n]
+            return ""
+        # EF diverges at 1 bit (the quantizer's error exceeds ||v||^2), so skip it there.
+        if q.error_feedback and 2 <= bits < 32:
+            _, self.residuals[client_id] = codec.quantize_with_feedback(
+                delta, self.residuals.get(client_id), bits, q.block_size, rng, layout, out=out)
+        else:
+            codec.encode_into(out, delta, bits, q.block_size, rng, layout)
+        return ""
+
+    def train_round(self, global_flat: np.ndarray, round_: int, client_ids: np.ndarray,
+                    bits: np.ndarray, steps: np.ndarray, ranks: np.ndarray | None = None
+                    ) -> tuple[TrainedChunk, np.ndarray]:
+        """Train, encode and pack every listed client: (report, blob of all payloads).
+        ``ranks``: each client's LoRA rank (LoRA mode). With ``reuse_blob`` the blob is only
+        valid until the next call."""
+        from ssdiff_ray.batched import use_batched
+        from ssdiff_ray.train import client_seed, round_lr
+
+        cfg, t = self.cfg, self.cfg.train
+        n = len(client_ids)
+        loss, norm, train_s, encode_s = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)
+        failed = np.full(n, "", dtype=object)
+        ranks = [None] * n if ranks is None else [int(r) for r in ranks]
+        sizes, offsets, blob = self._payload_buffer(client_ids, bits, ranks)
+        seeds = [client_seed(cfg.seed, int(c), round_) for c in client_ids]
+        poisons = [self.attack.poison_for(int(c)) if self.attack is not None else None
+                   for c in client_ids]
+        lr = round_lr(t.lr, t.lr_final, t.lr_schedule, round_, cfg.rounds)
+        deltas = None
+        if t.mode == "full" and use_batched(cfg.ray.batched_clients, self.device,
+                                            np.asarray(steps)):
+            t0 = time.perf_counter()
+            deltas, loss[:] = self.batched.train(
+                global_flat, [self.images(int(c)) for c in client_ids], int(steps[0]),
+                t.batch_size, seeds, poisons, lr, [self.labels(int(c)) for c in client_ids])
+            train_s[:] = (time.perf_counter() - t0) / n
+        for i, cid in enumerate(client_ids):
+            cid = int(cid)
+            t0 = time.perf_counter()
+            faults.before_training(self.faults.get(cid))
+            if deltas is None:
+                delta, loss[i] = self.trainer.train(global_flat, self.images(cid), int(steps[i]),
+                                                    t.batch_size, seeds[i], poisons[i], lr,
+                                                    self.labels(cid), self._masked(ranks[i]))
+                train_s[i] = time.perf_counter() - t0
+            else:
+                delta = deltas[i]
+            if self.attack is not None:
+                delta = self.attack.scale_update(cid, delta)
+            delta = faults.corrupt_update(delta, self.faults.get(cid))
+            t1 = time.perf_counter()
+            norm[i] = float(np.linalg.norm(delta))
+            failed[i] = self._encode(cid, delta, int(bits[i]), seeds[i],
+                                     blob[offsets[i]:offsets[i + 1]], ranks[i])
+            encode_s[i] = time.perf_counter() - t1
+        sent = np.where(failed == "", sizes, 0)  # a client that failed sent nothing
+        report = TrainedChunk(np.asarray(client_ids, dtype=np.int64), loss, norm, sent, offsets,
+                              train_s, encode_s, os.getpid(), failed)
+        return report, blob
+
+    def _masked(self, rank: int | None) -> int | None:
+        """The rank to mask training to, None when the client trains the full rank."""
+        return None if rank is None or rank == self.cfg.lora.rank else rank
 
     def state_dict(self) -> dict:
-        return self.pool.state_dict()
+        """What must survive a restart: the error-feedback residuals."""
+        return {"residuals": dict(self.residuals)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.pool.load_state_dict(state)
+        self.residuals = dict(state.get("residuals", {}))
 
     def ping(self) -> int:
-        return self.pool_index
+        """The process id: after a crash Ray re-runs ``__init__`` in a new process, and the
+        driver records that the clients' state (residuals) was reset."""
+        return os.getpid()
+
+
+ClientPoolActor = ray.remote(ClientPool)

@@ -407,11 +407,11 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     out, work = Path(args.out), Path(args.work)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
-    from ssdiff_ray import api
+    from ssdiff_ray.driver.session import init_ray
 
     if parts:  # none: only the report, from the JSON files already written
-        api.init_ray(None)
-    from driver.distill import ray_map
+        init_ray(None)  # shut down when the process exits
+    from ssdiff_ray.driver.distill import ray_map
 
     for part in parts:
         t0 = time.perf_counter()

@@ -144,8 +144,8 @@ def tree_cpu_s(pid: int) -> float:
 
 # --- the floor: plain processes, shared memory, NumPy average ------------------------------
 def _worker(cfg_path: str, shard_dir: str, num_params: int, w_name: str, out_name: str, conn) -> None:
+    from actors.client_pool import ClientPool
     from ssdiff_ray import config
-    from ssdiff_ray.client_pool import ClientPool
     from ssdiff_ray.threads import set_threads
     from ssdiff_ray.train import client_seed, round_lr
 

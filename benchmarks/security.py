@@ -110,23 +110,15 @@ def train(args, names: list[str]) -> None:
     todo = [n for n in names if not (Path(args.runs_dir) / n / "model" / "model_index.json").is_file()]
     if not todo:
         return
-    import ray
 
     from ssdiff_ray import api
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=args.pools, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    try:
+    with api.ray_session(num_cpus=args.pools):
         for name in todo:
             t = time.perf_counter()
             cfg = config_mod.load(None, train_overrides(args, name))
             api.run(cfg, progress=False)
             print(f"trained {name} in {time.perf_counter() - t:.0f} s", flush=True)
-    finally:
-        if started:
-            ray.shutdown()
 
 
 def trigger_direction(spec: AttackSpec, size: int) -> np.ndarray:

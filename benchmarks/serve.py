@@ -1,6 +1,6 @@
 """Issue 22: the generation service under load, its budgets, its profile and its defense.
 
-Every part starts ``ssdiff serve``'s application (``service.app``) on an embedded local Ray
+Every part starts ``ssdiff serve``'s application (``ssdiff_ray.service.app``) on an embedded local Ray
 and talks to it over HTTP on loopback, as a user would:
 
 * ``profile``: ``ssdiff serve-profile`` of each model (skipped where the run has one);
@@ -47,13 +47,13 @@ BUDGETS = {"loose": {"latency_s": 2.0, "energy_j": 1.0, "min_quality": 0.8},
 
 
 def _start(run_dir, port, **opts) -> str:
-    from service import app
+    from ssdiff_ray.service import app
 
     return app.start(str(run_dir), port=port, **opts)
 
 
 def _stop() -> None:
-    from service import app
+    from ssdiff_ray.service import app
 
     app.stop()
 
@@ -72,7 +72,7 @@ def _rss_mib() -> dict:
 
 
 def part_profile(runs: dict, n: int, log) -> dict:
-    from ssdiff_ray.serving.profile import load_profile, profile_run, to_markdown
+    from ssdiff_ray.service.profile import load_profile, profile_run, to_markdown
 
     out = {}
     for name, run in runs.items():
@@ -87,7 +87,7 @@ def part_profile(runs: dict, n: int, log) -> dict:
 
 
 def part_load(run, concurrency, requests_per_level, log) -> dict:
-    from service.loadtest import loadtest
+    from ssdiff_ray.service.loadtest import loadtest
 
     out = {}
     for batching in (True, False):
@@ -109,7 +109,7 @@ def part_load(run, concurrency, requests_per_level, log) -> dict:
 def part_soak(run, seconds: float, log) -> dict:
     import asyncio
 
-    from service.loadtest import _level
+    from ssdiff_ray.service.loadtest import _level
 
     url = _start(run, 8101, torch_threads=2)
     try:
@@ -139,7 +139,7 @@ def _device_model_energy(dc: str, m: dict, flops: float, image_bytes: int) -> fl
     upload + download energy for the request and its PNGs (edge)."""
     from ssdiff_ray.devices import DEVICE_CLASSES
     from ssdiff_ray.energy import ChannelConfig, path_loss_db, round_costs
-    from ssdiff_ray.serving.planner import EdgeServer
+    from ssdiff_ray.service.offload import EdgeServer
 
     c, link, srv = DEVICE_CLASSES[dc], ChannelConfig(), EdgeServer()
     prof = pd.DataFrame([{"flops_per_cycle": c.flops_per_cycle, "kappa": c.kappa,
@@ -163,7 +163,7 @@ def _budget_set(run, budgets: dict, requests_per_class: int, log) -> dict:
     import aiohttp
 
     from ssdiff_ray.devices import DEVICE_CLASSES
-    from ssdiff_ray.serving.profile import load_profile
+    from ssdiff_ray.service.profile import load_profile
 
     prof = load_profile(run)
     url = _start(run, 8102, torch_threads=2)
@@ -187,7 +187,7 @@ def _budget_set(run, budgets: dict, requests_per_class: int, log) -> dict:
     try:
         # a service in operation has seen traffic: 48 plain requests at concurrency 8 give
         # its LatencyScale the load's observed/predicted server times first
-        from service.loadtest import _level
+        from ssdiff_ray.service.loadtest import _level
 
         asyncio.run(_level(url + "/generate", json.dumps(LOAD_BODY).encode(), 8, 48, 600))
         for dc in DEVICE_CLASSES:
@@ -349,7 +349,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--profile-n", type=int, default=500)
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "serve"))
     args = ap.parse_args(argv)
-    from ssdiff_ray import api
+    from ssdiff_ray.driver.session import init_ray
 
     parts = args.parts.split(",")
     out = Path(args.out)
@@ -364,7 +364,7 @@ def main(argv=None) -> dict:
         out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
         out.with_suffix(".md").write_text(to_markdown(res))
 
-    api.init_ray(None)
+    init_ray(None)  # shut down when the process exits
     if "profile" in parts:
         runs = {k: v for k, v in (("main", args.main), ("colour", args.colour)) if v}
         res["profile"] = part_profile(runs, args.profile_n, log)

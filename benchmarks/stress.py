@@ -15,10 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import ray
-
-from driver.stress import run_stress
-from ssdiff_ray.api import init_ray
+from ssdiff_ray.driver.session import ray_session
+from ssdiff_ray.driver.stress import run_stress
 
 OUT = Path(__file__).parent / "results"
 
@@ -33,11 +31,8 @@ def main() -> None:
     out = Path(args.out)
     work = Path(tempfile.mkdtemp(prefix="ssdiff-stress-"))
     load_before = os.getloadavg()
-    init_ray(None)
-    try:
+    with ray_session():
         res = run_stress(counts, work, rounds=args.rounds)
-    finally:
-        ray.shutdown()
     per, fits = res["per_count"], res["fits"]
     out.mkdir(parents=True, exist_ok=True)
     for f in ("stress.parquet", "stress.png", "stress_rounds.parquet"):

@@ -29,7 +29,6 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     import optuna
-    import ray
 
     from ssdiff_ray import api, config
     from tuning.export import runnable_config
@@ -43,9 +42,8 @@ def main() -> None:
     opts = TuneOptions(overrides=base, space=str(HERE / "tuning_space.toml"), trials=a.trials,
                        parallel=1, study="overhead", out=str(out), sampler="random")
     load0 = os.getloadavg()
-    api.init_ray(None)
-    try:
-        run_study(opts, progress=False)   # joins this Ray (init_ray returns early)
+    with api.ray_session():
+        run_study(opts, progress=False)   # joins this Ray (ray_session yields without starting one)
         study = optuna.load_study(study_name="overhead", storage=f"sqlite:///{out / 'study.db'}")
         rows = []
         for t in study.get_trials():
@@ -64,8 +62,6 @@ def main() -> None:
                          "plain_run_s": plain_s, "overhead_s": trial_s - plain_s,
                          "overhead_frac": (trial_s - plain_s) / plain_s,
                          "dispatch_s": trial_s - t.user_attrs["run_s"]})
-    finally:
-        ray.shutdown()
     rec = {"trials": rows, "rounds": a.rounds, "loadavg_start": load0, "loadavg_end": os.getloadavg(),
            "cpu_count": os.cpu_count(),
            "mean_overhead_frac": sum(r["overhead_frac"] for r in rows) / max(1, len(rows)),

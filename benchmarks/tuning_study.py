@@ -41,7 +41,6 @@ def main() -> None:
     out = HERE.parent / "runs" / "tune-accept"
     if a.fresh and out.exists():
         shutil.rmtree(out)
-    import ray
 
     from ssdiff_ray import api, config
     from tuning.study import TuneOptions, run_study
@@ -65,13 +64,10 @@ def main() -> None:
     # Reproduce the exported best config (what `ssdiff run --config best.toml` runs).
     best = res["best"]
     cfg = config.load(best["config"], [f'out_dir="{out / "repro"}"'])
-    api.init_ray(None)
-    try:
+    with api.ray_session():
         t1 = time.perf_counter()
         rep = api.run(cfg, progress=False)
         repro_s = time.perf_counter() - t1
-    finally:
-        ray.shutdown()
     trial = done[done["number"] == best["number"]].iloc[0]
     record = {
         "trials": int(len(df)), "complete": int(len(done)), "parallel": a.parallel,

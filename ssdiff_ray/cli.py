@@ -8,12 +8,8 @@ import sys
 from pathlib import Path
 
 from ssdiff_ray.attacks import TRIGGERS
-from ssdiff_ray.config import ConfigError
+from ssdiff_ray.errors import UserError
 from ssdiff_ray.model import PRESETS
-
-
-class UserError(Exception):
-    """Anything a user can fix: printed as one line, exit code 2."""
 
 
 def _fmt_bytes(n: float) -> str:
@@ -76,12 +72,9 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from ssdiff_ray.report import RunDirError, report
+    from ssdiff_ray.report import report
 
-    try:
-        totals = report(args.run_dir)
-    except RunDirError as e:
-        raise UserError(str(e)) from None
+    totals = report(args.run_dir)
     by_class = totals.pop("energy_by_class_j")
     width = max(len(k) for k in totals)
     for k, v in totals.items():
@@ -92,25 +85,19 @@ def cmd_report(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from ssdiff_ray.report import RunDirError, compare
+    from ssdiff_ray.report import compare
 
-    try:
-        table = compare(args.run_dirs, args.out)
-    except RunDirError as e:
-        raise UserError(str(e)) from None
+    table = compare(args.run_dirs, args.out)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"plot: {args.out}")
     return 0
 
 
 def cmd_sample(args) -> int:
-    from ssdiff_ray.inference import RunModelError, sample_run
+    from ssdiff_ray.inference import sample_run
 
-    try:
-        res = sample_run(args.run_dir, args.n, args.trigger, args.defend, args.seed, args.out,
-                         args.class_name, args.guidance, args.refresh)
-    except RunModelError as e:
-        raise UserError(str(e)) from None
+    res = sample_run(args.run_dir, args.n, args.trigger, args.defend, args.seed, args.out,
+                     args.class_name, args.guidance, args.refresh)
     what = f", class {res['class']}" if res["class"] is not None else ""
     print(f"{res['n']} samples ({'triggered: ' + res['trigger'] if res['trigger'] else 'clean'}"
           f" inputs{what}, defense {'on' if res['defended'] else 'off'}): {res['flagged']} flagged")
@@ -120,15 +107,12 @@ def cmd_sample(args) -> int:
 
 def cmd_cleanse(args) -> int:
     from ssdiff_ray.defense.cleanse import CleanseOptions
-    from ssdiff_ray.inference import RunModelError, cleanse_run
+    from ssdiff_ray.inference import cleanse_run
 
     if args.steps < 1 or not args.lr > 0:
         raise UserError(f"--steps {args.steps} / --lr {args.lr}: need steps >= 1 and lr > 0")
-    try:
-        res = cleanse_run(args.run_dir, args.out, CleanseOptions(steps=args.steps, lr=args.lr),
-                          args.seed, args.refresh, force=args.force)
-    except RunModelError as e:
-        raise UserError(str(e)) from None
+    res = cleanse_run(args.run_dir, args.out, CleanseOptions(steps=args.steps, lr=args.lr),
+                      args.seed, args.refresh, force=args.force)
     for when in ("before", "after"):
         m = res[when]
         by = ", ".join(f"{k} {v:.3f}" for k, v in m.get("asr_by_sampler", {}).items())
@@ -140,12 +124,9 @@ def cmd_cleanse(args) -> int:
 
 
 def cmd_audit(args) -> int:
-    from ssdiff_ray.inference import RunModelError, audit_run
+    from ssdiff_ray.inference import audit_run
 
-    try:
-        res = audit_run(args.run_dir, args.seed, args.refresh)
-    except RunModelError as e:
-        raise UserError(str(e)) from None
+    res = audit_run(args.run_dir, args.seed, args.refresh)
     print(f"verdict: {res.get('verdict')}")
     for k, v in res.items():
         if k != "verdict" and not isinstance(v, list):
@@ -155,18 +136,11 @@ def cmd_audit(args) -> int:
 
 def _with_ray(address, fn):
     """fn(map_fn) with map_fn running Ray tasks: embedded local Ray unless ``address``."""
-    from ssdiff_ray import api
+    from ssdiff_ray.driver.distill import ray_map
+    from ssdiff_ray.driver.session import ray_session
 
-    started = api.init_ray(address)
-    try:
-        from driver.distill import ray_map
-
+    with ray_session(address):
         return fn(ray_map)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
 
 
 def _distill_run(run_dir: str):
@@ -181,22 +155,18 @@ def _distill_run(run_dir: str):
 
 
 def cmd_distill(args) -> int:
-    from ssdiff_ray.distill import DistillError
     from ssdiff_ray.distill.distill import DistillSpec, check_request, distill, parse_classes
 
     cfg, names = _distill_run(args.run_dir)
-    try:
-        spec = DistillSpec(ipc=args.ipc, selection=args.selection, pool=args.pool,
-                           defend=args.defend, sampler=args.sampler or cfg.eval.sampler,
-                           steps=args.steps or cfg.eval.steps,
-                           guidance=cfg.eval.guidance if args.guidance is None else args.guidance,
-                           seed=args.seed, triggered_share=args.triggered_share,
-                           classes=parse_classes(args.classes, names) if names else ())
-        check_request(args.run_dir, spec, names)  # before Ray starts
-        m = _with_ray(args.address, lambda map_fn: distill(args.run_dir, spec, args.out,
-                                                           map_fn, log=print))
-    except DistillError as e:
-        raise UserError(str(e)) from None
+    spec = DistillSpec(ipc=args.ipc, selection=args.selection, pool=args.pool,
+                       defend=args.defend, sampler=args.sampler or cfg.eval.sampler,
+                       steps=args.steps or cfg.eval.steps,
+                       guidance=cfg.eval.guidance if args.guidance is None else args.guidance,
+                       seed=args.seed, triggered_share=args.triggered_share,
+                       classes=parse_classes(args.classes, names) if names else ())
+    check_request(args.run_dir, spec, names)  # before Ray starts
+    m = _with_ray(args.address, lambda map_fn: distill(args.run_dir, spec, args.out,
+                                                       map_fn, log=print))
     print(f"{m['images']} images ({spec.ipc} per class x {len(m['per_class'])} classes, "
           f"{m['selection']} of {m['generated']} generated, {m['flagged']} inputs flagged by "
           f"the defense{'' if spec.defend else ': defense off'}), {_fmt_bytes(m['bytes'])}, "
@@ -205,8 +175,6 @@ def cmd_distill(args) -> int:
 
 
 def cmd_distill_eval(args) -> int:
-    from ssdiff_ray.config import ConfigError
-    from ssdiff_ray.distill import DistillError
     from ssdiff_ray.distill.evaluate import baseline_sources, evaluate, set_source, summarise
     from ssdiff_ray.distill.student import StudentSpec
     from ssdiff_ray.run_dir import real_split
@@ -218,11 +186,8 @@ def cmd_distill_eval(args) -> int:
         raise UserError(f"--widths {args.widths!r}: expected channel counts like 16,32") from None
     if not widths or min(widths) < 1 or args.steps < 1 or args.seeds < 1:
         raise UserError("--widths, --steps and --seeds must be positive")
-    try:
-        train, test = real_split(args.run_dir, cfg)
-        sources = [set_source(s) for s in args.sets]
-    except (ConfigError, DistillError) as e:
-        raise UserError(str(e)) from None
+    train, test = real_split(args.run_dir, cfg)
+    sources = [set_source(s) for s in args.sets]
     if args.baselines:
         sources = baseline_sources(train.images, train.labels,
                                    [s.ipc for s in sources] or [10]) + sources
@@ -242,13 +207,9 @@ def cmd_distill_eval(args) -> int:
 
 
 def cmd_distill_scan(args) -> int:
-    from ssdiff_ray.distill import DistillError
     from ssdiff_ray.distill.scan_set import scan_path
 
-    try:
-        res = scan_path(args.set_dir, args.run, args.alpha, args.out)
-    except DistillError as e:
-        raise UserError(str(e)) from None
+    res = scan_path(args.set_dir, args.run, args.alpha, args.out)
     print(f"{res['flagged']} of {res['images']} images flagged (threshold {res['threshold']:.4g},"
           f" p = {res['p_value']:.3g}): {'SUSPECT' if res['suspect'] else 'no shared trigger found'}")
     if res.get("out"):
@@ -257,18 +218,14 @@ def cmd_distill_scan(args) -> int:
 
 
 def _jobs_call(fn, *a, **kw):
-    from driver.jobs import JobError
 
-    try:
-        return fn(*a, **kw)
-    except JobError as e:
-        raise UserError(str(e)) from None
+    return fn(*a, **kw)
 
 
 def cmd_submit(args) -> int:
-    from driver import jobs
+    from ssdiff_ray.driver import jobs
 
-    c, jid = _jobs_call(jobs.submit, args.address, args.command, working_dir=args.working_dir,
+    c, jid = jobs.submit(args.address, args.command, working_dir=args.working_dir,
                         env_file=args.runtime_env, pip=args.pip, job_id=args.job_id,
                         num_cpus=args.entrypoint_cpus)
     print(f"submitted {jid} to {jobs.job_address(args.address)}", file=sys.stderr)
@@ -281,9 +238,9 @@ def cmd_submit(args) -> int:
 
 
 def cmd_jobs(args) -> int:
-    from driver import jobs
+    from ssdiff_ray.driver import jobs
 
-    rows = _jobs_call(jobs.list_jobs, args.address)
+    rows = jobs.list_jobs(args.address)
     if not rows:
         print("no jobs")
     for r in rows:
@@ -292,15 +249,15 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_stop(args) -> int:
-    from driver import jobs
+    from ssdiff_ray.driver import jobs
 
-    stopped = _jobs_call(jobs.stop, args.address, args.job)
+    stopped = jobs.stop(args.address, args.job)
     print(f"{args.job}: {'stopping' if stopped else 'already finished'}")
     return 0
 
 
 def cmd_stress(args) -> int:
-    from ssdiff_ray import api, config
+    from ssdiff_ray import config
 
     try:
         counts = [int(c) for c in args.clients.split(",") if c.strip()]
@@ -310,17 +267,12 @@ def cmd_stress(args) -> int:
         raise UserError(f"--clients {args.clients!r}: expected positive counts like 100,250,500")
     config.load(None, [f"model.preset={args.preset}", f"clients.per_round={args.per_round}",
                        *args.set])  # bad values stop here, before Ray starts
-    started = api.init_ray(args.address)
-    try:
-        from driver.stress import run_stress
+    from ssdiff_ray.driver.session import ray_session
+    from ssdiff_ray.driver.stress import run_stress
 
+    with ray_session(args.address):
         res = run_stress(counts, Path(args.out), preset=args.preset, rounds=args.rounds,
                          per_round=args.per_round, extra=args.set)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
     per = res["per_count"]
     cols = ["clients", "selected", "wall_s", "overhead_ms_per_client", "driver_rss_mib",
             "server_rss_mib", "pools_rss_mib", "object_store_mib"]
@@ -342,7 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_commands(sub)
     _add_cluster_commands(sub)
     _add_distill_commands(sub)
-    from service.cli import add_parsers as add_service  # argparse only; Serve loads when run
+    from ssdiff_ray.service.cli import add_parsers as add_service  # argparse only; Serve loads when run
     from tuning.cli import add_parser as add_tune  # argparse only; optuna/ray load when run
 
     add_tune(sub)
@@ -518,16 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, UserError, ConnectionError) as e:
+    except UserError as e:  # every error a user can fix; anything else is a bug and raises
         print(f"ssdiff: error: {e}", file=sys.stderr)
         return 2
-    except ValueError as e:
-        # Errors a user can cause in their data (DataError, DeviceProfileError) are
-        # ValueErrors with a one-line message; internal bugs are other types and raise.
-        if type(e).__name__ in ("DataError", "DeviceProfileError", "ServiceError", "DistillError"):
-            print(f"ssdiff: error: {e}", file=sys.stderr)
-            return 2
-        raise
     except KeyboardInterrupt:
         print("ssdiff: interrupted", file=sys.stderr)
         return 130

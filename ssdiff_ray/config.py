@@ -23,12 +23,13 @@ from ssdiff_ray.codec import SUPPORTED_BITS as BITS
 from ssdiff_ray.data import SOURCES, parse_classes
 from ssdiff_ray.defense import ESTIMATORS
 from ssdiff_ray.devices import DEVICE_CLASSES
+from ssdiff_ray.errors import UserError
 from ssdiff_ray.faults import parse_fault
 from ssdiff_ray.model import BETA_SCHEDULES, PRESETS, SAMPLERS
 from ssdiff_ray.policies import POLICIES
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value a user can fix; the message is one line."""
 
 

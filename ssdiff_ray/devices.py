@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ssdiff_ray.errors import UserError
+
 # Bit-widths the codec supports; kept here as a literal so this module never imports the codec.
 SUPPORTED_BITS: tuple[int, ...] = (1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 
@@ -35,7 +37,7 @@ SHADOWING_SIGMA_DB = 8.0     # log-normal shadowing std (3GPP TR 36.814 macro ce
 FLOPS_JITTER = 0.10          # per-client +-10 % on effective FLOP/s (binning, thermals, firmware)
 
 
-class DeviceProfileError(ValueError):
+class DeviceProfileError(UserError):
     """A device profile table that cannot be used; the message names the column and row."""
 
 

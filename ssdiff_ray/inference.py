@@ -13,9 +13,10 @@ import pandas as pd
 import torch
 
 from ssdiff_ray import config as config_mod
+from ssdiff_ray.errors import UserError
 
 
-class RunModelError(ValueError):
+class RunModelError(UserError):
     """A run directory without a saved model or config."""
 
 

@@ -8,15 +8,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-
-class RunDirError(ValueError):
-    """A path that is not a run directory (no ledgers)."""
+from ssdiff_ray.errors import UserError
 
 
 def load_run(run_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     run_dir = Path(run_dir)
     if not (run_dir / "rounds.parquet").is_file() or not (run_dir / "clients.parquet").is_file():
-        raise RunDirError(f"{run_dir}: not a run directory (no rounds.parquet / clients.parquet)")
+        raise UserError(f"{run_dir}: not a run directory (no rounds.parquet / clients.parquet)")
     summary = {}
     if (run_dir / "summary.json").is_file():
         summary = json.loads((run_dir / "summary.json").read_text())

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from actors.client_pool import ClientPool
 from ssdiff_ray import codec, config
 from ssdiff_ray.batched import BatchedTrainer, use_batched
-from ssdiff_ray.client_pool import ClientPool
 from ssdiff_ray.model.unet import build_scheduler, build_unet, get_flat
 from ssdiff_ray.run_dir import prepare
 from ssdiff_ray.train import LocalTrainer

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from driver.jobs import runtime_env
 from ssdiff_ray import config
 from ssdiff_ray.cli import build_parser
+from ssdiff_ray.driver.jobs import runtime_env
 
 CLUSTER = Path(__file__).resolve().parent.parent / "cluster"
 RUNTIME_ENV_KEYS = {"working_dir", "py_modules", "excludes", "pip", "uv", "conda", "env_vars",

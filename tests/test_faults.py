@@ -105,9 +105,9 @@ def test_client_past_the_deadline_is_planned_not_trained(tmp_path_factory):
 def test_client_past_the_round_timeout_is_left_out(tmp_path, tmp_path_factory, monkeypatch):
     """A slow client (the last of its pool, its own chunk) misses round_timeout_s: it is
     labelled timeout and the round aggregates the others, as if it never took part."""
-    import driver.federation
+    from ssdiff_ray.driver import federation
 
-    monkeypatch.setattr(driver.federation, "CHUNK_BYTES", 1)  # one client per call
+    monkeypatch.setattr(federation, "CHUNK_BYTES", 1)  # one client per call
     k = 5
     ref_clients, ref_round, ref_weights = reference(tmp_path_factory, k)
     clients, row, weights = _run(tmp_path, "slow", [f"faults.inject={{ {k} = \"slow:15\" }}",

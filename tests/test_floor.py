@@ -34,11 +34,11 @@ def test_floor_quick(tmp_path):
 def test_chunked_rounds_match(ray_local, tiny_overrides, monkeypatch):
     """One client per train_round call gives the same ledger as one call per pool (and the
     pool's reused result buffer never corrupts a payload already returned)."""
-    import driver.federation
+    from ssdiff_ray.driver import federation
 
     runs = {}
-    for chunk in (driver.federation.CHUNK_BYTES, 1):
-        monkeypatch.setattr(driver.federation, "CHUNK_BYTES", chunk)
+    for chunk in (federation.CHUNK_BYTES, 1):
+        monkeypatch.setattr(federation, "CHUNK_BYTES", chunk)
         cfg = config.load(None, [*tiny_overrides, "rounds=2", f"name=chunk{chunk}", "eval.every=0"])
         summary = api.run(cfg, progress=False)
         runs[chunk] = pd.read_parquet(Path(summary["run_dir"]) / "clients.parquet")

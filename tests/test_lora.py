@@ -60,8 +60,8 @@ def test_exact_residual_makes_the_mean_of_products():
 def _server_round(cfg, rng, n=3, ranks=None):
     """One aggregation on a ParameterServer: n random adapter updates at 32 bits (of the
     given LoRA ranks: zero beyond a client's rank, which sends only its components)."""
+    from actors.parameter_server import ParameterServer
     from ssdiff_ray.model.lora_ranks import rank_index, rank_layout
-    from ssdiff_ray.parameter_server import ParameterServer
     from ssdiff_ray.round_results import TrainedChunk
 
     ps = ParameterServer(cfg, num_slots=1)

@@ -2,12 +2,12 @@
 
 import numpy as np
 
+from actors.client_pool import ClientPool
+from actors.parameter_server import ParameterServer
 from ssdiff_ray import codec, config
-from ssdiff_ray.client_pool import ClientPool
 from ssdiff_ray.data.digits import load_digits
 from ssdiff_ray.data.shards import write_shards
 from ssdiff_ray.data.split import dirichlet_split
-from ssdiff_ray.parameter_server import ParameterServer
 from ssdiff_ray.round_results import TrainedChunk
 
 TINY = ["model.preset=tiny", "model.timesteps=50", "train.batch_size=4", "quant.block_size=64"]

@@ -93,7 +93,7 @@ def test_energy_optimal_spends_no_more_than_fixed_bits_end_to_end(tmp_path):
 def test_quantized_downlink_carries_its_rounding_error_forward(tmp_path):
     """Each broadcast is an 8-bit quantization of weights - what the clients hold; the
     clients' copy is their previous one plus the decoded payload."""
-    from ssdiff_ray.parameter_server import ParameterServer
+    from actors.parameter_server import ParameterServer
 
     cfg = config.load(None, ["model.preset=tiny", "data.image_size=8", "quant.downlink_bits=8",
                              "quant.block_size=64", "data.channels=1"])

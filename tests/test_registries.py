@@ -85,7 +85,7 @@ def test_trigger_names_are_unique_across_attack_families():
 def test_config_and_registries_import_without_torch():
     """The driver reads every choice list and builds the round loop without torch."""
     code = ("import sys; import ssdiff_ray.config, ssdiff_ray.api, ssdiff_ray.cli, "
-            "driver.federation, ssdiff_ray.planner, ssdiff_ray.ledger, ssdiff_ray.run_dir; "
+            "ssdiff_ray.driver.federation, ssdiff_ray.planner, ssdiff_ray.ledger, ssdiff_ray.run_dir; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)

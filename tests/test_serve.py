@@ -25,7 +25,7 @@ def _free_port() -> int:
 def tiny_run(tmp_path_factory, ray_local):
     """A tiny class-conditional model trained federatedly, with its serve profile."""
     from ssdiff_ray import api, config
-    from ssdiff_ray.serving.profile import profile_run
+    from ssdiff_ray.service.profile import profile_run
 
     out = tmp_path_factory.mktemp("serve")
     cfg = config.load(None, [*TINY, f"out_dir={out}", "name=served", "rounds=2",
@@ -37,7 +37,7 @@ def tiny_run(tmp_path_factory, ray_local):
 
 @pytest.fixture(scope="module")
 def service(tiny_run):
-    from service import app
+    from ssdiff_ray.service import app
 
     port = _free_port()
     url = app.start(tiny_run, port=port, max_batch_size=8, batch_wait_timeout_s=0.05, max_n=16)
@@ -151,7 +151,7 @@ def test_concurrent_requests_are_batched(service):
 
 
 def test_loadtest_reports_throughput_and_no_errors(service, tmp_path):
-    from service.loadtest import loadtest, save
+    from ssdiff_ray.service.loadtest import loadtest, save
 
     table = loadtest(service, [1, 4], 8, {"n": 1, "steps": 2})
     assert list(table["concurrency"]) == [1, 4] and (table["errors"] == 0).all()
@@ -166,7 +166,7 @@ def test_stop_releases_the_port_and_the_actors(service):
     import ray
     from ray import serve
 
-    from service import app
+    from ssdiff_ray.service import app
 
     assert requests.get(f"{service}/health", timeout=30).status_code == 200
     app.stop()
@@ -194,7 +194,7 @@ def test_service_refuses_a_model_whose_cached_audit_says_backdoored(tiny_run, tm
     (run / "defense" / "audit.json").write_text(json.dumps({**audit, rule.statistic: value}))
     # --for-s: were the refusal to fail, the service stops after 1 s instead of serving on
     assert main(["serve", str(run), "--port", str(_free_port()), "--for-s", "1"]) == 2
-    from ssdiff_ray.serving.generator import Generator
+    from ssdiff_ray.service.generator import Generator
 
     assert Generator(run, allow_backdoored=True).audit["verdict"] == "backdoored"
 
@@ -232,7 +232,7 @@ def test_serve_config_file_deploys_through_the_app_builder(tiny_run):
     import yaml
     from ray import serve
 
-    from service.app import build_app
+    from ssdiff_ray.service.app import build_app
 
     conf = yaml.safe_load((Path(__file__).parents[1] / "cluster" / "serve.yaml").read_text())
     args = {**conf["applications"][0]["args"], "run_dir": tiny_run, "max_replicas": 1}

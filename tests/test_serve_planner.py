@@ -9,8 +9,8 @@ import pytest
 
 from ssdiff_ray.devices import DEVICE_CLASSES
 from ssdiff_ray.energy import ChannelConfig
-from ssdiff_ray.serving.planner import Infeasible, device_costs, options, plan_request
-from ssdiff_ray.serving.request import GenerateRequest, ModelInfo, RequestError, parse_generate
+from ssdiff_ray.service.offload import Infeasible, device_costs, options, plan_request
+from ssdiff_ray.service.request import GenerateRequest, ModelInfo, RequestError, parse_generate
 
 INFO = ModelInfo(channels=1, image_size=16, conditional=True, class_names=tuple("0123456789"),
                  timesteps=1000, sampler="ddim", steps=50, guidance=2.0)
@@ -106,7 +106,7 @@ def test_noise_round_trips_and_unconditional_models_refuse_a_class():
 
 
 def test_latency_scale_adds_the_95th_percentile_of_observed_minus_predicted():
-    from ssdiff_ray.serving.planner import LatencyScale
+    from ssdiff_ray.service.offload import LatencyScale
 
     scale = LatencyScale(window=100, min_samples=20)
     for _ in range(19):

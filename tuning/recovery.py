@@ -11,8 +11,8 @@ import os
 import socket
 import time
 
-OWNER = "ssdiff:owner"          # system attr: {"host", "pid", "ctime"} of the driver running it
-HEARTBEAT = "ssdiff:heartbeat"  # system attr: time.time() of the driver's last sign of life
+OWNER = "ssdiff:owner"          # user attr: {"host", "pid", "ctime"} of the driver running it
+HEARTBEAT = "ssdiff:heartbeat"  # user attr: time.time() of the driver's last sign of life
 
 
 def owner_of_this_process() -> dict:
@@ -31,7 +31,7 @@ def _alive(owner: dict) -> bool:
         return False
 
 
-def recover_interrupted(study, stale_after_s: float) -> list[int]:
+def recover_interrupted(study, storage, stale_after_s: float) -> list[int]:
     """Trials left RUNNING by a driver that is gone: mark FAIL, enqueue their params again.
 
     Gone = a dead process on this host, or no heartbeat for ``stale_after_s`` (other hosts).
@@ -39,15 +39,18 @@ def recover_interrupted(study, stale_after_s: float) -> list[int]:
     """
     from optuna.trial import TrialState
 
+    from tuning.storage import trial_id
+
     host, now, done = socket.gethostname(), time.time(), []
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.system_attrs.get(OWNER)
-        beat = t.system_attrs.get(HEARTBEAT, 0.0)
+        owner = t.user_attrs.get(OWNER)
+        beat = t.user_attrs.get(HEARTBEAT, 0.0)
         local_dead = owner is not None and owner.get("host") == host and not _alive(owner)
         if not (local_dead or now - beat > stale_after_s):
             continue
-        study._storage.set_trial_user_attr(t._trial_id, "error", "interrupted (driver died)")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        storage.set_trial_user_attr(trial_id(storage, study.study_name, t.number), "error",
+                                    "interrupted (driver died)")
+        study.tell(t.number, state=TrialState.FAIL)
         params = t.params or t.system_attrs.get("fixed_params", {})
         if params:
             attrs = {"retry_of": t.number}

@@ -46,6 +46,12 @@ def open_storage(url: str):
         raise ConfigError(f"--storage {_redact(url)}: cannot open ({first})") from None
 
 
+def trial_id(storage, study_name: str, number: int) -> int:
+    """The storage's id of trial ``number`` of ``study_name`` (Optuna's public storage API)."""
+    return storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(study_name), number)
+
+
 def _redact(url: str) -> str:
     """Hide a password in ``scheme://user:pw@host``."""
     if "@" in url and "://" in url:

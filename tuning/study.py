@@ -166,12 +166,11 @@ def make_sampler(prep: Prepared):
     return optuna.samplers.TPESampler(n_startup_trials=startup, seed=seed, multivariate=True)
 
 
-def open_study(prep: Prepared):
+def open_study(prep: Prepared, storage):
     import optuna
 
     o = prep.opts
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = open_storage(prep.storage_url)
     study = optuna.create_study(
         storage=storage, study_name=o.study, sampler=make_sampler(prep),
         pruner=make_pruner(prep.pruner, prep.base.rounds, o.pruner_startup),
@@ -223,28 +222,24 @@ def run_study(opts: TuneOptions, progress: bool = True, log=print) -> dict:
 
 
 def _run_study(opts: TuneOptions, progress: bool, log) -> dict:
-    import ray
-
-    from ssdiff_ray.api import init_ray
+    from ssdiff_ray.driver.session import ray_session
     from tuning.export import export
 
     prep = prepare(opts)
     prep.out.mkdir(parents=True, exist_ok=True)
-    study = open_study(prep)
-    recovered = recover_interrupted(study, opts.stale_after_s)
+    storage = open_storage(prep.storage_url)
+    study = open_study(prep, storage)
+    recovered = recover_interrupted(study, storage, opts.stale_after_s)
     if recovered:
         log(f"resumed: trials {', '.join(map(str, recovered))} were interrupted; retrying them")
     _enqueue_reference(study, prep)
-    started = init_ray(opts.address)
-    loop = _StudyLoop(opts, prep, study)
-    try:
-        loop.run(progress)
-    except BaseException:
-        loop.requeue_running()
-        raise
-    finally:
-        if started:
-            ray.shutdown()
+    with ray_session(opts.address):
+        loop = _StudyLoop(opts, prep, study)
+        try:
+            loop.run(progress)
+        except BaseException:
+            loop.requeue_running()
+            raise
     result = export(study, prep)
     result.update(study=opts.study, storage=prep.storage_url, out=str(prep.out))
     return result
@@ -309,8 +304,8 @@ class _StudyLoop:
         study, prep, opts = self.study, self.prep, self.opts
         trial = study.ask()
         params = prep.space.suggest(trial)
-        study._storage.set_trial_system_attr(trial._trial_id, OWNER, self.owner)
-        study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT, time.time())
+        trial.set_user_attr(OWNER, self.owner)
+        trial.set_user_attr(HEARTBEAT, time.time())
         try:
             cfg = trial_config(prep, params, trial.number, self.cpus, self.gpus)
         except ConfigError as e:
@@ -323,7 +318,7 @@ class _StudyLoop:
         trial.set_user_attr("run_dir", str(Path(cfg.out_dir) / cfg.name))
         info = {"objectives": opts.objectives, "prune": prep.pruner != "none",
                 "pruner": prep.pruner, "pruner_startup": opts.pruner_startup,
-                "storage": prep.storage_url, "study": opts.study, "trial_id": trial._trial_id}
+                "storage": prep.storage_url, "study": opts.study, "trial_number": trial.number}
         ref = run_trial.options(scheduling_strategy=self.here).remote(cfg, info)
         self.running[ref] = (trial, time.perf_counter())
 
@@ -331,7 +326,7 @@ class _StudyLoop:
         """Mark running trials alive, so a resume tells them from a dead driver's."""
         if time.time() - self.last_beat >= self.opts.heartbeat_s:
             for trial, _ in self.running.values():
-                self.study._storage.set_trial_system_attr(trial._trial_id, HEARTBEAT, time.time())
+                trial.set_user_attr(HEARTBEAT, time.time())
             self.last_beat = time.time()
 
     def collect(self, ref) -> None:

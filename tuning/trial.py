@@ -14,7 +14,8 @@ import traceback
 
 import ray
 
-from ssdiff_ray.config import Config, ConfigError
+from ssdiff_ray.config import Config
+from ssdiff_ray.errors import UserError
 
 # Objective name -> (summary/round key, how it accumulates over rounds for pruning).
 OBJECTIVES = {
@@ -36,24 +37,25 @@ def _clean(v):
 def run_trial_local(cfg: Config, info: dict) -> dict:
     """Run the trial's federated run here; report per-round values when pruning.
 
-    ``info``: objectives, prune (bool), storage URL, study name, trial id.
+    ``info``: objectives, prune (bool), storage URL, study name, trial number.
     Returns ``{"status": "ok"|"pruned"|"error", ...}`` (never raises for run errors, so
     the driver records them on the trial).
     """
-    from ssdiff_ray import api
+    import optuna
+
+    from ssdiff_ray.driver.run import run
 
     t0 = time.perf_counter()
     objectives = info["objectives"]
     trial = None
     if info.get("prune"):
-        import optuna
+        from tuning.storage import open_storage, trial_id
 
-        from tuning.storage import open_storage
-
-        study = optuna.load_study(study_name=info["study"], storage=open_storage(info["storage"]),
+        storage = open_storage(info["storage"])
+        study = optuna.load_study(study_name=info["study"], storage=storage,
                                   pruner=make_pruner(info["pruner"], cfg.rounds,
                                                      info["pruner_startup"]))
-        trial = optuna.trial.Trial(study, info["trial_id"])
+        trial = optuna.trial.Trial(study, trial_id(storage, info["study"], info["trial_number"]))
     rows: list[dict] = []
     totals = {"energy_j": 0.0, "uplink_bytes": 0.0}
 
@@ -76,14 +78,13 @@ def run_trial_local(cfg: Config, info: dict) -> dict:
                 raise optuna.TrialPruned(f"pruned at round {r}")
 
     try:
-        summary = api.run(cfg, progress=False, on_round=on_round)
+        summary = run(cfg, progress=False, on_round=on_round)
+    except optuna.TrialPruned:
+        return {"status": "pruned", "step": rows[-1]["round"] if rows else 0,
+                "rounds": [{k: _clean(v) for k, v in x.items()} for x in rows],
+                "run_s": time.perf_counter() - t0}
     except Exception as e:  # noqa: BLE001 - recorded on the trial by the driver
-        if type(e).__name__ == "TrialPruned":
-            return {"status": "pruned", "step": rows[-1]["round"] if rows else 0,
-                    "rounds": [{k: _clean(v) for k, v in x.items()} for x in rows],
-                    "run_s": time.perf_counter() - t0}
-        user = isinstance(e, (ConfigError, ConnectionError)) or type(e).__name__ in (
-            "DataError", "DeviceProfileError")
+        user = isinstance(e, UserError)
         msg = str(e).splitlines()[0] if user and str(e) else \
             f"{type(e).__name__}: {e}\n{traceback.format_exc(limit=8)}"
         return {"status": "error", "error": msg, "run_s": time.perf_counter() - t0}

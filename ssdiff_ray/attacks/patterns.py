@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ssdiff_ray.errors import UserError
+
 ADDITIVE_TRIGGERS = ("box", "stop_sign", "glasses")  # BadDiffusion: x_T = eps + r
 TROJ_TRIGGERS = ("blend", "patch")  # TrojDiff: x_T ~ N(mu, gamma^2 I)
 TARGETS = ("hat", "cross", "corner")  # fixed target images; "class:K" targets a class
@@ -24,7 +26,7 @@ COLOURS = {"box": (1.0, 1.0, -1.0), "stop_sign": (1.0, -1.0, -1.0), "glasses": (
            "hat": (1.0, -1.0, -1.0), "cross": (1.0, 1.0, 1.0), "corner": (-1.0, 1.0, -1.0)}
 
 
-class PatternFileError(ValueError):
+class PatternFileError(UserError):
     """A trigger or target file that cannot be used; the message is one line."""
 
 

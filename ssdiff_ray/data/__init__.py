@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ssdiff_ray.errors import UserError
 from ssdiff_ray.registry import load
 
 # name -> (loader, what data.path must name; None: no path)
@@ -22,7 +23,7 @@ SOURCES: dict[str, tuple[str, str | None]] = {
 }
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """A user dataset that cannot be used; the message names what is wrong."""
 
 

@@ -8,6 +8,7 @@ place they are registered (``ssdiff distill --selection`` reads it). Torch-free.
 
 from __future__ import annotations
 
+from ssdiff_ray.errors import UserError
 from ssdiff_ray.registry import load
 
 # name -> implementation; each picks k of a class's candidate generations
@@ -18,7 +19,7 @@ SELECTIONS: dict[str, str] = {
 }
 
 
-class DistillError(ValueError):
+class DistillError(UserError):
     """A distillation request that cannot run; the message names what is wrong."""
 
 

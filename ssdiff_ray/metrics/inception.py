@@ -9,12 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ssdiff_ray.errors import UserError
+
 WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 WEIGHTS_URL = ("https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/"
                + WEIGHTS_FILE)
 
 
-class InceptionWeightsError(ValueError):
+class InceptionWeightsError(UserError):
     """A weights path that is missing or not torch-fidelity's Inception-v3; one line."""
 
 

@@ -9,10 +9,12 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ssdiff_ray.errors import UserError
+
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
 
-class PretrainedError(ValueError):
+class PretrainedError(UserError):
     """A pretrained model that cannot be used; the message is one line."""
 
 

@@ -29,6 +29,7 @@ import pandas as pd
 
 from ssdiff_ray.devices import DEVICE_CLASSES, DeviceClass
 from ssdiff_ray.energy import ACCEL_POWER_EXPONENT, ChannelConfig, path_loss_db, rate_bps
+from ssdiff_ray.errors import UserError
 
 
 class LatencyScale:
@@ -57,7 +58,7 @@ class LatencyScale:
         return max(0.0, float(np.percentile(np.fromiter(self.residuals, float), 95)))
 
 
-class Infeasible(ValueError):
+class Infeasible(UserError):
     """No setting meets the budget; ``nearest`` is the cheapest budget that would."""
 
     def __init__(self, message: str, nearest: dict):

@@ -2,7 +2,7 @@
 
 Driver-side Ray code; the CLI imports it lazily, so the core never loads Ray.
 Every error a user can cause (an address nobody answers at, an unknown job, a runtime-env
-file that is not YAML) is raised as ``JobError`` with one line.
+file that is not YAML) is raised as ``UserError`` with one line.
 """
 
 from __future__ import annotations
@@ -14,16 +14,14 @@ import sys
 import time
 from pathlib import Path
 
+from ssdiff_ray.errors import UserError
+
 SUBMITTABLE = ("run", "tune", "stress", "distill", "distill-eval", "distill-scan")
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 # Never uploaded with the working directory: results, environments, caches.
 EXCLUDES = [".git", ".venv", "venv", "runs", "studies", "benchmarks/results", "__pycache__",
             "*.egg-info", "*.parquet", "*.pkl", "*.db", "*.png"]
 EXIT = {"SUCCEEDED": 0, "FAILED": 1, "STOPPED": 3}
-
-
-class JobError(Exception):
-    """A job-submission problem the user can fix; the message is one line."""
 
 
 def job_address(address: str | None) -> str:
@@ -57,17 +55,17 @@ def client(address: str | None):
 
     addr = job_address(address)
     if not addr.startswith(("http://", "https://")):
-        raise JobError(f"--address {addr!r}: the Jobs API needs the dashboard URL, "
+        raise UserError(f"--address {addr!r}: the Jobs API needs the dashboard URL, "
                        "e.g. http://HEAD:8265")
     token = auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         return _Authenticated(JobSubmissionClient(addr, headers=headers), addr, token)
     except AuthenticationError:
-        raise JobError(_auth_message(addr, token)) from None
+        raise UserError(_auth_message(addr, token)) from None
     except (ConnectionError, ValueError, RuntimeError, OSError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise JobError(f"cannot reach the Ray Jobs API at {addr}: {first} "
+        raise UserError(f"cannot reach the Ray Jobs API at {addr}: {first} "
                        "(is the cluster up and its dashboard port open?)") from None
 
 
@@ -80,7 +78,7 @@ def _auth_message(addr: str, token: str | None) -> str:
 
 
 class _Authenticated:
-    """The Jobs client, whose calls turn a refused token into one JobError line."""
+    """The Jobs client, whose calls turn a refused token into one UserError line."""
 
     def __init__(self, c, addr: str, token: str | None):
         self._c, self._addr, self._token = c, addr, token
@@ -96,7 +94,7 @@ class _Authenticated:
             try:
                 return attr(*a, **kw)
             except AuthenticationError:
-                raise JobError(_auth_message(self._addr, self._token)) from None
+                raise UserError(_auth_message(self._addr, self._token)) from None
         return call
 
 
@@ -108,17 +106,17 @@ def runtime_env(working_dir: str | None, env_file: str | None, pip: list[str]) -
 
         p = Path(env_file)
         if not p.is_file():
-            raise JobError(f"--runtime-env {p}: no such file")
+            raise UserError(f"--runtime-env {p}: no such file")
         try:
             env = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
-            raise JobError(f"--runtime-env {p}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise UserError(f"--runtime-env {p}: not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(env, dict):
-            raise JobError(f"--runtime-env {p}: must be a mapping (working_dir, pip, env_vars, ...)")
+            raise UserError(f"--runtime-env {p}: must be a mapping (working_dir, pip, env_vars, ...)")
     if working_dir:
         d = Path(working_dir)
         if not d.is_dir():
-            raise JobError(f"--working-dir {d}: no such directory")
+            raise UserError(f"--working-dir {d}: no such directory")
         env["working_dir"] = str(d.resolve())
         env.setdefault("excludes", list(EXCLUDES))
     if pip:
@@ -132,7 +130,7 @@ def entrypoint(command: list[str]) -> str:
         command = command[1:]
     if not command or command[0] not in SUBMITTABLE:
         got = repr(command[0]) if command else "nothing"
-        raise JobError(f"submit: expected one of {', '.join(SUBMITTABLE)} after the options, "
+        raise UserError(f"submit: expected one of {', '.join(SUBMITTABLE)} after the options, "
                        f"got {got} (e.g. ssdiff submit --address URL -- run --set rounds=5)")
     return shlex.join(["ssdiff", *command])
 
@@ -148,7 +146,7 @@ def submit(address: str | None, command: list[str], *, working_dir: str | None =
         jid = c.submit_job(entrypoint=entry, runtime_env=env, submission_id=job_id,
                            entrypoint_num_cpus=num_cpus)
     except (RuntimeError, ValueError) as e:
-        raise JobError(f"the cluster refused the job: {str(e).splitlines()[0]}") from None
+        raise UserError(f"the cluster refused the job: {str(e).splitlines()[0]}") from None
     return c, jid
 
 
@@ -186,4 +184,4 @@ def stop(address: str | None, job_id: str) -> bool:
     try:
         return bool(c.stop_job(job_id))
     except RuntimeError as e:
-        raise JobError(f"stop {job_id}: {str(e).splitlines()[0]}") from None
+        raise UserError(f"stop {job_id}: {str(e).splitlines()[0]}") from None

@@ -9,65 +9,53 @@ import sys
 import time
 from pathlib import Path
 
-
-class ServiceError(ValueError):
-    """Anything a user can fix: ``ssdiff`` prints it as one line and exits 2."""
-
-
-def _user_error(msg: str) -> ServiceError:
-    return ServiceError(msg)
+from ssdiff_ray.errors import UserError
 
 
 def _check_run(run_dir: str) -> Path:
     p = Path(run_dir)
     if not (p / "model" / "model_index.json").is_file() or not (p / "config.toml").is_file():
-        raise _user_error(f"{run_dir}: not a finished run directory (no model/ or config.toml)")
+        raise UserError(f"{run_dir}: not a finished run directory (no model/ or config.toml)")
     return p
 
 
 def cmd_serve(args) -> int:
-    from ssdiff_ray import api
-    from ssdiff_ray.serving.generator import BackdooredModelError, Generator
+    from ssdiff_ray.driver.session import ray_session
+    from ssdiff_ray.service.generator import Generator
 
     run_dir = _check_run(args.run_dir)
     if not 0 < args.port < 65536:
-        raise _user_error(f"--port {args.port}: expected 1 to 65535")
+        raise UserError(f"--port {args.port}: expected 1 to 65535")
     # The defense's estimate and the audit, once, before Ray: a refusal is one line and
-    # the replicas load the cached result.
-    try:
-        gen = Generator(run_dir, defend=args.defense, allow_backdoored=args.allow_backdoored,
-                        log=lambda m: print(m, file=sys.stderr))
-    except BackdooredModelError as e:
-        raise _user_error(str(e)) from None
+    # the replicas load the cached result. A backdoored model is refused here, in one line.
+    gen = Generator(run_dir, defend=args.defense, allow_backdoored=args.allow_backdoored,
+                    log=lambda m: print(m, file=sys.stderr))
     verdict = gen.audit.get("verdict")
     del gen
-    started = api.init_ray(args.address)
-    from service import app
+    # Our embedded Ray: shutting it down (ray_session) stops Serve, its proxy and replicas.
+    with ray_session(args.address) as started:
+        from ssdiff_ray.service import app
 
-    try:
-        url = app.start(str(run_dir.resolve()), host=args.host, port=args.port,
-                        replicas=args.replicas, max_replicas=args.max_replicas,
-                        num_cpus=args.num_cpus, gpu_fraction=args.gpu_fraction,
-                        defend=args.defense, allow_backdoored=args.allow_backdoored,
-                        max_batch_size=args.max_batch_size, max_n=args.max_n,
-                        batch_wait_timeout_s=args.batch_wait_s)
-        print(f"serving {run_dir} at {url} (audit: {verdict}; defense "
-              f"{'on' if args.defense else 'off'}; batching up to {args.max_batch_size}); "
-              "Ctrl-C stops", flush=True)
-        if args.for_s:
-            time.sleep(args.for_s)
-        else:
-            while True:
-                time.sleep(3600)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        import ray
-
-        if started:  # our embedded Ray: shutting it down stops Serve, its proxy and replicas
-            ray.shutdown()
-        else:  # a cluster's Serve may host other applications: remove only ours
-            app.delete()
+        try:
+            url = app.start(str(run_dir.resolve()), host=args.host, port=args.port,
+                            replicas=args.replicas, max_replicas=args.max_replicas,
+                            num_cpus=args.num_cpus, gpu_fraction=args.gpu_fraction,
+                            defend=args.defense, allow_backdoored=args.allow_backdoored,
+                            max_batch_size=args.max_batch_size, max_n=args.max_n,
+                            batch_wait_timeout_s=args.batch_wait_s)
+            print(f"serving {run_dir} at {url} (audit: {verdict}; defense "
+                  f"{'on' if args.defense else 'off'}; batching up to {args.max_batch_size}); "
+                  "Ctrl-C stops", flush=True)
+            if args.for_s:
+                time.sleep(args.for_s)
+            else:
+                while True:
+                    time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if not started:  # a cluster's Serve may host other applications: remove only ours
+                app.delete()
     print("stopped", file=sys.stderr)
     return 0
 
@@ -78,22 +66,22 @@ def _ints(text: str, flag: str) -> list[int]:
     except ValueError:
         vals = []
     if not vals or min(vals) < 1:
-        raise _user_error(f"{flag} {text!r}: expected positive integers like 1,8,32")
+        raise UserError(f"{flag} {text!r}: expected positive integers like 1,8,32")
     return vals
 
 
 def cmd_profile(args) -> int:
     from ssdiff_ray.model import SAMPLERS
-    from ssdiff_ray.serving.profile import profile_run
+    from ssdiff_ray.service.profile import profile_run
 
     run_dir = _check_run(args.run_dir)
     samplers = [s.strip() for s in args.samplers.split(",") if s.strip()]
     bad = [s for s in samplers if s not in SAMPLERS]
     if bad or not samplers:
-        raise _user_error(f"--samplers {args.samplers!r}: expected some of {', '.join(SAMPLERS)}")
+        raise UserError(f"--samplers {args.samplers!r}: expected some of {', '.join(SAMPLERS)}")
     steps = _ints(args.steps, "--steps")
     if args.n < 2:
-        raise _user_error(f"--n {args.n}: FID needs at least 2 samples")
+        raise UserError(f"--n {args.n}: FID needs at least 2 samples")
     profile_run(run_dir, samplers, steps, n=args.n, batch=args.batch, defended=args.defense)
     print((run_dir / "serve_profile.md").read_text())
     print(f"saved: {run_dir / 'serve_profile.parquet'}")
@@ -101,17 +89,17 @@ def cmd_profile(args) -> int:
 
 
 def cmd_loadtest(args) -> int:
-    from service.loadtest import loadtest, save
+    from ssdiff_ray.service.loadtest import loadtest, save
 
     levels = _ints(args.concurrency, "--concurrency")
     if args.requests < 1:
-        raise _user_error(f"--requests {args.requests}: expected at least 1")
+        raise UserError(f"--requests {args.requests}: expected at least 1")
     if not args.url.startswith(("http://", "https://")):
-        raise _user_error(f"{args.url}: expected an http:// or https:// URL")
+        raise UserError(f"{args.url}: expected an http:// or https:// URL")
     try:
         body = json.loads(args.body)
     except ValueError as e:
-        raise _user_error(f"--body: not JSON ({e})") from None
+        raise UserError(f"--body: not JSON ({e})") from None
     table = loadtest(args.url, levels, args.requests, body, timeout_s=args.timeout_s)
     cols = ["concurrency", "requests", "ok", "errors", "requests_per_s", "p50_s", "p95_s", "p99_s"]
     print(table[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))

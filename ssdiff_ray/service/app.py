@@ -1,5 +1,5 @@
 """The Ray Serve application: one ``GenerationService`` deployment (HTTP ingress) whose
-replicas each hold a ``ssdiff_ray.serving.Generator``.
+replicas each hold a ``ssdiff_ray.service.Generator``.
 
     GET  /health    -> {"status": "ok", ...}
     GET  /model     -> what is served, its audit verdict, limits and profile
@@ -34,8 +34,8 @@ class GenerationService:
     def __init__(self, run_dir: str, options: dict):
         import torch
 
-        from ssdiff_ray.serving.generator import Generator
-        from ssdiff_ray.serving.request import Limits
+        from ssdiff_ray.service.generator import Generator
+        from ssdiff_ray.service.request import Limits
 
         o = DEFAULTS | options
         torch.set_num_threads(o["torch_threads"] or max(1, int(os.environ.get("OMP_NUM_THREADS", 1))))
@@ -62,8 +62,8 @@ class GenerationService:
         return _error(404, f"{path}: not found (GET /health, GET /model, POST /generate)")
 
     async def generate(self, request: Request):
-        from ssdiff_ray.serving.planner import Infeasible
-        from ssdiff_ray.serving.request import RequestError
+        from ssdiff_ray.service.offload import Infeasible
+        from ssdiff_ray.service.request import RequestError
 
         t0 = time.perf_counter()
         limit = self.gen.limits.max_body_bytes
@@ -110,7 +110,7 @@ def deployment_options(replicas: int = 1, max_replicas: int = 0, num_cpus: float
 
 
 def build_app(args: dict):
-    """Application builder (``serve deploy``/``serve run service.app:build_app run_dir=...``):
+    """Application builder (``serve deploy``/``serve run ssdiff_ray.service.app:build_app run_dir=...``):
     ``run_dir`` and any of ``DEFAULTS``, plus ``replicas``, ``max_replicas``, ``num_cpus``."""
     if "run_dir" not in args:
         raise ValueError("build_app: args need run_dir (the run directory to serve)")
@@ -137,7 +137,7 @@ def build_app(args: dict):
 def start(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
           max_replicas: int = 0, num_cpus: float = 1.0, gpu_fraction: float | None = None,
           **options) -> str:
-    """Deploy the service on the running Ray (``api.init_ray`` first); returns its URL."""
+    """Deploy the service on the running Ray (``ray_session`` first); returns its URL."""
     serve.start(http_options={"host": host, "port": port})
     opts = deployment_options(replicas, max_replicas, num_cpus, gpu_fraction)
     serve.run(GenerationService.options(**opts).bind(str(run_dir), options), name="ssdiff",

@@ -22,13 +22,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ssdiff_ray.devices import DEVICE_CLASSES
+from ssdiff_ray.errors import UserError
 from ssdiff_ray.model import SAMPLERS
 
 FIELDS = ("n", "seed", "class", "sampler", "steps", "guidance", "latency_s", "energy_j",
           "min_quality", "device_class", "noise")
 
 
-class RequestError(ValueError):
+class RequestError(UserError):
     """A request the service refuses: ``status`` (4xx) and a one-line message."""
 
     def __init__(self, status: int, message: str):

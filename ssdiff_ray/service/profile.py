@@ -21,10 +21,6 @@ import torch
 PROFILE = "serve_profile.parquet"
 
 
-class ProfileError(ValueError):
-    """A run without a profile, or a profile request that cannot be met."""
-
-
 def _timed(fn, reps: int) -> float:
     times = []
     for _ in range(reps):

@@ -16,8 +16,8 @@ import pandas as pd
 import psutil
 import ray
 
-from driver.federation import Federation
 from ssdiff_ray import config as config_mod
+from ssdiff_ray.driver.federation import Federation
 from ssdiff_ray.run_dir import prepare
 
 MiB = 1 << 20

@@ -88,13 +88,16 @@ class Federation:
         # The server is idle while pools train, so it asks for no CPU of its own; it
         # borrows the cores for evaluation, when the pools are idle.
         server = ParameterServerActor.options(num_cpus=0, num_gpus=0.0, **server_placement(cfg)
-                                              ).remote(cfg, self.num_pools, "cpu")
+                                              ).remote(cfg, self.num_pools, "cpu",
+                                                       threads=cfg.ray.torch_threads)
         pools = [
             ClientPoolActor.options(
                 num_cpus=cpus, num_gpus=cfg.ray.num_gpus_per_pool if gpu else 0,
                 resources=dict(cfg.ray.pool_resources) or None,
                 max_restarts=cfg.ray.max_restarts, scheduling_strategy="SPREAD",
-            ).remote(i, cfg, str(self.prep.shard_dir), "cuda" if gpu else "cpu")
+            # reuse_blob: the actor's results are copied into the object store (ClientPool)
+            ).remote(cfg, str(self.prep.shard_dir), "cuda" if gpu else "cpu", reuse_blob=True,
+                     threads=cfg.ray.torch_threads)
             for i in range(self.num_pools)
         ]
         return server, pools
@@ -148,8 +151,8 @@ class Federation:
     def publish(self, r: int):
         """The server puts this round's weights in the object store once: (ref, bytes)."""
         self._wait_for_restarts()
-        (weights_ref,), downlink_bytes = ray.get(self.server.publish.remote(r))
-        return weights_ref, downlink_bytes
+        weights_ref, downlink_ref = self.server.publish.options(num_returns=2).remote(r)
+        return weights_ref, ray.get(downlink_ref)
 
     def dispatch(self, plan: RoundPlan, weights_ref) -> dict[int, list]:
         """Start every pool's training: its clients (stragglers excepted) in chunks of at

@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 from ssdiff_ray.energy import ChannelConfig
-from ssdiff_ray.serving.planner import LatencyScale, Plan, plan_request
-from ssdiff_ray.serving.profile import load_profile
-from ssdiff_ray.serving.request import GenerateRequest, Limits, ModelInfo, RequestError, parse_generate
+from ssdiff_ray.errors import UserError
+from ssdiff_ray.service.offload import LatencyScale, Plan, plan_request
+from ssdiff_ray.service.profile import load_profile
+from ssdiff_ray.service.request import GenerateRequest, Limits, ModelInfo, RequestError, parse_generate
 
 
 def _finite(v: float | None) -> float | None:
@@ -23,7 +24,7 @@ def _finite(v: float | None) -> float | None:
     return None if v is None or not np.isfinite(v) else float(v)
 
 
-class BackdooredModelError(ValueError):
+class BackdooredModelError(UserError):
     """The run's audit says "backdoored" and the operator did not allow serving it."""
 
 
