@@ -3,8 +3,12 @@
 (Over 400 lines on purpose: the whole schema in one file, section by section, so a user
 reads every option with its range and its doc in one place.)
 
-Every field has a type and an allowed range in its metadata; ``validate`` checks them all
+Every field has a type and an allowed range in its metadata; ``from_dict`` checks them all
 and raises ``ConfigError`` with one line naming the field, the value and what is allowed.
+
+The options of an aggregation rule or a bit policy are not here: each rule declares them in
+an ``Options`` dataclass in its own file (``ssdiff_ray/options.py``), and every registered
+rule's options are keys of its section (``RULE_SECTIONS``), kept in ``section.options``.
 """
 
 from __future__ import annotations
@@ -17,28 +21,35 @@ from pathlib import Path
 from typing import Any
 
 from ssdiff_ray.aggregation import AGGREGATORS
-from ssdiff_ray.attacks import ATTACKS, TARGETS, TRIGGERS
+from ssdiff_ray.attacks import ATTACKS, CORRECTIONS, TARGETS, TRIGGERS
 from ssdiff_ray.attacks.patterns import PatternFileError, is_pattern_file, read_pattern_file
 from ssdiff_ray.codec import SUPPORTED_BITS as BITS
 from ssdiff_ray.data import SOURCES, parse_classes
-from ssdiff_ray.defense import ESTIMATORS
+from ssdiff_ray.defense import ESTIMATORS, NEGATIONS
 from ssdiff_ray.devices import DEVICE_CLASSES
 from ssdiff_ray.errors import UserError
 from ssdiff_ray.faults import parse_fault
 from ssdiff_ray.model import BETA_SCHEDULES, PRESETS, SAMPLERS
+from ssdiff_ray.options import option as _f
 from ssdiff_ray.policies import POLICIES
+from ssdiff_ray.registry import load as load_registered
 
 
 class ConfigError(UserError):
     """A config value a user can fix; the message is one line."""
 
 
-def _f(default, *, lo=None, hi=None, choices=None, lo_open=False, doc=""):
-    """A config field with its allowed range (``lo``/``hi`` inclusive unless ``lo_open``)."""
-    meta = {"lo": lo, "hi": hi, "choices": choices, "lo_open": lo_open, "doc": doc}
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata=meta)
-    return field(default=default, metadata=meta)
+# A section's rule and the registry of its choices: the keys of the section are its own
+# fields plus the fields of every registered rule's ``Options`` (in ``section.options``).
+RULE_SECTIONS = {"server": ("aggregator", AGGREGATORS), "quant": ("policy", POLICIES)}
+
+
+def _rule_options(section: str):
+    """The ``options`` field of a rule section, every registered rule's defaults: not a key
+    users set (see RULE_SECTIONS)."""
+    return field(default_factory=lambda: {k: default for k, (_, _, default, _)
+                                          in rule_options(section).items()},
+                 metadata={"rule_options": True})
 
 
 @dataclass
@@ -112,32 +123,27 @@ class LoraConfig:
 
 @dataclass
 class QuantConfig:
-    policy: str = _f("fixed", choices=tuple(POLICIES))
+    policy: str = _f("fixed", choices=POLICIES)
     bits: int = _f(32, choices=BITS, doc="fixed bits; start bits for adaptive policies")
     min_bits: int = _f(2, choices=BITS)
     max_bits: int = _f(8, choices=BITS)
     block_size: int = _f(256, lo=8, hi=1 << 20)
     error_feedback: bool = _f(True)
     downlink_bits: int = _f(32, choices=BITS, doc="bits of the broadcast global model")
-    convergence_window: int = _f(3, lo=1, hi=1000, doc="rounds a loss plateau must last (DAdaQuant)")
-    ref_bits: int = _f(6, choices=BITS, doc="energy_optimal: variance no worse than this fixed width")
-    variance_slack: float = _f(1.0, lo=0.0, lo_open=True, hi=1e6)
+    options: dict = _rule_options("quant")  # the policies' options (policies/<name>.py, Options)
 
 
 @dataclass
 class ServerConfig:
-    aggregator: str = _f("fedavg", choices=tuple(AGGREGATORS),
+    aggregator: str = _f("fedavg", choices=AGGREGATORS,
                          doc="aggregation rule (norm_bound, multi_krum, flame screen updates)")
     lr: float = _f(1.0, lo=0.0, lo_open=True, hi=100.0, doc="server learning rate")
-    momentum: float = _f(0.9, lo=0.0, hi=0.999, doc="fedavgm: server momentum")
     ema_decay: float = _f(0.7, lo=0.0, hi=0.9999,
                           doc="EMA of the global weights over rounds, used to sample and saved (0 = off)")
     round_timeout_s: float = _f(600.0, lo=0.0, lo_open=True, hi=1e9)
     checkpoint_every: int = _f(0, lo=0, hi=1_000_000, doc="rounds between checkpoints (0 = end)")
     max_update_norm: float = _f(0.0, lo=0.0, hi=1e12, doc="clip client updates to this L2 norm")
-    norm_factor: float = _f(3.0, lo=1.0, hi=1e6, doc="norm_bound: bound = x weighted median norm")
-    krum_f: int = _f(0, lo=0, hi=1_000_000, doc="multi_krum: assumed attackers per round "
-                     "(0 = a fifth of the round's updates)")
+    options: dict = _rule_options("server")  # the aggregation rules' (aggregation/<name>.py, Options)
 
 
 @dataclass
@@ -191,7 +197,7 @@ class AttackConfig:
     poison_rate: float = _f(0.1, lo=0.0, hi=1.0, doc="fraction of each poisoned batch")
     scale: float = _f(1.0, lo=0.0, lo_open=True, hi=1e6, doc="model replacement factor")
     gamma: float = _f(0.6, lo=0.0, lo_open=True, hi=10.0, doc="TrojDiff trigger noise scale")
-    sampler: str = _f("ddim", choices=("ddim", "ddpm", "ode", "both"),
+    sampler: str = _f("ddim", choices=CORRECTIONS,
                       doc="BadDiffusion: the sampler the backdoor is tuned to (VillanDiffusion's "
                       "correction: ddim, ancestral ddpm, probability-flow ode, or both)")
     eval_samples: int = _f(200, lo=10, hi=1_000_000, doc="triggered samples per evaluation")
@@ -208,7 +214,7 @@ class DefenseConfig:
     estimate_gen_steps: int = _f(8, lo=1, hi=1000,
                                  doc="DDIM steps of each short generation the trigger estimator "
                                  "runs (its cost scales with them; fewer is coarser)")
-    negation: str = _f("redraw", choices=("redraw", "subtract"),
+    negation: str = _f("redraw", choices=NEGATIONS,
                        doc="flagged inputs: redrawn from N(0, I), or the estimated trigger "
                        "subtracted first (TERD; keeps the caller's noise)")
     target_check: bool = _f(True, doc="also flag inputs whose generation lands on the "
@@ -242,7 +248,11 @@ class Config:
     faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Nested dicts, as the TOML file holds them: rule options are keys of their section."""
+        d = dataclasses.asdict(self)
+        for name in RULE_SECTIONS:
+            d[name].update(d[name].pop("options"))
+        return d
 
 
 def _sections() -> dict[str, type]:
@@ -289,7 +299,46 @@ def _check_range(path: str, value: Any, meta: dict) -> None:
 
 def _field_types(cls) -> dict[str, tuple[type, dict]]:
     hints = {"int": int, "float": float, "str": str, "bool": bool, "dict": dict}
-    return {f.name: (hints.get(f.type, f.type), dict(f.metadata)) for f in dataclasses.fields(cls)}
+    return {f.name: (hints.get(f.type, f.type), dict(f.metadata)) for f in dataclasses.fields(cls)
+            if not f.metadata.get("rule_options")}
+
+
+def rule_options(section: str) -> dict[str, tuple[type, dict, Any, list[str]]]:
+    """The option keys of a rule section: key -> (type, metadata, default, rules taking it),
+    read from each registered rule's ``Options`` (none for other sections)."""
+    if section not in RULE_SECTIONS:
+        return {}
+    out: dict[str, tuple[type, dict, Any, list[str]]] = {}
+    for name, path in RULE_SECTIONS[section][1].items():
+        opts = getattr(load_registered(path), "Options", None)
+        if opts is None:
+            continue
+        defaults = opts()
+        for key, (typ, meta) in _field_types(opts).items():
+            if key in out and (out[key][0], out[key][2]) != (typ, getattr(defaults, key)):
+                raise TypeError(f"{section}.{key}: {name} and {out[key][3][0]} declare it "
+                                "with different types or defaults")
+            owners = out[key][3] if key in out else []
+            out[key] = (typ, meta, getattr(defaults, key), [*owners, name])
+    return out
+
+
+def schema() -> dict[str, tuple[type, dict]]:
+    """Every key a config takes, as ``"section.key" -> (type, metadata)`` (rule options
+    included; tables, e.g. ``devices.class_mix``, have type dict)."""
+    sections = _sections()
+    out = {k: v for k, v in _field_types(Config).items() if k not in sections}
+    for sec, cls in sections.items():
+        out.update({f"{sec}.{k}": v for k, v in _field_types(cls).items()})
+        out.update({f"{sec}.{k}": (typ, meta) for k, (typ, meta, _, _) in rule_options(sec).items()})
+    return out
+
+
+def check_value(path: str, value: Any, typ: type, meta: dict) -> Any:
+    """``value`` as ``typ`` within ``meta``'s range, else one ConfigError naming ``path``."""
+    value = _coerce(path, value, typ)
+    _check_range(path, value, meta)
+    return value
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
@@ -316,17 +365,20 @@ def from_dict(raw: dict[str, Any]) -> Config:
 
 
 def _section(name: str, cls, raw: dict) -> Any:
-    types = _field_types(cls)
-    kwargs = {}
+    types, rules = _field_types(cls), rule_options(name)
+    kwargs: dict[str, Any] = {}
+    options = cls().options if name in RULE_SECTIONS else {}
     for key, value in raw.items():
         path = f"{name}.{key}"
-        if key not in types:
-            raise ConfigError(f"unknown config key {path!r} (known in [{name}]: "
-                              f"{', '.join(types)})")
-        typ, meta = types[key]
-        value = _coerce(path, value, typ)
-        _check_range(path, value, meta)
-        kwargs[key] = value
+        if key in types:
+            kwargs[key] = check_value(path, value, *types[key])
+        elif key in rules:
+            options[key] = check_value(path, value, *rules[key][:2])
+        else:
+            known = ", ".join([*types, *rules])
+            raise ConfigError(f"unknown config key {path!r} (known in [{name}]: {known})")
+    if name in RULE_SECTIONS:
+        kwargs["options"] = options
     return cls(**kwargs)
 
 
@@ -466,14 +518,10 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
 
 
 def _is_string_field(keys: list[str]) -> bool:
-    cls = _sections().get(keys[0]) if len(keys) == 2 else Config if len(keys) == 1 else None
-    if cls is None:
-        return False
-    typ = _field_types(cls).get(keys[-1], (None,))[0]
-    return typ is str
+    return schema().get(".".join(keys), (None,))[0] is str
 
 
-def _toml_value(v: Any) -> str:
+def toml_value(v: Any) -> str:
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, int):
@@ -485,7 +533,7 @@ def _toml_value(v: Any) -> str:
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"cannot write {type(v)} to TOML")
 
 
@@ -493,10 +541,10 @@ def to_toml(cfg: Config) -> str:
     """The resolved config as TOML that ``load`` reads back to an equal Config."""
     d = cfg.to_dict()
     sections = _sections()
-    lines = [f"{k} = {_toml_value(v)}" for k, v in d.items() if k not in sections]
+    lines = [f"{k} = {toml_value(v)}" for k, v in d.items() if k not in sections]
     for name in sections:
         lines.append(f"\n[{name}]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in d[name].items()]
+        lines += [f"{k} = {toml_value(v)}" for k, v in d[name].items()]
     return "\n".join(lines) + "\n"
 
 

@@ -59,19 +59,6 @@ class Space:
     def suggest(self, trial) -> dict[str, Any]:
         return {p.name: p.suggest(trial) for p in self.params}
 
-    def get(self, name: str) -> Param:
-        return next(p for p in self.params if p.name == name)
-
-
-def _schema() -> dict[str, tuple[type, dict]]:
-    """Every config field as ``path -> (type, metadata)``."""
-    sections = config_mod._sections()
-    out = {k: v for k, v in config_mod._field_types(config_mod.Config).items() if k not in sections}
-    for sec, cls in sections.items():
-        for k, v in config_mod._field_types(cls).items():
-            out[f"{sec}.{k}"] = v
-    return out
-
 
 def _param(name: str, spec: Any, schema: dict) -> Param:
     where = f"search space entry {name!r}"
@@ -95,8 +82,7 @@ def _param(name: str, spec: Any, schema: dict) -> Param:
 
     def check(value: Any) -> Any:
         try:
-            value = config_mod._coerce(name, value, typ)
-            config_mod._check_range(name, value, meta)
+            value = config_mod.check_value(name, value, typ, meta)
         except ConfigError as e:
             raise ConfigError(f"{where}: {e}") from None
         return value
@@ -158,7 +144,7 @@ def parse_space(raw: dict, source: str = "<space>") -> Space:
     params = raw.get("params")
     if not isinstance(params, dict) or not params:
         raise ConfigError(f"search space {source}: needs a non-empty [params] table")
-    schema = _schema()
+    schema = config_mod.schema()
     return Space(tuple(_param(n, s, schema) for n, s in params.items()), source)
 
 
@@ -170,4 +156,4 @@ def load_space(path: str | Path | None = None) -> Space:
 
 def overrides(params: dict[str, Any]) -> list[str]:
     """Trial parameters as ``--set``-style overrides, so ``config.load`` validates them."""
-    return [f"{k}={config_mod._toml_value(v)}" for k, v in params.items()]
+    return [f"{k}={config_mod.toml_value(v)}" for k, v in params.items()]

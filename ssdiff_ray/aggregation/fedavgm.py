@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ssdiff_ray.aggregation.fedavg import FedAvg
+from ssdiff_ray.options import option, options_of
+
+
+@dataclass
+class Options:
+    momentum: float = option(0.9, lo=0.0, hi=0.999, doc="fedavgm: server momentum")
 
 
 class FedAvgM(FedAvg):
     name = "fedavgm"
+    Options = Options
 
     def __init__(self, num_params: int, num_slots: int, lr: float = 1.0, momentum: float = 0.9):
         super().__init__(num_params, num_slots, lr)
@@ -17,7 +26,7 @@ class FedAvgM(FedAvg):
 
     @classmethod
     def from_config(cls, server, num_params: int, num_slots: int) -> FedAvgM:
-        return cls(num_params, num_slots, server.lr, server.momentum)
+        return cls(num_params, num_slots, server.lr, options_of(Options, server).momentum)
 
     def step(self, mean_delta: np.ndarray) -> np.ndarray:
         if self.velocity is None:

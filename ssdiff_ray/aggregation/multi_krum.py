@@ -6,9 +6,12 @@ the k - f lowest scores are kept, f being the assumed number of attackers per ro
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ssdiff_ray.aggregation.screened import ScreenedFedAvg, gram
+from ssdiff_ray.options import option, options_of
 
 
 def krum_scores(deltas: np.ndarray, f: int) -> np.ndarray:
@@ -22,8 +25,15 @@ def krum_scores(deltas: np.ndarray, f: int) -> np.ndarray:
     return np.sort(d2, axis=1)[:, :m].sum(axis=1)
 
 
+@dataclass
+class Options:
+    krum_f: int = option(0, lo=0, hi=1_000_000, doc="multi_krum: assumed attackers per round "
+                         "(0 = a fifth of the round's updates)")
+
+
 class MultiKrum(ScreenedFedAvg):
     name = "multi_krum"
+    Options = Options
 
     def __init__(self, num_params: int, num_slots: int, lr: float = 1.0, f: int = 0):
         super().__init__(num_params, num_slots, lr)
@@ -31,7 +41,7 @@ class MultiKrum(ScreenedFedAvg):
 
     @classmethod
     def from_config(cls, server, num_params: int, num_slots: int) -> MultiKrum:
-        return cls(num_params, num_slots, server.lr, server.krum_f)
+        return cls(num_params, num_slots, server.lr, options_of(Options, server).krum_f)
 
     def screen(self, deltas: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, list[str]]:
         k = len(deltas)

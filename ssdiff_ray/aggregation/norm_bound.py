@@ -6,9 +6,12 @@ that bound. Catches model replacement, which must scale its update up to survive
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from ssdiff_ray.aggregation.screened import ScreenedFedAvg, clip_rows
+from ssdiff_ray.options import option, options_of
 
 
 def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
@@ -17,8 +20,15 @@ def weighted_median(values: np.ndarray, weights: np.ndarray) -> float:
     return float(values[order][np.searchsorted(cw, 0.5 * cw[-1])])
 
 
+@dataclass
+class Options:
+    norm_factor: float = option(3.0, lo=1.0, hi=1e6,
+                                doc="norm_bound: bound = x weighted median norm")
+
+
 class NormBound(ScreenedFedAvg):
     name = "norm_bound"
+    Options = Options
 
     def __init__(self, num_params: int, num_slots: int, lr: float = 1.0,
                  norm_factor: float = 3.0):
@@ -27,7 +37,7 @@ class NormBound(ScreenedFedAvg):
 
     @classmethod
     def from_config(cls, server, num_params: int, num_slots: int) -> NormBound:
-        return cls(num_params, num_slots, server.lr, server.norm_factor)
+        return cls(num_params, num_slots, server.lr, options_of(Options, server).norm_factor)
 
     def screen(self, deltas: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, list[str]]:
         norms = np.linalg.norm(deltas.astype(np.float64), axis=1)

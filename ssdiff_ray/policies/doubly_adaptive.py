@@ -10,15 +10,24 @@ that gives c = sqrt(sum_i w_i^(2/3) / sum_i w_i^2) * q_t.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 
+from ssdiff_ray.options import option, options_of
 from ssdiff_ray.policies.base import BitPolicy, Decision, RoundContext
 from ssdiff_ray.policies.levels import bits_for_levels, levels_for_bits
 
 
+@dataclass
+class Options:
+    convergence_window: int = option(3, lo=1, hi=1000,
+                                     doc="rounds a loss plateau must last (DAdaQuant)")
+
+
 class DoublyAdaptivePolicy(BitPolicy):
     name = "doubly_adaptive"
+    Options = Options
 
     def __init__(self, start_bits: int, min_bits: int, max_bits: int, window: int = 3):
         self.q0 = levels_for_bits(start_bits)
@@ -27,7 +36,7 @@ class DoublyAdaptivePolicy(BitPolicy):
     @classmethod
     def from_config(cls, cfg) -> DoublyAdaptivePolicy:
         q = cfg.quant
-        return cls(q.bits, q.min_bits, q.max_bits, q.convergence_window)
+        return cls(q.bits, q.min_bits, q.max_bits, options_of(Options, q).convergence_window)
 
     def global_level(self, loss_history: list[float]) -> int:
         """Replays the doubling rule over the whole history (stateless, so resume is exact)."""

@@ -43,11 +43,13 @@ constraint (their updates are not aggregated on time).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from ssdiff_ray import codec
 from ssdiff_ray.energy import ChannelConfig, compute_energy_model, dbm_to_w
+from ssdiff_ray.options import option, options_of
 from ssdiff_ray.policies.base import BitPolicy, Decision, RoundContext
 
 _BISECTION_STEPS = 64      # float64 interval halves to adjacent floats well before this
@@ -113,10 +115,18 @@ def _largest_supported_at_most(cap: np.ndarray, bits: tuple[int, ...]) -> np.nda
     return table[np.maximum(idx, 0)]
 
 
+@dataclass
+class Options:
+    ref_bits: int = option(6, choices=codec.SUPPORTED_BITS,
+                           doc="energy_optimal: variance no worse than this fixed width")
+    variance_slack: float = option(1.0, lo=0.0, lo_open=True, hi=1e6)
+
+
 class EnergyOptimalPolicy(BitPolicy):
     """Joint bits / power / frequency minimising round energy under deadline and variance budget."""
 
     name = "energy_optimal"
+    Options = Options
 
     def __init__(
         self,
@@ -144,9 +154,9 @@ class EnergyOptimalPolicy(BitPolicy):
 
     @classmethod
     def from_config(cls, cfg) -> EnergyOptimalPolicy:
-        q = cfg.quant
+        q, o = cfg.quant, options_of(Options, cfg.quant)
         return cls(ChannelConfig.from_config(cfg.devices), min_bits=q.min_bits,
-                   max_bits=q.max_bits, ref_bits=q.ref_bits, slack=q.variance_slack)
+                   max_bits=q.max_bits, ref_bits=o.ref_bits, slack=o.variance_slack)
 
     # ---- per-round inputs -------------------------------------------------------------------
 
