@@ -23,6 +23,8 @@ ATTACKS: dict[str, tuple[str, tuple[str, ...]]] = {
     "trojdiff": ("ssdiff_ray.attacks.trojdiff:TrojDiff", TROJ_TRIGGERS),
 }
 TRIGGERS = tuple(t for _, triggers in ATTACKS.values() for t in triggers)
+# the samplers a BadDiffusion backdoor can be tuned to (``baddiffusion.trigger_coefficient``)
+CORRECTIONS = ("ddim", "ddpm", "ode", "both")
 
 
 def kind_of_trigger(trigger: str, default: str = "baddiffusion") -> str:

@@ -7,11 +7,9 @@ from __future__ import annotations
 
 import torch
 
-from ssdiff_ray.attacks import AttackSpec
+from ssdiff_ray.attacks import CORRECTIONS, AttackSpec
 from ssdiff_ray.attacks.base import Attack
 from ssdiff_ray.attacks.patterns import make_trigger
-
-SAMPLERS = ("ddpm", "ddim", "ode", "both")  # corrections trigger_coefficient knows
 
 
 def trigger_coefficient(alphas_cumprod: torch.Tensor, t: torch.Tensor, sampler: str) -> torch.Tensor:
@@ -60,8 +58,8 @@ def poison_baddiffusion(
 
 class BadDiffusion(Attack):
     def __init__(self, spec: AttackSpec, alphas_cumprod=None, target_images=None):
-        if spec.sampler not in SAMPLERS:
-            raise ValueError(f"sampler {spec.sampler!r}; choose from {SAMPLERS}")
+        if spec.sampler not in CORRECTIONS:
+            raise ValueError(f"sampler {spec.sampler!r}; choose from {CORRECTIONS}")
         super().__init__(spec, alphas_cumprod, target_images)
         self._trigger: dict[int, torch.Tensor] = {}  # per image size
 

@@ -16,6 +16,9 @@ from __future__ import annotations
 
 from ssdiff_ray.registry import load
 
+# what a flagged input becomes (``negation.defended_sample``)
+NEGATIONS = ("redraw", "subtract")
+
 ESTIMATORS = {
     "probe": "ssdiff_ray.defense.probe:ProbeEstimator",
     "scan": "ssdiff_ray.defense.scan:ScanEstimator",

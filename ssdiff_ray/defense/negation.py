@@ -6,10 +6,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ssdiff_ray.defense import NEGATIONS
 from ssdiff_ray.defense.input_tests import InputTest, LikelihoodRatio, detect_inputs, fpr_share
 from ssdiff_ray.model.sampling import sample
-
-NEGATIONS = ("redraw", "subtract")
 
 
 def purify(x_T: torch.Tensor, flags: np.ndarray, tests: list[InputTest], seed: int,
