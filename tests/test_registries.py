@@ -17,6 +17,8 @@ from ssdiff_ray.data import SOURCES, load_dataset
 from ssdiff_ray.devices import DEVICE_CLASSES, make_population
 from ssdiff_ray.model import PRESETS, SAMPLERS
 from ssdiff_ray.policies import POLICIES, make_policy
+from tuning.choices import PRUNER_CHOICES, PRUNERS
+from tuning.choices import SAMPLERS as TUNE_SAMPLERS
 
 
 @pytest.mark.parametrize("name", list(POLICIES))
@@ -82,11 +84,42 @@ def test_trigger_names_are_unique_across_attack_families():
     assert len(names) == len(set(names))
 
 
+@pytest.mark.parametrize("name", list(TUNE_SAMPLERS))
+def test_every_tuner_sampler_builds_and_is_a_tune_choice(name):
+    import optuna
+
+    from ssdiff_ray.cli import build_parser
+
+    assert isinstance(TUNE_SAMPLERS[name](4, 0), optuna.samplers.BaseSampler)
+    assert build_parser().parse_args(["tune", "--sampler", name]).sampler == name
+
+
+@pytest.mark.parametrize("name", PRUNER_CHOICES)
+def test_every_tuner_pruner_builds_and_is_a_tune_choice(name):
+    import optuna
+
+    from ssdiff_ray.cli import build_parser
+
+    if name in PRUNERS:  # "auto" is resolved to one of them by the study
+        assert isinstance(PRUNERS[name](3, 1), optuna.pruners.BasePruner)
+    assert build_parser().parse_args(["tune", "--pruner", name]).pruner == name
+
+
 def test_config_and_registries_import_without_torch():
     """The driver reads every choice list and builds the round loop without torch."""
     code = ("import sys; import ssdiff_ray.config, ssdiff_ray.api, ssdiff_ray.cli, "
             "ssdiff_ray.driver.federation, ssdiff_ray.planner, ssdiff_ray.ledger, ssdiff_ray.run_dir; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch')[:3])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
+
+
+def test_command_line_reads_the_choice_lists_without_ray_or_optuna():
+    """``ssdiff --help`` reads every choice list (the tuner's too) without loading Ray or Optuna."""
+    code = ("import sys; from ssdiff_ray import cli; cli.build_parser(); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'ray', 'optuna', 'torch'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

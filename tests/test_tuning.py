@@ -22,7 +22,7 @@ from ssdiff_ray import cli, config
 from ssdiff_ray.config import ConfigError
 from tuning.space import load_space, overrides, parse_space
 from tuning.storage import open_storage
-from tuning.study import TuneOptions, open_study, prepare, run_study
+from tuning.study import TuneOptions, open_study, run_study, setup_study
 
 
 def storage_url(url: str):
@@ -95,7 +95,23 @@ def test_cli_rejects_bad_space_before_anything_starts(tmp_path, capsys):
     rc = cli.main(["tune", "--objectives", "energy,asr", "--out", str(out)])
     assert rc == 2 and "asr" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="quant.bits"):
-        prepare(TuneOptions(space=_space(tmp_path), reference=["quant.bits=6"]))
+        setup_study(TuneOptions(space=_space(tmp_path), reference=["quant.bits=6"]))
+
+
+@pytest.mark.parametrize("given, message", [
+    ({"sampler": "cmaes"}, "--sampler 'cmaes': must be tpe, nsga2 or random"),
+    ({"pruner": "sha"}, "--pruner 'sha': must be auto, median, hyperband or none"),
+    ({"pruner": "hyperband"}, "--pruner hyperband: pruning needs a single objective (--objectives energy)"),
+])
+def test_bad_sampler_or_pruner_names_the_choices(given, message):
+    with pytest.raises(ConfigError) as e:
+        setup_study(TuneOptions(**given))
+    assert str(e.value) == message
+
+
+def test_auto_pruner_is_median_for_one_objective_and_none_for_several():
+    assert setup_study(TuneOptions(objectives=["fid"])).pruner == "median"
+    assert setup_study(TuneOptions()).pruner == "none"
 
 
 def _study_checks(res: dict, out: Path, storage: str, n: int) -> None:
@@ -306,7 +322,7 @@ def test_bad_intermediate_values_are_pruned(ray_local, tmp_path):
     opts = TuneOptions(overrides=[*BASE, "rounds=2", "eval.every=1"], space=space, trials=2,
                        parallel=1, storage=storage, study="s", out=str(tmp_path / "tune"),
                        objectives=["energy"], pruner="median", pruner_startup=1, sampler="random")
-    study = open_study(prepare(opts))
+    study = open_study(setup_study(opts), open_storage(storage))
     # A cheap trial first, then one whose energy after round 1 is far above it.
     study.enqueue_trial({"train.local_steps": 1})
     study.enqueue_trial({"train.local_steps": 6})

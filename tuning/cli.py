@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from tuning.choices import OBJECTIVES, PRUNER_CHOICES, SAMPLERS
+
 
 def add_parser(sub) -> argparse.ArgumentParser:
     t = sub.add_parser("tune", help="Optuna study over whole federated runs, trials in parallel on Ray")
@@ -18,11 +20,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--study", default="ssdiff", help="study name (rerun the same to resume)")
     t.add_argument("--out", help="results directory (default <out_dir>/tune-<study>)")
     t.add_argument("--objectives", default="energy,fid",
-                   help="comma list of energy, fid, bytes, asr, asr_defended (one = single-objective)")
+                   help=f"comma list of {', '.join(OBJECTIVES)} (one = single-objective)")
     t.add_argument("--constraint", action="append", default=[], metavar="METRIC<=VALUE",
                    help="feasibility constraint, e.g. fid<=200 (repeatable)")
-    t.add_argument("--sampler", default="tpe", choices=("tpe", "nsga2", "random"))
-    t.add_argument("--pruner", default="auto", choices=("auto", "median", "hyperband", "none"),
+    t.add_argument("--sampler", default="tpe", choices=tuple(SAMPLERS))
+    t.add_argument("--pruner", default="auto", choices=PRUNER_CHOICES,
                    help="single-objective only; auto = median")
     t.add_argument("--pruner-startup", type=int, default=2,
                    help="finished trials before the median pruner prunes")

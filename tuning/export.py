@@ -52,10 +52,10 @@ def runnable_config(text: str, name: str) -> str:
     return config_mod.to_toml(config_mod.from_dict(raw))
 
 
-def export(study, prep) -> dict:
-    """Write the results under ``prep.out``; returns paths and the best/front summary."""
-    objectives = prep.opts.objectives
-    out = prep.out
+def export(study, setup) -> dict:
+    """Write the results under ``setup.out``; returns paths and the best/front summary."""
+    objectives = setup.opts.objectives
+    out = setup.out
     df = trials_frame(study, objectives)
     df.to_parquet(out / "trials.parquet")
     try:
@@ -70,7 +70,7 @@ def export(study, prep) -> dict:
         text = t.user_attrs.get("config")
         if text:
             p = cfg_dir / f"trial_{t.number:04d}.toml"
-            p.write_text(runnable_config(text, f"{prep.opts.study}-trial-{t.number:04d}"))
+            p.write_text(runnable_config(text, f"{setup.opts.study}-trial-{t.number:04d}"))
             configs.append(str(p))
     pareto = df[df["number"].isin([t.number for t in front])]
     pareto.to_parquet(out / "pareto.parquet")
@@ -85,7 +85,7 @@ def export(study, prep) -> dict:
         best = knee(front) if len(objectives) > 1 else front[0]
         text = best.user_attrs.get("config")
         if text:
-            (out / "best.toml").write_text(runnable_config(text, f"{prep.opts.study}-best"))
+            (out / "best.toml").write_text(runnable_config(text, f"{setup.opts.study}-best"))
             result["best"] = {"number": best.number, **dict(zip(objectives, best.values)),
                               "config": str(out / "best.toml")}
     result["plots"] = plots(study, df, objectives, front, out)

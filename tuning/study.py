@@ -17,10 +17,10 @@ from typing import Any
 
 from ssdiff_ray import config as config_mod
 from ssdiff_ray.config import Config, ConfigError
+from tuning.choices import OBJECTIVES, PRUNER_CHOICES, PRUNERS, SAMPLERS, one_of
 from tuning.recovery import HEARTBEAT, OWNER, owner_of_this_process, recover_interrupted
 from tuning.space import Space, load_space, overrides
 from tuning.storage import absolute_url, open_storage
-from tuning.trial import OBJECTIVES, make_pruner
 
 
 @dataclass
@@ -35,8 +35,8 @@ class TuneOptions:
     out: str | None = None              # default <base out_dir>/tune-<study>
     objectives: list[str] = field(default_factory=lambda: ["energy", "fid"])
     constraints: list[str] = field(default_factory=list)   # "fid<=200"
-    sampler: str = "tpe"                # tpe | nsga2 | random
-    pruner: str = "auto"                # auto | median | hyperband | none
+    sampler: str = "tpe"                # a name in tuning.choices.SAMPLERS
+    pruner: str = "auto"                # one of tuning.choices.PRUNER_CHOICES
     pruner_startup: int = 2
     startup_trials: int | None = None   # sampler's random start (default: trials // 3)
     seed: int | None = None             # sampler seed (default: the base config's seed)
@@ -60,7 +60,7 @@ def parse_constraint(text: str, objectives_ok=OBJECTIVES) -> tuple[str, str, flo
 
 
 @dataclass
-class Prepared:
+class StudySetup:
     opts: TuneOptions
     base: Config
     space: Space
@@ -71,7 +71,7 @@ class Prepared:
     pruner: str
 
 
-def prepare(opts: TuneOptions) -> Prepared:
+def setup_study(opts: TuneOptions) -> StudySetup:
     """Validate everything a user gave before any storage, Ray or trial starts."""
     base = config_mod.load(opts.config, opts.overrides)
     space = load_space(opts.space)
@@ -88,13 +88,13 @@ def prepare(opts: TuneOptions) -> Prepared:
             raise ConfigError(f"--objectives {o}: needs an attack (attack.kind != 'none')")
         if o == "asr_defended" and not base.defense.enabled:
             raise ConfigError("--objectives asr_defended: needs defense.enabled = true")
-    if opts.sampler not in ("tpe", "nsga2", "random"):
-        raise ConfigError(f"--sampler {opts.sampler!r}: must be tpe, nsga2 or random")
-    if opts.pruner not in ("auto", "median", "hyperband", "none"):
-        raise ConfigError(f"--pruner {opts.pruner!r}: must be auto, median, hyperband or none")
+    if opts.sampler not in SAMPLERS:
+        raise ConfigError(f"--sampler {opts.sampler!r}: must be {one_of(SAMPLERS)}")
+    if opts.pruner not in PRUNER_CHOICES:
+        raise ConfigError(f"--pruner {opts.pruner!r}: must be {one_of(PRUNER_CHOICES)}")
     pruner = opts.pruner
     if len(opts.objectives) > 1:
-        if pruner in ("median", "hyperband"):
+        if pruner not in ("auto", "none"):
             raise ConfigError(f"--pruner {pruner}: pruning needs a single objective "
                               f"(--objectives {opts.objectives[0]})")
         pruner = "none"
@@ -124,18 +124,18 @@ def prepare(opts: TuneOptions) -> Prepared:
         for k in given:
             if k not in reference:
                 raise ConfigError(f"--reference {k}: not a searched field of the space")
-    return Prepared(opts, base, space, out, url, constraints, reference, pruner)
+    return StudySetup(opts, base, space, out, url, constraints, reference, pruner)
 
 
-def trial_config(prep: Prepared, params: dict, number: int, cpus: float, gpus: float) -> Config:
+def trial_config(setup: StudySetup, params: dict, number: int, cpus: float, gpus: float) -> Config:
     """Base config + trial parameters (validated as ``--set`` overrides) + trial resources.
 
     Pools are fixed per trial (``clients.pools``; one per ``cpus / P`` if the base leaves it
     to Ray) and each asks for ``cpus / (P * pools)`` CPUs at most, so the pools of P
     concurrent trials fit in the cluster together and none waits for another's CPU.
     """
-    o = prep.opts
-    sets = [*o.overrides, *overrides(params), f"out_dir={json.dumps(str(prep.out / 'trials'))}",
+    o = setup.opts
+    sets = [*o.overrides, *overrides(params), f"out_dir={json.dumps(str(setup.out / 'trials'))}",
             f"name=\"t{number:04d}\""]
     cfg = config_mod.load(o.config, sets)
     pools = cfg.clients.pools or max(1, int(cpus // o.parallel))
@@ -153,27 +153,21 @@ def _finished(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)))
 
 
-def make_sampler(prep: Prepared):
-    import optuna
-
-    o = prep.opts
-    seed = prep.base.seed if o.seed is None else o.seed
+def make_sampler(setup: StudySetup):
+    o = setup.opts
+    seed = setup.base.seed if o.seed is None else o.seed
     startup = o.startup_trials if o.startup_trials is not None else max(2, o.trials // 3)
-    if o.sampler == "nsga2":
-        return optuna.samplers.NSGAIISampler(population_size=max(2, startup), seed=seed)
-    if o.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    return optuna.samplers.TPESampler(n_startup_trials=startup, seed=seed, multivariate=True)
+    return SAMPLERS[o.sampler](startup, seed)
 
 
-def open_study(prep: Prepared, storage):
+def open_study(setup: StudySetup, storage):
     import optuna
 
-    o = prep.opts
+    o = setup.opts
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        storage=storage, study_name=o.study, sampler=make_sampler(prep),
-        pruner=make_pruner(prep.pruner, prep.base.rounds, o.pruner_startup),
+        storage=storage, study_name=o.study, sampler=make_sampler(setup),
+        pruner=PRUNERS[setup.pruner](setup.base.rounds, o.pruner_startup),
         directions=["minimize"] * len(o.objectives), load_if_exists=True)
     names = study.metric_names
     if names is None:
@@ -184,9 +178,9 @@ def open_study(prep: Prepared, storage):
     return study
 
 
-def _values(prep: Prepared, summary: dict) -> list[float]:
+def _values(setup: StudySetup, summary: dict) -> list[float]:
     return [float(summary.get(OBJECTIVES[o][0], math.nan) if summary.get(OBJECTIVES[o][0])
-                  is not None else math.nan) for o in prep.opts.objectives]
+                  is not None else math.nan) for o in setup.opts.objectives]
 
 
 def best_text(study, objectives: list[str]) -> str:
@@ -225,45 +219,45 @@ def _run_study(opts: TuneOptions, progress: bool, log) -> dict:
     from ssdiff_ray.driver.session import ray_session
     from tuning.export import export
 
-    prep = prepare(opts)
-    prep.out.mkdir(parents=True, exist_ok=True)
-    storage = open_storage(prep.storage_url)
-    study = open_study(prep, storage)
+    setup = setup_study(opts)
+    setup.out.mkdir(parents=True, exist_ok=True)
+    storage = open_storage(setup.storage_url)
+    study = open_study(setup, storage)
     recovered = recover_interrupted(study, storage, opts.stale_after_s)
     if recovered:
         log(f"resumed: trials {', '.join(map(str, recovered))} were interrupted; retrying them")
-    _enqueue_reference(study, prep)
+    _enqueue_reference(study, setup)
     with ray_session(opts.address):
-        loop = _StudyLoop(opts, prep, study)
+        loop = _StudyLoop(opts, setup, study)
         try:
             loop.run(progress)
         except BaseException:
             loop.requeue_running()
             raise
-    result = export(study, prep)
-    result.update(study=opts.study, storage=prep.storage_url, out=str(prep.out))
+    result = export(study, setup)
+    result.update(study=opts.study, storage=setup.storage_url, out=str(setup.out))
     return result
 
 
-def _enqueue_reference(study, prep: Prepared) -> None:
+def _enqueue_reference(study, setup: StudySetup) -> None:
     """Queue the ``--reference`` trial once (again if every earlier copy failed)."""
     from optuna.trial import TrialState
 
-    if prep.reference is None:
+    if setup.reference is None:
         return
     if not any(t.user_attrs.get("reference") for t in study.get_trials(deepcopy=False)
                if t.state != TrialState.FAIL):
-        study.enqueue_trial(prep.reference, user_attrs={"reference": True})
+        study.enqueue_trial(setup.reference, user_attrs={"reference": True})
 
 
 class _StudyLoop:
     """Keeps ``--parallel`` trials running as Ray tasks until ``--trials`` have finished."""
 
-    def __init__(self, opts: TuneOptions, prep: Prepared, study):
+    def __init__(self, opts: TuneOptions, setup: StudySetup, study):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.opts, self.prep, self.study = opts, prep, study
+        self.opts, self.setup, self.study = opts, setup, study
         cluster = ray.cluster_resources()
         self.cpus, self.gpus = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
         self.here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
@@ -301,13 +295,13 @@ class _StudyLoop:
 
         from tuning.trial import run_trial
 
-        study, prep, opts = self.study, self.prep, self.opts
+        study, setup, opts = self.study, self.setup, self.opts
         trial = study.ask()
-        params = prep.space.suggest(trial)
+        params = setup.space.suggest(trial)
         trial.set_user_attr(OWNER, self.owner)
         trial.set_user_attr(HEARTBEAT, time.time())
         try:
-            cfg = trial_config(prep, params, trial.number, self.cpus, self.gpus)
+            cfg = trial_config(setup, params, trial.number, self.cpus, self.gpus)
         except ConfigError as e:
             # A combination the schema forbids (e.g. min_bits > max_bits): skip it.
             trial.set_user_attr("error", str(e))
@@ -316,9 +310,9 @@ class _StudyLoop:
             return
         trial.set_user_attr("config", config_mod.to_toml(cfg))
         trial.set_user_attr("run_dir", str(Path(cfg.out_dir) / cfg.name))
-        info = {"objectives": opts.objectives, "prune": prep.pruner != "none",
-                "pruner": prep.pruner, "pruner_startup": opts.pruner_startup,
-                "storage": prep.storage_url, "study": opts.study, "trial_number": trial.number}
+        info = {"objectives": opts.objectives, "prune": setup.pruner != "none",
+                "pruner": setup.pruner, "pruner_startup": opts.pruner_startup,
+                "storage": setup.storage_url, "study": opts.study, "trial_number": trial.number}
         ref = run_trial.options(scheduling_strategy=self.here).remote(cfg, info)
         self.running[ref] = (trial, time.perf_counter())
 
@@ -338,7 +332,7 @@ class _StudyLoop:
         except Exception as e:  # noqa: BLE001 - worker died, OOM, ...
             res = {"status": "error", "error": f"{type(e).__name__}: "
                    f"{(str(e).splitlines() or [''])[0]}"}
-        if _tell(self.prep, self.study, trial, res, time.perf_counter() - t0):
+        if _tell(self.setup, self.study, trial, res, time.perf_counter() - t0):
             self.failures = 0
             return
         error = res.get("error", "objective is not a number").splitlines()[0]
@@ -364,7 +358,7 @@ class _StudyLoop:
                 {"reference": True} if trial.user_attrs.get("reference") else {})})
 
 
-def _tell(prep: Prepared, study, trial, res: dict, trial_s: float) -> bool:
+def _tell(setup: StudySetup, study, trial, res: dict, trial_s: float) -> bool:
     """Record a trial's result; True if it completed or was pruned."""
     from optuna.trial import TrialState
 
@@ -385,12 +379,12 @@ def _tell(prep: Prepared, study, trial, res: dict, trial_s: float) -> bool:
               "final_loss"):
         if s.get(k) is not None:
             trial.set_user_attr(k, s[k])
-    values = _values(prep, s)
+    values = _values(setup, s)
     if not all(math.isfinite(v) for v in values):
         trial.set_user_attr("error", "objective is not a number")
         study.tell(trial, state=TrialState.FAIL)
         return False
-    for name, op, bound in prep.constraints:
+    for name, op, bound in setup.constraints:
         v = s.get(OBJECTIVES[name][0])
         v = math.inf if v is None else float(v)
         trial.set_constraint(f"{name}{op}{bound:g}", v - bound if op == "<=" else bound - v)

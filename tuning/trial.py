@@ -16,15 +16,7 @@ import ray
 
 from ssdiff_ray.config import Config
 from ssdiff_ray.errors import UserError
-
-# Objective name -> (summary/round key, how it accumulates over rounds for pruning).
-OBJECTIVES = {
-    "energy": ("energy_j", "sum"),
-    "fid": ("fid", "last"),
-    "bytes": ("uplink_bytes", "sum"),
-    "asr": ("asr", "last"),
-    "asr_defended": ("asr_defended", "last"),
-}
+from tuning.choices import OBJECTIVES, PRUNERS
 
 
 def _clean(v):
@@ -53,8 +45,8 @@ def run_trial_local(cfg: Config, info: dict) -> dict:
 
         storage = open_storage(info["storage"])
         study = optuna.load_study(study_name=info["study"], storage=storage,
-                                  pruner=make_pruner(info["pruner"], cfg.rounds,
-                                                     info["pruner_startup"]))
+                                  pruner=PRUNERS[info["pruner"]](cfg.rounds,
+                                                                 info["pruner_startup"]))
         trial = optuna.trial.Trial(study, trial_id(storage, info["study"], info["trial_number"]))
     rows: list[dict] = []
     totals = {"energy_j": 0.0, "uplink_bytes": 0.0}
@@ -99,13 +91,3 @@ def run_trial_local(cfg: Config, info: dict) -> dict:
 @ray.remote(num_cpus=0, max_retries=0)
 def run_trial(cfg: Config, info: dict) -> dict:
     return run_trial_local(cfg, info)
-
-
-def make_pruner(name: str, rounds: int, startup: int):
-    import optuna
-
-    if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0)
-    if name == "hyperband":
-        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(rounds, 1))
-    return optuna.pruners.NopPruner()

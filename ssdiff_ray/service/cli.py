@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from ssdiff_ray.errors import UserError
+from ssdiff_ray.model import SAMPLERS
 
 
 def _check_run(run_dir: str) -> Path:
@@ -71,7 +72,6 @@ def _ints(text: str, flag: str) -> list[int]:
 
 
 def cmd_profile(args) -> int:
-    from ssdiff_ray.model import SAMPLERS
     from ssdiff_ray.service.profile import profile_run
 
     run_dir = _check_run(args.run_dir)
@@ -138,7 +138,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("serve-profile", help="FID and server time against sampler and steps, "
                        "saved with the run for the service's planner")
     p.add_argument("run_dir")
-    p.add_argument("--samplers", default="dpm,ddim,ddpm")
+    p.add_argument("--samplers", default=",".join(SAMPLERS))
     p.add_argument("--steps", default="5,10,20,50")
     p.add_argument("--n", type=int, default=500, help="samples per FID")
     p.add_argument("--batch", type=int, default=32, help="batch size of the timed batch")

@@ -22,7 +22,7 @@ cases; ``where`` is the decision a deployment would follow and the figures are p
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -79,9 +79,6 @@ class Plan:
     cpu_hz: float | None = None  # the device's DVFS frequency when it runs the sampler
     server_s: float = 0.0        # the edge server's part of latency_s (queue included)
     radio_s: float = 0.0         # the radio's part of latency_s
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)

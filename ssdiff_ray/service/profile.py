@@ -18,6 +18,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ssdiff_ray.model import SAMPLERS
+
 PROFILE = "serve_profile.parquet"
 
 
@@ -30,7 +32,7 @@ def _timed(fn, reps: int) -> float:
     return float(np.median(times))
 
 
-def profile_run(run_dir: str | Path, samplers=("dpm", "ddim", "ddpm"), steps=(5, 10, 20, 50),
+def profile_run(run_dir: str | Path, samplers=SAMPLERS, steps=(5, 10, 20, 50),
                 n: int = 500, batch: int = 32, seed: int = 0, defended: bool = True,
                 log=print) -> pd.DataFrame:
     """Measure every (sampler, steps), save the table with the run and return it.
