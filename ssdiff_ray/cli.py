@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ssdiff_ray.attacks import TRIGGERS
+from ssdiff_ray.devices import DEVICE_CLASSES
 from ssdiff_ray.errors import UserError
 from ssdiff_ray.model import PRESETS
 
@@ -217,11 +218,6 @@ def cmd_distill_scan(args) -> int:
     return 1 if res["suspect"] and not res.get("out") else 0
 
 
-def _jobs_call(fn, *a, **kw):
-
-    return fn(*a, **kw)
-
-
 def cmd_submit(args) -> int:
     from ssdiff_ray.driver import jobs
 
@@ -414,7 +410,8 @@ def _add_distill_commands(sub) -> None:
     e.add_argument("--widths", default="32,64", help="the student CNN's conv channels")
     e.add_argument("--steps", type=int, default=1000, help="student training steps")
     e.add_argument("--seeds", type=int, default=3, help="students per source")
-    e.add_argument("--device", default="rpi4", help="device class for the training energy")
+    e.add_argument("--device", default="rpi4", choices=tuple(DEVICE_CLASSES),
+                   help="device class for the training energy")
     e.add_argument("--out", help="Parquet of every student (default RUN_DIR/distill/eval.parquet)")
     e.add_argument("--address", default=None, help="Ray cluster to join (default: embedded)")
     e.set_defaults(func=cmd_distill_eval)
