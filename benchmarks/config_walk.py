@@ -81,12 +81,22 @@ def walk(visits) -> dict:
 
 
 def main() -> int:
+    import dataclasses
+
     from ssdiff_ray import api, config
 
     out = Path(tempfile.mkdtemp(prefix="ssdiff-walk-"))
     cfg = config.load(None, [*TINY, f"out_dir={out}"])
     visits = trace_visits(lambda: api.run(cfg, progress=False), config.Config)
     res = walk(visits)
+    # the same walk when a call that receives one of the config's sections (cfg.data, ...)
+    # counts as a visit too
+    sections = tuple({type(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+                      if dataclasses.is_dataclass(getattr(cfg, f.name))})
+    cfg = config.load(None, [*TINY, f"out_dir={out}", "name=sections"])
+    with_sections = walk(trace_visits(lambda: api.run(cfg, progress=False),
+                                      (config.Config, *sections)))
+    res["with_sections"] = {k: v for k, v in with_sections.items() if k != "walk"}
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip()
     res = {"commit": commit, "command": "python benchmarks/config_walk.py", "config": TINY, **res}
@@ -97,6 +107,10 @@ def main() -> int:
     for s in res["walk"]:
         mark = " (climb)" if s["climb"] else " (return)" if s["return"] else ""
         print(f"  {s['room']}: {', '.join(s['functions'])}{mark}")
+    w = res["with_sections"]
+    print(f"counting calls that receive a section too: {w['stays']} stays in {w['rooms']} rooms, "
+          f"{w['climbs_back_up']} climbs back up, {w['returns']} returns; most entered: "
+          f"{w['most_entered']}")
     print(f"wrote {dest}")
     return 0
 
