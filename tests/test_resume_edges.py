@@ -77,7 +77,7 @@ def test_stopped_before_the_first_checkpoint_starts_over(tmp_path, reference):
 def test_stopped_between_ledger_flush_and_checkpoint_rename(tmp_path, reference, monkeypatch):
     """The ledger files already hold round 3 but the checkpoint is round 2's: the resumed
     run drops the ledger's round 3 and trains it again."""
-    import driver.federation
+    from ssdiff_ray.driver import federation
 
     real_replace = os.replace
     calls = {"n": 0}
@@ -89,11 +89,11 @@ def test_stopped_between_ledger_flush_and_checkpoint_rename(tmp_path, reference,
                 raise Stop
         return real_replace(src, dst)
 
-    monkeypatch.setattr(driver.federation.os, "replace", replace)
+    monkeypatch.setattr(federation.os, "replace", replace)
     cfg = config.load(None, [*BASE, f"out_dir={tmp_path}", "name=r", "server.checkpoint_every=1"])
     with pytest.raises(Stop):
         api.run(cfg, progress=False)
-    monkeypatch.setattr(driver.federation.os, "replace", real_replace)
+    monkeypatch.setattr(federation.os, "replace", real_replace)
     run_dir = tmp_path / "r"
     assert pd.read_parquet(run_dir / "rounds.parquet")["round"].max() == 3  # flushed
     api.run(config.load(run_dir / "config.toml"), progress=False, resume=run_dir)
