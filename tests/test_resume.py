@@ -4,7 +4,6 @@ Every run here is a real ``ssdiff run`` subprocess with its own embedded Ray, so
 the driver kills a whole Ray session the way a crash of a login node would.
 """
 
-import pickle
 import signal
 import subprocess
 import sys
@@ -16,6 +15,8 @@ import psutil
 import pytest
 from conftest import TINY
 from safetensors.numpy import load_file
+
+from ssdiff_ray import checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -33,11 +34,9 @@ def _ssdiff(*args, **kw):
 
 
 def _checkpoint_round(run_dir) -> int:
-    try:
-        with open(run_dir / "checkpoint.pkl", "rb") as f:
-            return pickle.load(f)["round"]
-    except (FileNotFoundError, EOFError, pickle.UnpicklingError):
+    if not (run_dir / checkpoint.CHECKPOINT).exists():
         return 0
+    return checkpoint.load(run_dir)["round"]
 
 
 def _kill_tree(proc) -> None:

@@ -77,23 +77,23 @@ def test_stopped_before_the_first_checkpoint_starts_over(tmp_path, reference):
 def test_stopped_between_ledger_flush_and_checkpoint_rename(tmp_path, reference, monkeypatch):
     """The ledger files already hold round 3 but the checkpoint is round 2's: the resumed
     run drops the ledger's round 3 and trains it again."""
-    from ssdiff_ray.driver import federation
+    from ssdiff_ray import checkpoint
 
     real_replace = os.replace
     calls = {"n": 0}
 
     def replace(src, dst):
-        if str(dst).endswith("checkpoint.pkl"):
+        if str(dst).endswith(checkpoint.CHECKPOINT):
             calls["n"] += 1
             if calls["n"] == 3:  # the third checkpoint: after round 3
                 raise Stop
         return real_replace(src, dst)
 
-    monkeypatch.setattr(federation.os, "replace", replace)
+    monkeypatch.setattr(checkpoint.os, "replace", replace)
     cfg = config.load(None, [*BASE, f"out_dir={tmp_path}", "name=r", "server.checkpoint_every=1"])
     with pytest.raises(Stop):
         api.run(cfg, progress=False)
-    monkeypatch.setattr(federation.os, "replace", real_replace)
+    monkeypatch.setattr(checkpoint.os, "replace", real_replace)
     run_dir = tmp_path / "r"
     assert pd.read_parquet(run_dir / "rounds.parquet")["round"].max() == 3  # flushed
     api.run(config.load(run_dir / "config.toml"), progress=False, resume=run_dir)
@@ -103,16 +103,15 @@ def test_stopped_between_ledger_flush_and_checkpoint_rename(tmp_path, reference,
 def test_resume_with_another_pool_count_hands_each_client_its_residual(tmp_path):
     """Stopped with 2 pools, resumed with 3: client i now lives in pool i % 3, and it gets
     the error-feedback residual it had at the checkpoint."""
-    import pickle
-
     import ray
+
+    from ssdiff_ray import checkpoint
 
     cfg = config.load(None, [*BASE, f"out_dir={tmp_path}", "name=r", "server.checkpoint_every=1"])
     with pytest.raises(Stop):
         api.run(cfg, progress=False, on_round=_stop_after(2))
     run_dir = tmp_path / "r"
-    with open(run_dir / "checkpoint.pkl", "rb") as f:
-        saved = {c: v for s in pickle.load(f)["pools"] for c, v in s["residuals"].items()}
+    saved = {c: v for s in checkpoint.load(run_dir)["pools"] for c, v in s["residuals"].items()}
     assert saved  # quantized uploads with error feedback left residuals
     seen = {}
 

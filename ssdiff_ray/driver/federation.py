@@ -10,8 +10,6 @@ to the parameter server as it arrives (``ray.wait``). Payload bytes go pool -> o
 from __future__ import annotations
 
 import math
-import os
-import pickle
 import time
 from pathlib import Path
 
@@ -22,6 +20,7 @@ from tqdm import tqdm
 
 from actors.client_pool import ClientPoolActor
 from actors.parameter_server import ParameterServerActor
+from ssdiff_ray import checkpoint
 from ssdiff_ray.attacks import attack_spec
 from ssdiff_ray.config import Config
 from ssdiff_ray.images import save_grid
@@ -30,8 +29,7 @@ from ssdiff_ray.planner import RoundPlan, RoundPlanner
 from ssdiff_ray.round_results import RoundOutcome
 from ssdiff_ray.run_dir import Prepared
 
-CHECKPOINT = "checkpoint.pkl"
-CHECKPOINT_FORMAT = 2  # bump when the checkpoint's layout changes
+CHECKPOINT_FORMAT = 3  # bump when the checkpoint's layout changes
 CHUNK_BYTES = 64 << 20  # payload bytes per train_round call (see dispatch)
 
 
@@ -280,19 +278,15 @@ class Federation:
             "pools": _get_while_restarting(lambda: [p.state_dict.remote() for p in self.pools]),
             "planner": self.planner.state_dict(), "baseline": self.baseline,
         }
-        path = self.prep.run_dir / CHECKPOINT
-        with open(path.with_suffix(".tmp"), "wb") as f:
-            pickle.dump(state, f, protocol=5)
-        self.ledger.flush()
-        os.replace(path.with_suffix(".tmp"), path)
+        checkpoint.save(self.prep.run_dir, state, self.last_round, before_commit=self.ledger.flush)
 
     def restore(self, run_dir: Path) -> int:
         """Load the last checkpoint; returns its round (the run continues after it)."""
-        with open(run_dir / CHECKPOINT, "rb") as f:
-            state = pickle.load(f)
+        state = checkpoint.load(run_dir)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"{run_dir / CHECKPOINT}: written by another version of ssdiff "
-                             "(checkpoint format differs); start the run again")
+            raise checkpoint.CheckpointError(
+                f"{run_dir / checkpoint.CHECKPOINT}: written by another version of ssdiff "
+                "(checkpoint format differs); start the run again")
         ray.get(self.server.load_state_dict.remote(state["server"]))
         # Client i lives in pool i % num_pools; the cluster may give a resumed run a different
         # pool count, so hand each client's residual to the pool that now hosts it.

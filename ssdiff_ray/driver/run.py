@@ -14,8 +14,9 @@ from pathlib import Path
 
 import ray
 
+from ssdiff_ray import checkpoint
 from ssdiff_ray.config import Config
-from ssdiff_ray.driver.federation import CHECKPOINT, Federation
+from ssdiff_ray.driver.federation import Federation
 from ssdiff_ray.driver.session import check_reachable, ray_session
 from ssdiff_ray.run_dir import prepare, write_summary
 
@@ -30,12 +31,14 @@ def run(cfg: Config, *, address: str | None = None, resume: str | Path | None = 
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     if address and not ray.is_initialized():
         check_reachable(address)  # before the run directory is made
+    if resume:
+        checkpoint.check_no_legacy(Path(resume))  # before anything is written
     prep = prepare(cfg, resume)  # shards and population are rebuilt identically on resume
     with ray_session(address):
         fed = Federation(prep)
         try:
             start = 1
-            if resume and (prep.run_dir / CHECKPOINT).exists():
+            if resume and (prep.run_dir / checkpoint.CHECKPOINT).exists():
                 start = fed.restore(prep.run_dir) + 1
             fed.fit(start, progress, on_round)
             summary = summarize(fed, time.perf_counter() - t_start)
