@@ -69,3 +69,20 @@ def test_resume_never_unpickles_a_planted_checkpoint(tmp_path, tiny_overrides, c
                    "run again)"]
     assert not marker.exists()
     assert sorted(p.name for p in run.iterdir()) == before   # nothing written
+
+
+def test_a_weights_file_with_code_is_refused_unread(tmp_path):
+    """eval.inception_weights names a file torch-fidelity would unpickle in full: it must
+    first load as plain tensors, so a planted payload never runs."""
+    from ssdiff_ray.metrics.inception import WEIGHTS_FILE, InceptionFeatures, InceptionWeightsError
+
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "weights.pth"
+    evil.write_bytes(pickle.dumps({"conv.weight": Payload(marker)}))
+    with pytest.raises(InceptionWeightsError, match="not a plain weights file, refused unread"):
+        InceptionFeatures(evil)
+    assert not marker.exists()
+    named = tmp_path / WEIGHTS_FILE   # a file that claims to be the published weights
+    named.write_bytes(b"\0" * 64)
+    with pytest.raises(InceptionWeightsError, match="SHA-256 is not the published file's"):
+        InceptionFeatures(named)
