@@ -187,7 +187,7 @@ def part_federated(run: str, seeds: int, work: Path, map_fn, out: Path, k: int =
                                steps=cfg.eval.steps, guidance=cfg.eval.guidance)
             m = distill(run, spec, set_dir, map_fn, log=print)
             _grid(set_dir, f"federated_{tag}", out / "distill_grids")
-            scan = scan_path(set_dir, out=work / "federated" / f"{tag}-scanned")
+            scan = scan_path(set_dir, run, out=work / "federated" / f"{tag}-scanned")
             for scanned in (False, True):
                 x, y, _ = read_set(work / "federated" / (f"{tag}-scanned" if scanned else tag))
                 students = list(map_fn(functools.partial(job, x=x, y=y), range(seeds)))
@@ -225,7 +225,7 @@ def part_distiller(run: str, seeds: int, work: Path, map_fn, out: Path, k: int =
                                  steps=cfg.eval.steps, guidance=cfg.eval.guidance),
                 clean_dir, map_fn, log=print)
     x, y, manifest = read_set(clean_dir)
-    clean_scan = scan_path(clean_dir)
+    clean_scan = scan_path(clean_dir, run)
     print("scan of the clean set:", clean_scan, flush=True)
 
     def students(xs, ys, delta, target):
@@ -256,7 +256,7 @@ def part_distiller(run: str, seeds: int, work: Path, map_fn, out: Path, k: int =
             if attack_seed == 0:
                 _grid(pdir, f"distiller_poisoned_{variant}", out / "distill_grids")
             sdir = work / "distiller" / f"scanned-{variant}-seed{attack_seed}"
-            scan = scan_path(pdir, out=sdir)
+            scan = scan_path(pdir, run, out=sdir)
             flagged = np.array(json.loads((pdir / "scan.json").read_text())["flagged_rows"], int)
             caught = int(np.isin(np.flatnonzero(is_poison), flagged).sum())
             false_flags = int(len(flagged) - caught)

@@ -419,7 +419,8 @@ def _add_distill_commands(sub) -> None:
     s = sub.add_parser("distill-scan", help="does a synthetic set carry a shared trigger? "
                        "(exit 1 if so)")
     s.add_argument("set_dir")
-    s.add_argument("--run", help="the model that made the set (default: the manifest's)")
+    s.add_argument("--run", required=True, help="the run whose model made the set (its "
+                   "judge; never taken from the set's own manifest)")
     s.add_argument("--alpha", type=float, default=0.01, help="false-positive rate per image")
     s.add_argument("--out", help="write the set without the flagged images here")
     s.set_defaults(func=cmd_distill_scan)

@@ -202,13 +202,13 @@ def test_scan_flags_a_planted_trigger_and_passes_a_clean_set(cond_run, tmp_path)
     distill(cond_run, DistillSpec(ipc=20, selection="random", defend=False, steps=10),
             clean_dir)
     x, y, manifest = read_set(clean_dir)
-    res = scan_path(clean_dir)
+    res = scan_path(clean_dir, cond_run)
     assert not res["suspect"] and res["flagged"] <= 0.05 * len(y)
     # a shared +-0.1 pattern added to 10% of the set, relabelled: it is what gets flagged
     delta = np.random.default_rng(0).choice([-0.1, 0.1], size=x.shape[1:]).astype(np.float32)
     px, py, is_poison = poison_set(x, y, delta, target=2, share=0.1)
     write_set(tmp_path / "poisoned", px, py, manifest)
-    res = scan_path(tmp_path / "poisoned", out=tmp_path / "shipped")
+    res = scan_path(tmp_path / "poisoned", cond_run, out=tmp_path / "shipped")
     flagged = np.zeros(len(py), bool)
     flagged[json.loads((tmp_path / "poisoned" / "scan.json").read_text())["flagged_rows"]] = True
     assert res["suspect"]
@@ -225,7 +225,7 @@ def test_scan_flags_a_planted_trigger_and_passes_a_clean_set(cond_run, tmp_path)
     target[:, 4:12, 3:13] = 1.0
     dx, dy = np.concatenate([x, np.repeat(target[None], 6, 0)]), np.r_[y, np.arange(6)]
     write_set(tmp_path / "copies", dx, dy, manifest)
-    res = scan_path(tmp_path / "copies")
+    res = scan_path(tmp_path / "copies", cond_run)
     rows = json.loads((tmp_path / "copies" / "scan.json").read_text())["flagged_rows"]
     assert res["duplicates"] >= 6 and set(range(len(y), len(dy))) <= set(rows)
 

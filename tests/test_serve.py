@@ -180,7 +180,8 @@ def test_stop_releases_the_port_and_the_actors(service):
 
 def test_service_refuses_a_model_whose_cached_audit_says_backdoored(tiny_run, tmp_path):
     """The refusal reads the audit in the run's defense cache (computed for the served
-    model); here its statistic is set by hand to a value the audit rule calls backdoored."""
+    model); here its statistic is set by hand to a value the audit rule calls backdoored,
+    and the cache signed again with this machine's secret."""
     import shutil
 
     from ssdiff_ray.cli import main
@@ -192,6 +193,9 @@ def test_service_refuses_a_model_whose_cached_audit_says_backdoored(tiny_run, tm
     rule = AuditRule.load()  # the cached verdict is re-judged from the statistic
     value = rule.threshold - 1 if rule.below else rule.threshold + 1
     (run / "defense" / "audit.json").write_text(json.dumps({**audit, rule.statistic: value}))
+    from ssdiff_ray.defense.cache import sign
+
+    sign(run)  # the operator vouches for the edit (unsigned, it would be computed anew)
     # --for-s: were the refusal to fail, the service stops after 1 s instead of serving on
     assert main(["serve", str(run), "--port", str(_free_port()), "--for-s", "1"]) == 2
     from ssdiff_ray.service.generator import Generator

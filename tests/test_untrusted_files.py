@@ -86,3 +86,49 @@ def test_a_weights_file_with_code_is_refused_unread(tmp_path):
     named.write_bytes(b"\0" * 64)
     with pytest.raises(InceptionWeightsError, match="SHA-256 is not the published file's"):
         InceptionFeatures(named)
+
+
+def test_a_defense_cache_is_trusted_only_as_this_machine_signed_it(tmp_path, monkeypatch):
+    """The cache's key anyone can recompute; the signature only this machine's secret makes.
+    (Unit test of the check ``cache.load`` runs before it uses a cache.)"""
+    from ssdiff_ray.defense import cache
+
+    monkeypatch.setenv("SSDIFF_CACHE_DIR", str(tmp_path / "secret-here"))
+    d = tmp_path / "defense"
+    d.mkdir()
+    key = {"version": cache.VERSION, "model": "ab" * 32}
+    (d / "audit.json").write_text(json.dumps({"verdict": "backdoored", "stat": 0.9}))
+    cache._write_key(d, key)
+    assert cache._trusted(d, key)
+    assert not cache._trusted(d, {**key, "model": "cd" * 32})     # other weights
+    (d / "audit.json").write_text(json.dumps({"verdict": "clean", "stat": 0.0}))   # forged
+    assert not cache._trusted(d, key)
+    stored = json.loads((d / "key.json").read_text())               # hashes recomputed too
+    stored["files"] = cache._file_digests(d)
+    (d / "key.json").write_text(json.dumps(stored))
+    assert not cache._trusted(d, key)
+    cache._write_key(d, key)
+    assert cache._trusted(d, key)
+    monkeypatch.setenv("SSDIFF_CACHE_DIR", str(tmp_path / "another-machine"))
+    assert not cache._trusted(d, key)
+    assert oct((tmp_path / "secret-here" / "defense.key").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_distilled_set_names_no_judge_and_its_data_must_match_its_hash(tmp_path, capsys):
+    from ssdiff_ray.distill import DistillError
+    from ssdiff_ray.distill.distilled_set import read_set, write_set
+    from ssdiff_ray.distill.scan_set import scan_path
+
+    x = np.zeros((4, 1, 8, 8), np.float32)
+    m = write_set(tmp_path / "set", x, np.arange(4), {"source_run": str(tmp_path / "theirs")})
+    with pytest.raises(DistillError, match="name the run whose model made the set"):
+        scan_path(tmp_path / "set", None)
+    with pytest.raises(SystemExit) as e:                                # --run is required
+        cli.main(["distill-scan", str(tmp_path / "set")])
+    assert e.value.code == 2 and "required: --run" in capsys.readouterr().err
+    data = tmp_path / "set" / "data.parquet"
+    other = write_set(tmp_path / "other", x + 1, np.arange(4), {})
+    assert other["data_sha256"] != m["data_sha256"]
+    data.write_bytes((tmp_path / "other" / "data.parquet").read_bytes())   # swapped images
+    with pytest.raises(DistillError, match="does not match the manifest's data_sha256"):
+        read_set(tmp_path / "set")

@@ -6,12 +6,21 @@ estimate (``estimate.npz``), the target check's target image and null scores
 (``check.npz``) and the audit verdict (``audit.json``), with a key (``key.json``): the
 model file's digest and the defense settings. A model or settings change makes the key
 differ and the defense is computed again; so does ``refresh``.
+
+Anyone can recompute the key, so a run directory from elsewhere could carry a forged "clean"
+audit for a backdoored model. ``key.json`` therefore also holds the SHA-256 of every cached
+file and an HMAC of all of it under a secret kept outside the run directory
+(``$SSDIFF_CACHE_DIR/defense.key``, made on first use): a cache this machine did not write,
+or changed since, is computed anew.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
+import secrets
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +28,8 @@ import numpy as np
 from ssdiff_ray.defense.defense import Defense
 from ssdiff_ray.defense.estimate import TriggerEstimate
 
-VERSION = 2  # 2: the probe searches under several samplers
+VERSION = 3  # 2: the probe searches under several samplers; 3: signed
+FILES = ("estimate.npz", "estimate.json", "check.npz", "audit.json")
 
 
 def model_digest(model_dir: str | Path) -> str:
@@ -61,6 +71,8 @@ def save(run_dir: str | Path, defense: Defense, audit: dict) -> Path:
     """Write the prepared ``defense`` and its ``audit`` under ``RUN/defense/``."""
     out = Path(run_dir) / "defense"
     out.mkdir(exist_ok=True)
+    for f in ("key.json", *FILES):  # a new save replaces the whole cache
+        (out / f).unlink(missing_ok=True)
     est = defense.est
     if est is not None:
         np.savez(out / "estimate.npz", tau=est.tau, mu=est.mu)
@@ -72,8 +84,58 @@ def save(run_dir: str | Path, defense: Defense, audit: dict) -> Path:
                  null=defense.check.null, spread=defense.check.spread)
     (out / "audit.json").write_text(json.dumps(_plain(audit), indent=2))
     # the key last: a directory without it (an interrupted save) is never trusted
-    (out / "key.json").write_text(json.dumps(cache_key(run_dir, defense), indent=1))
+    _write_key(out, cache_key(run_dir, defense))
     return out
+
+
+def _file_digests(d: Path) -> dict[str, str]:
+    return {f: hashlib.sha256((d / f).read_bytes()).hexdigest() for f in FILES
+            if (d / f).is_file()}
+
+
+def _signing_key() -> bytes:
+    """This machine's secret for the caches it writes, made on first use (mode 0600)."""
+    from ssdiff_ray.metrics.classifier import default_cache_dir
+
+    path = default_cache_dir() / "defense.key"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        except FileExistsError:
+            pass  # another process made it first
+    return bytes.fromhex(path.read_text().strip())
+
+
+def _mac(manifest: dict) -> str:
+    return hmac.new(_signing_key(), json.dumps(manifest, sort_keys=True).encode(),
+                    hashlib.sha256).hexdigest()
+
+
+def _write_key(d: Path, key: dict) -> None:
+    manifest = {"key": key, "files": _file_digests(d)}
+    (d / "key.json").write_text(json.dumps({**manifest, "hmac": _mac(manifest)}, indent=1))
+
+
+def sign(run_dir: str | Path) -> None:
+    """Sign ``RUN/defense/`` as it is now with this machine's secret: an operator vouching
+    for a cache (e.g. one edited by hand) that ``load`` would otherwise compute anew."""
+    d = Path(run_dir) / "defense"
+    _write_key(d, json.loads((d / "key.json").read_text())["key"])
+
+
+def _trusted(d: Path, key: dict) -> bool:
+    """``key.json`` names ``key``, the files on disk are the ones it hashed, and this
+    machine's secret signed it."""
+    try:
+        stored = json.loads((d / "key.json").read_text())
+        manifest = {"key": stored["key"], "files": stored["files"]}
+        return (stored["key"] == key and stored["files"] == _file_digests(d)
+                and hmac.compare_digest(str(stored["hmac"]), _mac(manifest)))
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return False
 
 
 def load(run_dir: str | Path, defense: Defense) -> dict | None:
@@ -84,11 +146,7 @@ def load(run_dir: str | Path, defense: Defense) -> dict | None:
     from ssdiff_ray.defense.input_tests import TargetCheck, standard_tests
 
     d = Path(run_dir) / "defense"
-    try:
-        key = json.loads((d / "key.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if key != cache_key(run_dir, defense):
+    if not _trusted(d, cache_key(run_dir, defense)):
         return None
     est = None
     if (d / "estimate.npz").is_file():

@@ -16,8 +16,9 @@ from ssdiff_ray.images import from_png, save_grid, to_png
 
 def write_set(out_dir: str | Path, images: np.ndarray, labels: np.ndarray,
               manifest: dict) -> dict:
-    """Write the set; the manifest gains ``images``, ``per_class`` and ``bytes`` (of
-    ``data.parquet``: what an edge device downloads). Returns the manifest."""
+    """Write the set; the manifest gains ``images``, ``per_class``, ``bytes`` (of
+    ``data.parquet``: what an edge device downloads) and ``data_sha256``. Returns the
+    manifest."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = pa.table({"image": pa.array([to_png(im) for im in images], type=pa.binary()),
@@ -26,7 +27,8 @@ def write_set(out_dir: str | Path, images: np.ndarray, labels: np.ndarray,
     (out / "data.parquet.tmp").replace(out / "data.parquet")  # never half a file
     per_class = np.bincount(labels, minlength=int(labels.max()) + 1 if len(labels) else 0)
     manifest = {**manifest, "images": int(len(labels)), "per_class": per_class.tolist(),
-                "bytes": (out / "data.parquet").stat().st_size}
+                "bytes": (out / "data.parquet").stat().st_size,
+                "data_sha256": _sha256(out / "data.parquet")}
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=float))
     order = np.argsort(labels, kind="stable")[:256]
     save_grid(images[order], out / "grid.png")
@@ -47,7 +49,20 @@ def read_set(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict]:
     if not (path / "data.parquet").is_file() or not (path / "manifest.json").is_file():
         raise DistillError(f"{path}: not a distilled set (expected data.parquet and "
                            "manifest.json, as ssdiff distill writes)")
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (ValueError, RecursionError) as e:
+        raise DistillError(f"{path / 'manifest.json'}: not JSON ({e})") from None
+    want = manifest.get("data_sha256") if isinstance(manifest, dict) else None
+    if want is not None and want != _sha256(path / "data.parquet"):
+        raise DistillError(f"{path / 'data.parquet'}: does not match the manifest's "
+                           "data_sha256 (changed after the set was written)")
     table = pq.read_table(path / "data.parquet")
     images = np.stack([from_png(b) for b in table.column("image").to_pylist()])
-    return images.astype(np.float32), table.column("label").to_numpy(), json.loads(
-        (path / "manifest.json").read_text())
+    return images.astype(np.float32), table.column("label").to_numpy(), manifest
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

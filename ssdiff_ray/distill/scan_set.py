@@ -125,10 +125,11 @@ def _leading(r: np.ndarray) -> np.ndarray:
     return u if (r @ u).mean() >= 0 else -u
 
 
-def scan_path(set_dir, run_dir=None, alpha: float = 0.01, out=None) -> dict:
-    """``ssdiff distill-scan``: scan a set on disk with the model that made it (the
-    manifest's run unless ``run_dir``); writes ``scan.json`` beside it and, with ``out``,
-    the set without the flagged images. Returns the summary."""
+def scan_path(set_dir, run_dir, alpha: float = 0.01, out=None) -> dict:
+    """``ssdiff distill-scan``: scan a set on disk with ``run_dir``'s model, the one that
+    made it, named by the caller (a set's own manifest could name any model that calls it
+    clean); writes ``scan.json`` beside it and, with ``out``, the set without the flagged
+    images. Returns the summary."""
     import json
     from pathlib import Path
 
@@ -138,8 +139,10 @@ def scan_path(set_dir, run_dir=None, alpha: float = 0.01, out=None) -> dict:
 
     if not 0 < alpha < 1:
         raise DistillError(f"--alpha {alpha}: must lie in (0, 1)")
+    if not run_dir:
+        raise DistillError(f"{set_dir}: name the run whose model made the set (--run RUN); "
+                           "the set's own manifest is not trusted to pick its judge")
     images, labels, manifest = read_set(set_dir)
-    run_dir = run_dir or manifest.get("source_run")
     try:
         cfg, unet, scheduler = load_run_model(run_dir)
     except RunModelError as e:
