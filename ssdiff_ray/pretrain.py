@@ -27,6 +27,8 @@ def pretrain(cfg: Config, out: str | Path, steps: int, progress: bool = True) ->
     from ssdiff_ray.train import ddpm_loss
 
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"--out {out}: exists and is not empty (nothing is overwritten)")
     if cfg.train.mode != "full" or cfg.model.pretrained:

@@ -116,6 +116,9 @@ def resolve(cfg: Config, dataset: Dataset) -> Config:
     if cfg.model.conditional and not labelled:
         raise config_mod.ConfigError("model.conditional = true: the data set has no labels "
                                      f"(data.label_column = {d.label_column!r})")
+    if cfg.model.conditional and (d.num_classes or found) < 2:
+        raise config_mod.ConfigError("model.conditional = true: the data set has one class; "
+                                     "a class-conditional model needs two or more")
     data = dataclasses.replace(d, channels=channels, num_classes=d.num_classes or found)
     cfg = dataclasses.replace(cfg, data=data)
     config_mod.check_attack_files(cfg)  # a trigger file's channels against the data's

@@ -132,6 +132,51 @@ def test_image_folder_class_names_become_labels(tmp_path):
     assert sorted(d.labels.tolist()) == [0, 0, 0, 1, 1, 1]
 
 
+def test_image_folder_converts_every_mode_and_counts_what_it_did(tmp_path):
+    """As torchvision's ImageFolder: grey, palette, CMYK and RGBA files in one folder load
+    as RGB (grey with data.channels = 1); non-images are skipped; a warning counts both."""
+    from PIL import Image
+
+    rng = np.random.default_rng(4)
+    rgb = Image.fromarray((rng.random((12, 12, 3)) * 255).astype(np.uint8))
+    files = {"grey.png": rgb.convert("L"), "pal.png": rgb.convert("P"),
+             "cmyk.jpg": rgb.convert("CMYK"), "rgba.png": rgb.convert("RGBA"), "rgb.png": rgb}
+    for cls in ("a", "b"):
+        (tmp_path / "root" / cls).mkdir(parents=True)
+        for name, im in files.items():
+            im.save(tmp_path / "root" / cls / name)
+    (tmp_path / "root" / "a" / "notes.txt").write_text("not an image")
+    with pytest.warns(UserWarning) as w:
+        d = _load(tmp_path, "image_folder", tmp_path / "root", image_size=12)
+    msg = str(w[0].message)
+    assert d.images.shape == (10, 3, 12, 12)
+    assert "8 images converted to RGB (2 CMYK, 2 L, 2 P, 2 RGBA)" in msg
+    assert "1 files that are not images skipped (a/notes.txt)" in msg
+    grey = _load(tmp_path, "image_folder", tmp_path / "root", image_size=12, channels=1)
+    assert grey.images.shape == (10, 1, 12, 12)
+    (tmp_path / "root" / "b" / "broken.jpg").write_bytes(_png(np.zeros((12, 12), np.uint8),
+                                                              "JPEG")[:40])
+    with pytest.raises(DataError) as e:
+        _load(tmp_path, "image_folder", tmp_path / "root", image_size=12)
+    assert "broken.jpg: not a readable image" in str(e.value) and "BytesIO" not in str(e.value)
+
+
+def test_conditional_run_on_one_class_and_pretrain_onto_a_file_are_one_line(tmp_path, capsys):
+    from ssdiff_ray import cli
+
+    (tmp_path / "root" / "only").mkdir(parents=True)
+    for i in range(3):
+        (tmp_path / "root" / "only" / f"{i}.png").write_bytes(_png(np.zeros((12, 12), np.uint8)))
+    assert cli.main(["run", "--quiet", "--set", "data.name=image_folder", "--set",
+                     f"data.path={tmp_path / 'root'}", "--set", "model.conditional=true",
+                     "--set", f"out_dir={tmp_path / 'runs'}"]) == 2
+    assert "one class" in capsys.readouterr().err and not (tmp_path / "runs").exists()
+    (tmp_path / "file").write_text("x")
+    assert cli.main(["pretrain", "--out", str(tmp_path / "file"), "--steps", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"ssdiff: error: --out {tmp_path / 'file'}: exists and is not a directory"]
+
+
 def test_colour_digits_are_seeded_rgb_with_ten_classes():
     from ssdiff_ray.data.colour_digits import make_colour_digits
 
@@ -175,7 +220,7 @@ def _bad(tmp_path, kind):
 
 @pytest.mark.parametrize("kind, needle", [
     ("mixed_channels", "row 1: 3 channels, but dataset"),
-    ("unreadable", "row 1: not a readable image"),
+    ("unreadable", "row 1: not an image (no format PIL reads)"),
     ("tiny", "row 1: image is 5 x 5 px, at least 8 x 8"),
     ("strings_for_ints", "row 0: label 'a' is a string; the column holds integers"),
     ("ints_for_names", "row 0: label 1 is a number; the column holds class names"),

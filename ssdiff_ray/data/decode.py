@@ -14,18 +14,33 @@ from ssdiff_ray.data.resize import resize
 MIN_SIDE = 8  # smaller images carry too little to train a diffusion model on
 
 
-def read_image_bytes(data: bytes, where: str) -> np.ndarray:
-    """H x W x C uint8 from encoded bytes: grey stays 1 channel, everything else is RGB."""
-    from PIL import Image
+GREY_MODES = ("1", "L", "I;16", "I", "F")
+
+
+def read_image_bytes(data: bytes, where: str, mode: str | None = None) -> np.ndarray:
+    """H x W x C uint8 from encoded bytes, in ``mode`` ("L" or "RGB"), else grey stays
+    1 channel and everything else (palette, CMYK, RGBA, ...) is RGB."""
+    return as_array(open_image(data, where), mode)
+
+
+def open_image(data: bytes, where: str):
+    """The decoded PIL image, or a DataError naming ``where`` and the decoder's reason."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
         img = Image.open(io.BytesIO(data))
         img.load()
+    except UnidentifiedImageError:
+        raise DataError(f"{where}: not an image (no format PIL reads)") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is a data error
-        raise DataError(f"{where}: not a readable image ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    img = img.convert("L" if img.mode in ("1", "L", "I;16", "I", "F") else "RGB")
-    arr = np.asarray(img)
+        reason = str(e).splitlines()[0] if str(e) else ""
+        raise DataError(f"{where}: not a readable image ({type(e).__name__}: {reason})") from None
+    return img
+
+
+def as_array(img, mode: str | None = None) -> np.ndarray:
+    """H x W x C uint8 of a PIL image in ``mode`` (default: grey stays grey, else RGB)."""
+    arr = np.asarray(img.convert(mode or ("L" if img.mode in GREY_MODES else "RGB")))
     return arr[..., None] if arr.ndim == 2 else arr
 
 
