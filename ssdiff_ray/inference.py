@@ -50,7 +50,7 @@ def class_index(run_dir: str | Path, cfg, name: str) -> int:
     names = json.loads(names_file.read_text()) if names_file.is_file() else []
     if name in names:
         return names.index(name)
-    if name.isdigit() and int(name) < cfg.data.num_classes:
+    if name.isdigit() and len(name) < 10 and int(name) < cfg.data.num_classes:
         return int(name)
     known = ", ".join(names) if names else f"0..{cfg.data.num_classes - 1}"
     raise RunModelError(f"--class {name}: not a class of this run ({known})")

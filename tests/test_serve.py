@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import requests
 from conftest import TINY
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -40,7 +42,8 @@ def service(tiny_run):
     from ssdiff_ray.service import app
 
     port = _free_port()
-    url = app.start(tiny_run, port=port, max_batch_size=8, batch_wait_timeout_s=0.05, max_n=16)
+    url = app.start(tiny_run, port=port, max_batch_size=8, batch_wait_timeout_s=0.05, max_n=16,
+                    max_image_steps=1000, show_flags=True)  # the operator's view: the tests read the defense's flags
     yield url
     app.stop()
 
@@ -98,7 +101,8 @@ def test_health_and_model_card(service, tiny_run):
     h = requests.get(f"{service}/health", timeout=30).json()
     assert h["status"] == "ok"
     card = requests.get(f"{service}/model", timeout=30).json()
-    assert card["run_dir"].endswith("served") and card["conditional"] is True
+    assert card["run"] == "served" and card["conditional"] is True   # no host path
+    assert str(tiny_run) not in json.dumps(card)
     assert card["audit"]["verdict"] in ("clean", "backdoored") and card["defense"] is True
     assert card["limits"]["max_n"] == 16 and len(card["classes"]) == 10
     assert {(p["sampler"], p["steps"]) for p in card["profile"]} == {
@@ -159,6 +163,63 @@ def test_loadtest_reports_throughput_and_no_errors(service, tmp_path):
     assert (table["p50_s"] <= table["p99_s"]).all()
     files = save(table, tmp_path / "lt")
     assert all(p for p in files)
+
+
+def test_hostile_requests_get_4xx_and_leave_the_service_serving(service):
+    deep = _post(service, b"[" * 100_000)
+    assert deep.status_code == 400 and "nested too deeply" in deep.json()["error"]
+    # a chunked body (no Content-Length) over the limit: refused while it is read
+    chunked = requests.post(f"{service}/generate", data=(b"x" * 65536 for _ in range(40)),
+                            timeout=120)
+    assert chunked.status_code == 413 and "limit" in chunked.json()["error"]
+    long = _post(service, {"n": 1, "class": "7" * 100_000})
+    assert long.status_code == 422 and len(long.content) < 1000   # not echoed back
+    work = _post(service, {"n": 16, "sampler": "ddpm", "steps": 100})   # 1,600 > 1,000
+    assert work.status_code == 422 and "image-steps" in work.json()["error"]
+    assert _post(service, {"n": 1, "steps": 2}).status_code == 200
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.text(max_size=6), inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=st.one_of(
+    st.fixed_dictionaries({}, optional={k: JSON for k in ("n", "seed", "class", "sampler",
+                                                          "steps", "guidance", "latency_s",
+                                                          "energy_j", "min_quality",
+                                                          "device_class", "noise")}),
+    JSON, st.binary(max_size=64)))
+def test_fuzzed_bodies_never_answer_5xx(service, body):
+    """Property-based bodies over real HTTP (benchmarks/serve_fuzz.py sends 10,000): a 4xx
+    with a JSON reason, or images; never a server error."""
+    if isinstance(body, dict) and isinstance(body.get("n"), int) and body["n"] > 4:
+        body["n"] = 4  # a valid request generates: keep the test's time bounded
+    r = _post(service, body if isinstance(body, bytes) else json.dumps(body).encode())
+    assert r.status_code < 500, (body, r.text)
+    assert r.status_code == 200 or "error" in r.json()
+
+
+def test_api_keys_and_hidden_flags(service, tiny_run, tmp_path):
+    """Redeployed with an API key and without the operator's flags (the last tests before
+    the service stops)."""
+    import hashlib
+
+    from ssdiff_ray.service import app
+
+    key = "k" * 24
+    app.start(tiny_run, port=int(service.rsplit(":", 1)[1]), max_n=16,
+              api_key_sha256=(hashlib.sha256(key.encode()).hexdigest(),))
+    assert requests.get(f"{service}/health", timeout=30).status_code == 200  # no key needed
+    body = {"n": 2, "steps": 2}
+    for headers in ({}, {"Authorization": "Bearer " + "x" * 24}, {"Authorization": key}):
+        r = _post(service, body, headers=headers)
+        assert r.status_code == 401 and "Bearer" in r.json()["error"]
+    assert requests.get(f"{service}/model", timeout=30).status_code == 401
+    r = _post(service, body, headers={"Authorization": f"Bearer {key}"})
+    assert r.status_code == 200, r.text
+    assert all("flagged" not in im and "negated" not in im for im in r.json()["images"])
 
 
 def test_stop_releases_the_port_and_the_actors(service):

@@ -6,11 +6,13 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ssdiff_ray.devices import DEVICE_CLASSES
 from ssdiff_ray.energy import ChannelConfig
 from ssdiff_ray.service.offload import Infeasible, device_costs, options, plan_request
-from ssdiff_ray.service.request import GenerateRequest, ModelInfo, RequestError, parse_generate
+from ssdiff_ray.service.request import FIELDS, GenerateRequest, ModelInfo, RequestError, parse_generate
 
 INFO = ModelInfo(channels=1, image_size=16, conditional=True, class_names=tuple("0123456789"),
                  timesteps=1000, sampler="ddim", steps=50, guidance=2.0)
@@ -121,3 +123,26 @@ def test_latency_scale_adds_the_95th_percentile_of_observed_minus_predicted():
     base = plan_request(req, _profile(), ChannelConfig(), 600, 0, 4_000_000)
     slow = plan_request(req, _profile(), ChannelConfig(), 600, 0, 4_000_000, server_extra_s=0.7)
     assert slow.server_s == pytest.approx(base.server_s + 0.7)
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=12),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                                max_size=4), max_leaves=12)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(body=st.one_of(
+    st.fixed_dictionaries({}, optional={k: JSON_VALUES for k in FIELDS}),
+    JSON_VALUES.map(lambda v: json.dumps(v).encode()), st.binary(max_size=256)))
+def test_any_body_is_a_request_or_one_request_error(body):
+    """Property-based: whatever a client sends, parsing ends in a request or a 4xx with a
+    short one-line message, never another exception (which the service would answer 500)."""
+    raw = json.dumps(body).encode() if isinstance(body, dict) else body
+    info = ModelInfo(1, 16, True, tuple("0123456789"), 1000, "ddim", 10, 2.0)
+    try:
+        req = parse_generate(raw, info)
+    except RequestError as e:
+        assert 400 <= e.status < 500 and "\n" not in str(e) and len(str(e)) < 400
+    else:
+        assert 1 <= req.n <= 64 and req.n * (req.steps or 1) <= 64 * 50

@@ -9,11 +9,21 @@ replicas each hold a ``ssdiff_ray.service.Generator``.
 Concurrent ``/generate`` requests meet in ``@serve.batch`` and are generated as one batch
 (``max_batch_size`` 1 turns batching off). ``build_app`` is the application builder that
 ``serve deploy cluster/serve.yaml`` imports.
+
+Hostile clients: the body is read in chunks up to the limit (a chunked body without a
+Content-Length too), every malformed request is a 4xx with a JSON reason, a request's work
+is capped (``Limits``), a request that waits longer than ``request_timeout_s`` answers 503,
+``api_key_sha256`` (the SHA-256 of accepted keys) makes ``/model`` and ``/generate`` ask for
+``Authorization: Bearer KEY``, and the per-image defense verdicts (``flagged``,
+``negated``: a free trigger detector for an attacker) are returned only with
+``show_flags``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import os
 import time
 
@@ -22,7 +32,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 DEFAULTS = {"defend": True, "allow_backdoored": False, "max_batch_size": 32,
-            "batch_wait_timeout_s": 0.05, "max_n": 64, "torch_threads": 0}
+            "batch_wait_timeout_s": 0.05, "max_n": 64, "max_image_steps": 64 * 50,
+            "torch_threads": 0, "request_timeout_s": 120.0, "api_key_sha256": (),
+            "show_flags": False}
 
 
 def _error(status: int, message: str, **extra) -> JSONResponse:
@@ -41,7 +53,11 @@ class GenerationService:
         torch.set_num_threads(o["torch_threads"] or max(1, int(os.environ.get("OMP_NUM_THREADS", 1))))
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.gen = Generator(run_dir, defend=o["defend"], allow_backdoored=o["allow_backdoored"],
-                             limits=Limits(max_n=o["max_n"]), device=device)
+                             limits=Limits(max_n=o["max_n"], max_image_steps=o["max_image_steps"]),
+                             device=device)
+        self.timeout_s = float(o["request_timeout_s"])
+        self.key_digests = tuple(o["api_key_sha256"])
+        self.show_flags = bool(o["show_flags"])
         self.gen.warm_up(min(8, o["max_batch_size"]))
         self.generate_batch.set_max_batch_size(o["max_batch_size"])
         self.generate_batch.set_batch_wait_timeout_s(o["batch_wait_timeout_s"])
@@ -53,6 +69,9 @@ class GenerationService:
         if path == "/health" and method == "GET":
             return {"status": "ok", "served_requests": self.served,
                     "queued_images": self.queued_images, "pid": os.getpid()}
+        if path in ("/model", "/generate") and not self._authorized(request):
+            return JSONResponse({"error": f"{path}: needs Authorization: Bearer <API key>"},
+                                status_code=401, headers={"WWW-Authenticate": "Bearer"})
         if path == "/model" and method == "GET":
             return self.gen.model_card()
         if path == "/generate" and method == "POST":
@@ -61,17 +80,39 @@ class GenerationService:
             return _error(405, f"{method} {path}: method not allowed")
         return _error(404, f"{path}: not found (GET /health, GET /model, POST /generate)")
 
+    def _authorized(self, request: Request) -> bool:
+        if not self.key_digests:
+            return True
+        scheme, _, key = request.headers.get("authorization", "").partition(" ")
+        digest = hashlib.sha256(key.strip().encode()).hexdigest()
+        return scheme.lower() == "bearer" and any(hmac.compare_digest(digest, d)
+                                                  for d in self.key_digests)
+
+    async def _body(self, request: Request) -> bytes | None:
+        """The body, read in chunks: None once it passes the limit (a chunked body has no
+        Content-Length to refuse it by)."""
+        limit = self.gen.limits.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:  # refused before it is read
+            return None
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def generate(self, request: Request):
         from ssdiff_ray.service.offload import Infeasible
         from ssdiff_ray.service.request import RequestError
 
         t0 = time.perf_counter()
-        limit = self.gen.limits.max_body_bytes
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:  # refused before it is read
-            return _error(413, f"body of {int(declared):,} bytes: the limit is {limit:,}")
+        body = await self._body(request)
+        if body is None:
+            return _error(413, f"body over the limit of {self.gen.limits.max_body_bytes:,} bytes")
         try:
-            req = self.gen.parse(await request.body())
+            req = self.gen.parse(body)
             plan = self.gen.plan(req, self.queued_images)
         except RequestError as e:
             return _error(e.status, str(e))
@@ -79,11 +120,17 @@ class GenerationService:
             return _error(422, str(e), nearest=e.nearest)
         self.queued_images += req.n
         try:
-            result = await self.generate_batch((req, plan))
+            result = await asyncio.wait_for(self.generate_batch((req, plan)), self.timeout_s)
+        except TimeoutError:
+            return _error(503, f"not generated within {self.timeout_s:g} s (busy): try again")
         finally:
             self.queued_images -= req.n
         self.gen.latency.record(plan.server_s, time.perf_counter() - t0)
         self.served += 1
+        if not self.show_flags:
+            result = {**result, "images": [{k: v for k, v in im.items()
+                                            if k not in ("flagged", "negated")}
+                                           for im in result["images"]]}
         return JSONResponse({**result, "server_extra_s": self.gen.latency.value()})
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.05)  # both set from options
@@ -118,10 +165,13 @@ def build_app(args: dict):
     run_dir = str(args.pop("run_dir"))
     dep = {k: args.pop(k) for k in ("replicas", "max_replicas", "num_cpus", "gpu_fraction")
            if k in args}
-    for k in ("max_batch_size", "max_n", "torch_threads", "replicas", "max_replicas"):
+    for k in ("max_batch_size", "max_n", "max_image_steps", "torch_threads", "replicas",
+              "max_replicas"):
         if k in args:
             args[k] = int(args[k])
-    for k in ("defend", "allow_backdoored"):
+    if isinstance(args.get("api_key_sha256"), str):  # "d1,d2" from a YAML string
+        args["api_key_sha256"] = tuple(d for d in args["api_key_sha256"].split(",") if d)
+    for k in ("defend", "allow_backdoored", "show_flags"):
         if isinstance(args.get(k), str):
             args[k] = args[k].lower() in ("1", "true", "yes")
     unknown = sorted(set(args) - set(DEFAULTS))

@@ -158,7 +158,7 @@ class Generator:
             prof = self.profile[["sampler", "steps", "fid", "quality", "server_s_per_image",
                                  "flops_per_image"]].to_dict("records")
         c = self.cfg
-        return {"run_dir": str(self.run_dir), "preset": c.model.preset,
+        return {"run": Path(self.run_dir).name, "preset": c.model.preset,  # no host path
                 "parameters": self.model_bytes // 4, "data": c.data.name,
                 "image_size": self.info.image_size, "channels": self.info.channels,
                 "conditional": self.info.conditional, "classes": list(self.info.class_names),

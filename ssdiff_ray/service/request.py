@@ -41,7 +41,14 @@ class RequestError(UserError):
 class Limits:
     max_n: int = 64                  # images per request
     max_steps: int = 1000            # sampling steps
+    max_image_steps: int = 64 * 50   # n x steps: the work one request may ask for
     max_body_bytes: int = 1 << 20    # 1 MiB: a 64 x 3 x 32 x 32 float32 noise is 0.8 MiB base64
+
+
+def _r(v) -> str:
+    """A client's value in an error message, cut short: a message never echoes a megabyte."""
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 @dataclass(frozen=True)
@@ -80,7 +87,7 @@ class GenerateRequest:
 def _int(body: dict, key: str, default: int, lo: int, hi: int, what: str = "") -> int:
     v = body.get(key, default)
     if isinstance(v, bool) or not isinstance(v, int):
-        raise RequestError(422, f"{key} = {v!r}: expected an integer")
+        raise RequestError(422, f"{key} = {_r(v)}: expected an integer")
     if not lo <= v <= hi:
         raise RequestError(422, f"{key} = {v}: expected {lo} to {hi}{what}")
     return v
@@ -91,21 +98,24 @@ def _positive(body: dict, key: str) -> float | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or v <= 0:
-        raise RequestError(422, f"{key} = {v!r}: expected a positive number")
+        raise RequestError(422, f"{key} = {_r(v)}: expected a positive number")
     return float(v)
 
 
 def _label(body: dict, info: ModelInfo) -> int | None:
     if "class" not in body:
         return None
-    name = str(body["class"])
+    v = body["class"]
+    if isinstance(v, bool) or not isinstance(v, str | int):
+        raise RequestError(422, f"class = {_r(v)}: expected a class name or index")
+    name = str(v)
     if not info.conditional:
-        raise RequestError(422, f"class = {name!r}: the served model is not class-conditional")
+        raise RequestError(422, f"class = {_r(name)}: the served model is not class-conditional")
     if name in info.class_names:
         return info.class_names.index(name)
-    if name.isdigit() and int(name) < len(info.class_names):
+    if name.isdigit() and len(name) < 10 and int(name) < len(info.class_names):
         return int(name)
-    raise RequestError(422, f"class = {name!r}: not a class of the served model "
+    raise RequestError(422, f"class = {_r(name)}: not a class of the served model "
                             f"({', '.join(info.class_names)})")
 
 
@@ -138,23 +148,27 @@ def parse_generate(body: bytes, info: ModelInfo, limits: Limits = Limits()) -> G
     try:
         obj = json.loads(body or b"{}")
     except (ValueError, UnicodeDecodeError) as e:
-        raise RequestError(400, f"malformed JSON: {e}") from None
+        raise RequestError(400, f"malformed JSON: {str(e)[:120]}") from None
+    except RecursionError:  # "[" * 100000: the decoder's stack, not a server error
+        raise RequestError(400, "malformed JSON: nested too deeply") from None
     if not isinstance(obj, dict):
         raise RequestError(400, f"expected a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - set(FIELDS))
     if unknown:
-        raise RequestError(422, f"unknown field {', '.join(unknown)} (known: {', '.join(FIELDS)})")
+        names = ", ".join(unknown)
+        names = names if len(names) <= 60 else names[:57] + "..."
+        raise RequestError(422, f"unknown field {names} (known: {', '.join(FIELDS)})")
     n = _int(obj, "n", 1, 1, limits.max_n, " images per request")
     req = GenerateRequest(n=n, seed=_int(obj, "seed", 0, 0, 2**63 - 1), label=_label(obj, info),
                           latency_s=_positive(obj, "latency_s"),
                           energy_j=_positive(obj, "energy_j"), noise=_noise(obj, n, info))
     g = obj.get("guidance", info.guidance)
     if isinstance(g, bool) or not isinstance(g, int | float) or not 0 <= g <= 20:
-        raise RequestError(422, f"guidance = {g!r}: expected a number from 0 to 20")
+        raise RequestError(422, f"guidance = {_r(g)}: expected a number from 0 to 20")
     req.guidance = float(g)
     q = obj.get("min_quality")
     if q is not None and (isinstance(q, bool) or not isinstance(q, int | float) or not 0 < q <= 1):
-        raise RequestError(422, f"min_quality = {q!r}: expected a number in (0, 1] "
+        raise RequestError(422, f"min_quality = {_r(q)}: expected a number in (0, 1] "
                                 "(1 = as good as the best profiled setting)")
     req.min_quality = None if q is None else float(q)
     _steps_or_budget(obj, req, info, limits)
@@ -168,19 +182,22 @@ def _steps_or_budget(obj: dict, req: GenerateRequest, info: ModelInfo, limits: L
                                 "min_quality), not both")
     if req.budgeted:
         dc = obj.get("device_class")
-        if dc not in DEVICE_CLASSES:
-            raise RequestError(422, f"device_class = {dc!r}: a budgeted request names the "
+        if not isinstance(dc, str) or dc not in DEVICE_CLASSES:
+            raise RequestError(422, f"device_class = {_r(dc)}: a budgeted request names the "
                                     f"device's class ({', '.join(DEVICE_CLASSES)})")
         req.device_class = dc
         return
     if "device_class" in obj:
         dc = obj["device_class"]
-        if dc not in DEVICE_CLASSES:
-            raise RequestError(422, f"device_class = {dc!r}: expected one of "
+        if not isinstance(dc, str) or dc not in DEVICE_CLASSES:
+            raise RequestError(422, f"device_class = {_r(dc)}: expected one of "
                                     f"{', '.join(DEVICE_CLASSES)}")
         req.device_class = dc
     sampler = obj.get("sampler", info.sampler)
-    if sampler not in SAMPLERS:
-        raise RequestError(422, f"sampler = {sampler!r}: expected one of {', '.join(SAMPLERS)}")
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
+        raise RequestError(422, f"sampler = {_r(sampler)}: expected one of {', '.join(SAMPLERS)}")
     hi = min(limits.max_steps, info.timesteps)
     req.sampler, req.steps = sampler, _int(obj, "steps", min(info.steps, hi), 1, hi)
+    if req.n * req.steps > limits.max_image_steps:
+        raise RequestError(422, f"n x steps = {req.n} x {req.steps}: over the {limits.max_image_steps:,} "
+                                "image-steps one request may ask for (fewer images or steps)")
