@@ -37,7 +37,10 @@ def _check_pod(template, gpu: bool):
 
 def _check_cluster_spec(spec):
     head = spec["headGroupSpec"]
+    # the Jobs API runs code: token auth on; the pod listens behind its ClusterIP service
+    assert spec["authOptions"] == {"mode": "token"}
     assert head["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    assert "serviceType" not in head or head["serviceType"] == "ClusterIP"
     assert "ps" in yaml.safe_load(head["rayStartParams"]["resources"].strip('"').replace('\\"', '"'))
     _check_pod(head["template"], gpu=False)
     (gpu,) = spec["workerGroupSpecs"]
@@ -66,8 +69,11 @@ def test_launcher_yaml():
         assert 0 <= t["min_workers"] <= t["max_workers"] <= c["max_workers"]
     setup = " ".join(c["setup_commands"])
     assert "pip install" in setup and "ssdiff-ray" in setup
-    assert any("--head" in s and "--dashboard-host=0.0.0.0" in s for s in c["head_start_ray_commands"])
-    assert any("--address" in s for s in c["worker_start_ray_commands"])
+    starts = [s for s in c["head_start_ray_commands"] if "--head" in s]
+    assert starts and all("RAY_AUTH_MODE=token" in s and "--dashboard-host=127.0.0.1" in s
+                          for s in starts)
+    assert all("RAY_AUTH_MODE=token" in s for s in c["worker_start_ray_commands"] if "--address" in s)
+    assert "/home/ubuntu/.ray/auth_token" in c["file_mounts"]
 
 
 def test_raycluster():
