@@ -20,7 +20,7 @@ def ray_local():
     """A real embedded Ray with 2 CPUs, shared by the tests that need one."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     yield ray
     ray.shutdown()
