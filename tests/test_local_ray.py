@@ -48,7 +48,8 @@ def test_run_beside_a_running_and_then_a_dead_ray_start_cluster(tmp_path):
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     saved = CURRENT.read_text() if CURRENT.is_file() else None
     port = _free_port()
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={port}", "--num-cpus=1",
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=1",
                     "--include-dashboard=false", "--disable-usage-stats"],
                    check=True, capture_output=True, env=env, timeout=180)
     session = Path("/tmp/ray/session_latest").resolve().name

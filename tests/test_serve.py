@@ -42,8 +42,9 @@ def service(tiny_run):
     from ssdiff_ray.service import app
 
     port = _free_port()
+    # show_flags: the operator's view, the tests read the defense's flags
     url = app.start(tiny_run, port=port, max_batch_size=8, batch_wait_timeout_s=0.05, max_n=16,
-                    max_image_steps=1000, show_flags=True)  # the operator's view: the tests read the defense's flags
+                    max_image_steps=1000, show_flags=True)
     yield url
     app.stop()
 
