@@ -132,3 +132,36 @@ def test_a_distilled_set_names_no_judge_and_its_data_must_match_its_hash(tmp_pat
     data.write_bytes((tmp_path / "other" / "data.parquet").read_bytes())   # swapped images
     with pytest.raises(DistillError, match="does not match the manifest's data_sha256"):
         read_set(tmp_path / "set")
+
+
+def test_an_image_struct_path_stays_in_the_tables_folder(tmp_path):
+    """A Parquet file from someone else names image files by path: only regular files
+    beside it are read, never /dev/zero or a file elsewhere on the host."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from ssdiff_ray.data import DataError, load_dataset
+
+    Image.fromarray(np.zeros((12, 12), np.uint8)).save(tmp_path / "ok.png")
+    (tmp_path / "sub").mkdir()
+
+    def load(path):
+        pq.write_table(pa.table({"image": [{"bytes": None, "path": path}]}),
+                       tmp_path / "t.parquet")
+        return load_dataset(config.load(None, ["data.name=parquet",
+                                               f"data.path={tmp_path / 't.parquet'}"]).data)
+
+    assert load("ok.png").images.shape == (1, 1, 16, 16)
+    for path, words in (("/dev/zero", "outside the table's folder"),
+                        ("../../etc/hostname", "outside the table's folder"),
+                        ("sub", "not a regular file")):
+        with pytest.raises(DataError, match=words):
+            load(path)
+
+
+def test_a_storage_url_is_shown_without_its_password():
+    from tuning.storage import redact
+
+    assert redact("postgresql+psycopg://me:s3cret@db:5432/x") == "postgresql+psycopg://me:***@db:5432/x"
+    assert redact("sqlite:////tmp/study.db") == "sqlite:////tmp/study.db"

@@ -43,7 +43,7 @@ def open_storage(url: str):
         return optuna.storages.RDBStorage(url, **kwargs)
     except Exception as e:  # noqa: BLE001 - driver/connection errors of many kinds
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise ConfigError(f"--storage {_redact(url)}: cannot open ({first})") from None
+        raise ConfigError(f"--storage {redact(url)}: cannot open ({first})") from None
 
 
 def trial_id(storage, study_name: str, number: int) -> int:
@@ -52,7 +52,7 @@ def trial_id(storage, study_name: str, number: int) -> int:
         storage.get_study_id_from_name(study_name), number)
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     """Hide a password in ``scheme://user:pw@host``."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)

@@ -20,7 +20,7 @@ from ssdiff_ray.config import Config, ConfigError
 from tuning.choices import OBJECTIVES, PRUNER_CHOICES, PRUNERS, SAMPLERS, one_of
 from tuning.recovery import HEARTBEAT, OWNER, owner_of_this_process, recover_interrupted
 from tuning.space import Space, load_space, overrides
-from tuning.storage import absolute_url, open_storage
+from tuning.storage import absolute_url, open_storage, redact
 
 
 @dataclass
@@ -235,7 +235,7 @@ def _run_study(opts: TuneOptions, progress: bool, log) -> dict:
             loop.requeue_running()
             raise
     result = export(study, setup)
-    result.update(study=opts.study, storage=setup.storage_url, out=str(setup.out))
+    result.update(study=opts.study, storage=redact(setup.storage_url), out=str(setup.out))  # no password
     return result
 
 

@@ -5,6 +5,7 @@ structs, arrays), checks that name the offending row or file, resizing and scali
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 
@@ -44,19 +45,20 @@ def as_array(img, mode: str | None = None) -> np.ndarray:
     return arr[..., None] if arr.ndim == 2 else arr
 
 
-def decode_value(value, where: str) -> np.ndarray:
-    """One table cell as H x W x C (uint8 from bytes, float from arrays)."""
+MAX_IMAGE_FILE_BYTES = 64 << 20
+
+
+def decode_value(value, where: str, base: Path | None = None) -> np.ndarray:
+    """One table cell as H x W x C (uint8 from bytes, float from arrays). An image struct
+    without bytes names a file under ``base`` (the table's folder): a table from someone
+    else must not make us read any path on this host (``/dev/zero``, a key file)."""
     if isinstance(value, dict):  # Hugging Face `datasets`' image struct {"bytes", "path"}
         if value.get("bytes"):
             return read_image_bytes(value["bytes"], where)
         path = value.get("path")
-        if not path:
+        if not path or not isinstance(path, str):
             raise DataError(f"{where}: image struct has neither bytes nor a path")
-        try:
-            with open(path, "rb") as f:
-                return read_image_bytes(f.read(), where)
-        except OSError as e:
-            raise DataError(f"{where}: image path {path!r}: {e.strerror}") from None
+        return read_image_bytes(_read_beside(path, base, where), where)
     if isinstance(value, (bytes, bytearray)):
         return read_image_bytes(bytes(value), where)
     if value is None:
@@ -73,6 +75,22 @@ def decode_value(value, where: str) -> np.ndarray:
         raise DataError(f"{where}: image has shape {arr.shape}, expected H x W or H x W x C "
                         "with C = 1 or 3")
     return arr
+
+
+def _read_beside(path: str, base: Path | None, where: str) -> bytes:
+    """The bytes of ``path`` (relative to ``base``) if it is a regular file under ``base``."""
+    base = (base or Path.cwd()).resolve()
+    full = (base / path).resolve()
+    if not full.is_relative_to(base):
+        raise DataError(f"{where}: image path {path!r} is outside the table's folder {base}")
+    try:
+        if not full.is_file():
+            raise DataError(f"{where}: image path {path!r}: not a regular file")
+        if full.stat().st_size > MAX_IMAGE_FILE_BYTES:
+            raise DataError(f"{where}: image path {path!r}: over {MAX_IMAGE_FILE_BYTES >> 20} MiB")
+        return full.read_bytes()
+    except OSError as e:
+        raise DataError(f"{where}: image path {path!r}: {e.strerror}") from None
 
 
 def to_array(images: list[np.ndarray], wheres: list[str], image_size: int) -> np.ndarray:

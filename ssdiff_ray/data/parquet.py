@@ -34,7 +34,8 @@ def load(data) -> Dataset:
     where = f"dataset {data.path}"
     raw = table.column(data.image_column).to_pylist()
     wheres = [f"{where} row {i}" for i in range(len(raw))]
-    images = to_array([decode_value(v, w) for v, w in zip(raw, wheres)], wheres,
+    base = Path(data.path).resolve().parent  # where an image struct's path may point
+    images = to_array([decode_value(v, w, base) for v, w in zip(raw, wheres)], wheres,
                       data.image_size)
     if data.label_column not in table.column_names:
         return Dataset(images, np.full(len(images), -1, dtype=np.int64))
