@@ -131,7 +131,8 @@ JSON_VALUES = st.recursive(
                                                                 max_size=4), max_leaves=12)
 
 
-@settings(max_examples=3000, deadline=None)
+# derandomize: the same bodies every run (a CI run is reproducible); serve_fuzz.py explores anew
+@settings(max_examples=3000, deadline=None, derandomize=True)
 @given(body=st.one_of(
     st.fixed_dictionaries({}, optional={k: JSON_VALUES for k in FIELDS}),
     JSON_VALUES.map(lambda v: json.dumps(v).encode()), st.binary(max_size=256)))

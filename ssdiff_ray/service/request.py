@@ -155,7 +155,7 @@ def parse_generate(body: bytes, info: ModelInfo, limits: Limits = Limits()) -> G
         raise RequestError(400, f"expected a JSON object, got {type(obj).__name__}")
     unknown = sorted(set(obj) - set(FIELDS))
     if unknown:
-        names = ", ".join(unknown)
+        names = ", ".join(u.encode("unicode_escape").decode() for u in unknown)  # one line
         names = names if len(names) <= 60 else names[:57] + "..."
         raise RequestError(422, f"unknown field {names} (known: {', '.join(FIELDS)})")
     n = _int(obj, "n", 1, 1, limits.max_n, " images per request")
