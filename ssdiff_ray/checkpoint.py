@@ -2,7 +2,7 @@
 
 A run directory may come from someone else (``--resume``), so reading a checkpoint must not
 be able to run code, as unpickling can. ``checkpoint.json`` holds the state's tree with every
-array replaced by a reference into ``checkpoint-r<round>.safetensors``, and that file's
+array replaced by a reference into ``checkpoint-r<round>-<hash>.safetensors``, and that file's
 SHA-256; the JSON is replaced last (atomically), so a stop at any moment leaves the previous
 checkpoint whole.
 """
@@ -34,11 +34,14 @@ def save(run_dir: Path, state: dict, round_: int, before_commit=None) -> None:
 
     tensors: dict[str, np.ndarray] = {}
     tree = _encode(state, tensors)
-    name = f"checkpoint-r{round_}.safetensors"
-    tmp = run_dir / (name + ".tmp")
+    tmp = run_dir / "checkpoint-tensors.tmp"
     save_file(tensors, str(tmp))
+    digest = _sha256(tmp)
+    # named by its content: a second checkpoint of the same round never overwrites the file
+    # the current checkpoint.json names (a stop in between would leave it unreadable)
+    name = f"checkpoint-r{round_}-{digest[:16]}.safetensors"
     os.replace(tmp, run_dir / name)
-    meta = {"tensors": name, "sha256": _sha256(run_dir / name), "state": tree}
+    meta = {"tensors": name, "sha256": digest, "state": tree}
     (run_dir / (CHECKPOINT + ".tmp")).write_text(json.dumps(meta))
     if before_commit is not None:
         before_commit()
