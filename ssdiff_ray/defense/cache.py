@@ -21,6 +21,7 @@ import hmac
 import json
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -100,12 +101,17 @@ def _signing_key() -> bytes:
     path = default_cache_dir() / "defense.key"
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
+        # Written whole under a temporary name, then linked into place: a process that
+        # races this one either makes the key or reads a whole one, never an empty file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix="defense.key.", suffix=".tmp")
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "w") as f:
+            with os.fdopen(fd, "w") as f:  # mkstemp's mode is 0600
                 f.write(secrets.token_hex(32))
+            os.link(tmp, path)
         except FileExistsError:
             pass  # another process made it first
+        finally:
+            os.unlink(tmp)
     return bytes.fromhex(path.read_text().strip())
 
 
