@@ -12,12 +12,10 @@ import os
 import time
 from pathlib import Path
 
-import ray
-
 from ssdiff_ray import checkpoint
 from ssdiff_ray.config import Config
 from ssdiff_ray.driver.federation import Federation
-from ssdiff_ray.driver.session import check_reachable, ray_session
+from ssdiff_ray.driver.session import check_address, ray_session
 from ssdiff_ray.run_dir import prepare, write_summary
 
 
@@ -29,8 +27,7 @@ def run(cfg: Config, *, address: str | None = None, resume: str | Path | None = 
     """
     t_start = time.perf_counter()
     address = address or cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    if address and not ray.is_initialized():
-        check_reachable(address)  # before the run directory is made
+    check_address(address)  # before the run directory is made
     if resume:
         checkpoint.check_no_legacy(Path(resume))  # before anything is written
     prep = prepare(cfg, resume)  # shards and population are rebuilt identically on resume

@@ -20,7 +20,8 @@ class ClusterUnreachable(UserError, ConnectionError):
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[bool]:
     """Join ``address`` (or RAY_ADDRESS), else start an embedded local Ray; yields whether
     this call started Ray. A Ray that is already initialised is used as it is and left
-    running; one this call started is shut down on exit."""
+    running (an ``address`` naming another cluster is an error); one this call started is
+    shut down on exit."""
     started = init_ray(address, num_cpus)
     try:
         yield started
@@ -33,6 +34,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     """Join ``address`` (or RAY_ADDRESS), else start an embedded local Ray.
     Returns True when this call started Ray (``ray_session`` shuts it down)."""
     if ray.is_initialized():
+        check_address(address)
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -51,6 +53,24 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
         ray.init(address="local", num_cpus=num_cpus or os.cpu_count(), include_dashboard=False,
                  log_to_driver=False, configure_logging=False)
     return True
+
+
+def check_address(address: str | None) -> None:
+    """Before anything is written: a named cluster answers, and, in a process already
+    connected to a Ray, is that one (never run on one cluster when the user named another)."""
+    if not address:
+        return
+    if not ray.is_initialized():
+        check_reachable(address)
+        return
+    here = ray.get_runtime_context().gcs_address
+    there = address.split("://", 1)[-1]
+    if address == "auto" or there == here:
+        return
+    check_reachable(address)
+    if there.rpartition(":")[2] != here.rpartition(":")[2]:  # same port: another name for it
+        raise UserError(f"this process is already connected to the Ray cluster at {here!r}; "
+                        f"it cannot also join {address!r}")
 
 
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
