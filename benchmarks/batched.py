@@ -12,12 +12,12 @@ trained by ``LocalTrainer`` one after another and by ``BatchedTrainer`` all at o
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import torch
+from provenance import args_config, write_json  # noqa: E402
 
 from ssdiff_ray.batched import BatchedTrainer
 from ssdiff_ray.data.digits import load_digits
@@ -86,9 +86,8 @@ def main() -> None:
               f"client-steps/s, batched {r['batched_client_steps_per_s']:8.1f} ({r['speedup']:.2f}x)",
               flush=True)
     dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu x{args.threads} threads"
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": dev, "preset": args.preset, "batch": args.batch,
-                                          "load_avg": os.getloadavg(), "results": rows}, indent=2))
+    write_json(args.out, {"device": dev, "preset": args.preset, "batch": args.batch,
+                          "load_avg": os.getloadavg(), "results": rows}, args_config(args))
     print(f"wrote {args.out}")
 
 

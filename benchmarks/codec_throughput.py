@@ -10,7 +10,6 @@ round: decode 100 payloads and accumulate them into one float32 sum.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 from statistics import median
 
 import numpy as np
+from provenance import args_config, write_json  # noqa: E402
 
 from ssdiff_ray import codec
 
@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
               "cpus": os.cpu_count(), "loadavg_1m": load, "memcpy_mb_s": memcpy, "memcpy_ms": t_copy * 1e3,
               "rows": rows, "server_decode_accumulate": {str(k): v for k, v in agg.items()},
               "target_met": ok}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result, args_config(args))
     return result
 
 

@@ -19,12 +19,12 @@ the climbs and returns.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
+
+from provenance import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 # (driver/ and service/ too: the layout before they moved into ssdiff_ray, for the baseline)
@@ -97,11 +97,8 @@ def main() -> int:
     with_sections = walk(trace_visits(lambda: api.run(cfg, progress=False),
                                       (config.Config, *sections)))
     res["with_sections"] = {k: v for k, v in with_sections.items() if k != "walk"}
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                            capture_output=True, text=True).stdout.strip()
-    res = {"commit": commit, "command": "python benchmarks/config_walk.py", "config": TINY, **res}
     dest = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "benchmarks" / "results" / "config_walk.json"
-    dest.write_text(json.dumps(res, indent=1))
+    write_json(dest, res, TINY)
     print(f"{res['stays']} stays in {res['rooms']} rooms, {res['climbs_back_up']} climbs back "
           f"up, {res['returns']} returns; most entered: {res['most_entered']}")
     for s in res["walk"]:

@@ -39,6 +39,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np  # noqa: E402
+from provenance import args_config, write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -430,7 +431,7 @@ def main(argv=None) -> int:
         else:
             raise SystemExit(f"unknown part {part!r}")
         print(f"{part}: {time.perf_counter() - t0:.0f} s", flush=True)
-        (out / f"distill_{part}.json").write_text(json.dumps(res, indent=1, default=float))
+        write_json(out / f"distill_{part}.json", res, args_config(args))
     res = {p: json.loads((out / f"distill_{p}.json").read_text())
            for p in ("federated", "distiller") if (out / f"distill_{p}.json").exists()}
     if "federated" in res:

@@ -19,6 +19,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import args_config, write_json  # noqa: E402
+
 from ssdiff_ray.defense.cache import cached_defense  # noqa: E402
 from ssdiff_ray.defense.defense import Defense  # noqa: E402
 from ssdiff_ray.inference import load_run_model  # noqa: E402
@@ -46,7 +48,7 @@ def main() -> None:
                      "first_s": first, "cached_s": time.perf_counter() - t0,
                      "verdict": audit["verdict"]})
         print(json.dumps(rows[-1]), flush=True)
-    Path(args.out).write_text(json.dumps(rows, indent=1))
+    write_json(args.out, rows, args_config(args))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ loads it again to time a cache hit. Writes benchmarks/results/fid_bounds.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from provenance import args_config, write_json  # noqa: E402
 
 from ssdiff_ray.data.digits import load_digits
 from ssdiff_ray.metrics.classifier import ARCH_VERSION
@@ -59,8 +59,7 @@ def main() -> None:
     }
     for k, v in result.items():
         print(f"{k:28s} {v:.4f}" if isinstance(v, float) else f"{k:28s} {v}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result, args_config(args))
     print(f"wrote {args.out}")
 
 

@@ -28,6 +28,7 @@ from multiprocessing import shared_memory
 from pathlib import Path
 
 import numpy as np
+from provenance import args_config, write_json  # noqa: E402
 
 OUT = Path(__file__).parent / "results" / "floor.json"
 
@@ -338,8 +339,7 @@ def main() -> None:
               f"{m['cpu_ratio']:.3f}, PSS above floor "
               f"{(m['peak_pss_run_mib'] - m['peak_pss_floor_mib']) / 1024:.2f} GiB, RSS above "
               f"floor {(m['peak_rss_run_mib'] - m['peak_rss_floor_mib']) / 1024:.2f} GiB")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"median": median, "results": results}, indent=2))
+    write_json(args.out, {"median": median, "results": results}, args_config(args))
     print(f"wrote {args.out}")
 
 

@@ -23,6 +23,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import args_config, write_json  # noqa: E402
+
 from ssdiff_ray.model.sampling import sample  # noqa: E402
 from ssdiff_ray.model.unet import build_scheduler, build_unet  # noqa: E402
 
@@ -55,8 +57,8 @@ def main() -> None:
                    "all_s": times[b], "speed_vs_500": median(times[500]) / median(times[b])}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    Path(args.out).write_text(json.dumps({"machine": platform.processor() or platform.machine(),
-                                          "rows": rows}, indent=1))
+    write_json(args.out, {"machine": platform.processor() or platform.machine(), "rows": rows},
+               args_config(args))
 
 
 if __name__ == "__main__":

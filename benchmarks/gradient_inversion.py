@@ -34,6 +34,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import write_json  # noqa: E402
+
 from ssdiff_ray.attacks.patterns import make_trigger  # noqa: E402
 from ssdiff_ray.model.pipeline import load_pipeline  # noqa: E402
 from ssdiff_ray.model.unet import predict_eps  # noqa: E402
@@ -117,7 +119,7 @@ def main() -> None:
     lines += [f"| {r['model']} | {r['t0']} | {f(r['true_spread_ratio'])} | {f(r['best_spread_ratio'])} "
               f"| {f(r['best_cosine'])} | {f(r['max_abs_cosine'])} |" for r in rows]
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "gradient_inversion.json").write_text(json.dumps(rows, indent=1))
+    write_json(RESULTS / "gradient_inversion.json", rows)
     (RESULTS / "gradient_inversion.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

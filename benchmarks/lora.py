@@ -36,6 +36,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from policies import markdown  # noqa: E402
+from provenance import args_config, write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -137,8 +138,7 @@ def main(argv=None) -> dict:
     res = {"preset": args.preset, "pretrain_steps": args.pretrain_steps, "rounds": args.rounds,
            "pretrain_s": pretrain_s, "runs_dir": str(runs), "rows": table.to_dict("records")}
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=1, default=float))
+    write_json(out, res, args_config(args))
     cols = ["row", "seed", "fid", "fid_vs_full_ft", "uplink_bytes_per_client_round",
             "uplink_share_of_full_fp32", "energy_j", "latency_s"]
     md = markdown(table[cols].to_dict("records"), cols)

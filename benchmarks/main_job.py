@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import args_config, write_json  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -76,8 +78,7 @@ def main(argv=None) -> dict:
     }
     print(f"median FID ratio {result['median_fid_ratio']:.4f}, max {result['max_fid_ratio']:.4f}, "
           f"max wall {result['max_wall_s']:.0f} s, max bad share {result['max_bad_sample_share']:.3f}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(args.out, result, args_config(args))
     return result
 
 

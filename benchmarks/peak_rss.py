@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import psutil
+from provenance import args_config, write_json  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -89,7 +90,7 @@ def main() -> int:
     print(json.dumps(result, indent=2))
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"peak_rss_{args.name}.json"
-    out.write_text(json.dumps(result, indent=2))
+    write_json(out, result, args_config(args))
     print(f"wrote {out}")
     return proc.returncode
 

@@ -30,6 +30,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import write_json  # noqa: E402
+
 from ssdiff_ray import api, config
 
 RESULTS = Path(__file__).parent / "results"
@@ -120,8 +122,8 @@ def write_table(table: str, runs: dict[str, dict]) -> None:
                f"{extra['solver_time']['choose_median_s'] * 1e3:.1f} ms (median)")
     print(f"\n{table} table\n{md}")
     stem = RESULTS / f"policies_{table}"
-    stem.with_suffix(".json").write_text(json.dumps(
-        {"common_overrides": COMMON, "runs": rows, **extra}, indent=2))
+    write_json(stem.with_suffix(".json"), {"common_overrides": COMMON, "runs": rows, **extra},
+               COMMON)
     stem.with_suffix(".md").write_text(md + "\n")
     print(f"wrote {stem}.json and .md")
 
@@ -150,7 +152,7 @@ def main() -> None:
             runs[name] = row
             if not args.quick:
                 RESULTS.mkdir(exist_ok=True)
-                store.write_text(json.dumps({"common_overrides": common, "runs": runs}, indent=2))
+                write_json(store, {"common_overrides": common, "runs": runs}, common)
     if args.quick:
         print(markdown(list(runs.values()), ["run", "fid", "uplink_bytes", "energy_j"]))
         return

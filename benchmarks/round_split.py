@@ -10,11 +10,11 @@ aggregation run on the parameter server, overlapped with training.
 """
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
 
 import pandas as pd
+from provenance import write_json  # noqa: E402
 
 from ssdiff_ray import api, config
 
@@ -53,11 +53,10 @@ def main() -> None:
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     mean = table.drop(columns="round").iloc[1:].mean() if len(table) > 1 else table.mean()
     print("warm-round mean:", ", ".join(f"{k} {v:.3f}" for k, v in mean.items()))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({
+    write_json(args.out, {
         "config_overrides": sets, "rounds": table.to_dict("records"),
         "warm_mean": mean.to_dict(), "pools": pools, "num_params": summary["num_params"],
-    }, indent=2))
+    }, sets)
     print(f"wrote {args.out}")
 
 

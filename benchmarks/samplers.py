@@ -14,7 +14,6 @@ above 0.2 in [0, 1] scale; 0.5 as the issue wrote it flags nothing, not even sta
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from provenance import args_config, write_json  # noqa: E402
 
 from ssdiff_ray.metrics.speckle import speckled
 
@@ -98,7 +98,7 @@ def main(argv=None) -> dict:
         "feature_space": q.feature_space, "fid_floor": q.fid_floor(), "threads": args.threads,
         "torch": torch.__version__, "rows": rows,
         "note": f"DDPM rows use n = {args.n_ddpm} (FID is biased upward at small n)"}
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result, args_config(args))
     return result
 
 

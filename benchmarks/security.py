@@ -37,6 +37,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import write_json  # noqa: E402
+
 from ssdiff_ray import config as config_mod  # noqa: E402
 from ssdiff_ray.attacks import AttackSpec, attack_spec, make_attack  # noqa: E402
 from ssdiff_ray.attacks.metrics import attack_metrics  # noqa: E402
@@ -274,7 +276,7 @@ def table(rows: list[dict]) -> str:
 
 def write(stem: Path, result: dict, header: str) -> None:
     stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2, default=str))
+    write_json(stem.with_suffix(".json"), result)
     stem.with_suffix(".md").write_text(f"{header}\n\n{table(result['rows'])}\n")
 
 
@@ -305,7 +307,8 @@ def main(argv=None) -> dict:
                     help="model replacement factor of malicious updates (10 = clients per round)")
     ap.add_argument("--pools", type=int, default=2, help="pool actors (and Ray CPUs) in training")
     ap.add_argument("--malicious-fraction", type=float, default=0.1)
-    ap.add_argument("--fpr", type=float, default=0.02, help="detector's nominal FPR")
+    ap.add_argument("--fpr", type=float, default=None,
+                    help="detector's nominal FPR (default: the product's, defense.fpr)")
     ap.add_argument("--estimator", choices=("probe", "scan"), default="probe",
                     help="trigger estimator (ssdiff_ray.defense)")
     ap.add_argument("--check", choices=("target", "ufid", "none"), default="target",
@@ -324,6 +327,8 @@ def main(argv=None) -> dict:
                     help="no evaluation: write the table of these results files' rows (later "
                          "files win per scenario), e.g. of runs split over processes")
     args = ap.parse_args(argv)
+    if args.fpr is None:
+        args.fpr = config_mod.DefenseConfig().fpr
     if args.combine:
         return combine(args.combine, Path(args.out) if args.out else RESULTS / "security")
     torch.set_num_threads(1)

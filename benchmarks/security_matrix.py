@@ -48,6 +48,8 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import args_config, write_json  # noqa: E402
+
 from ssdiff_ray import config as config_mod  # noqa: E402
 from ssdiff_ray.attack_eval import asr_by_sampler, undefended_attack  # noqa: E402
 from ssdiff_ray.attacks import attack_spec  # noqa: E402
@@ -306,8 +308,7 @@ def main() -> None:
         else ({}, "")
     table = report(rows, pop.get("loo_verdicts"))
     print(table + "\n\n" + pop_text)
-    Path(args.out + ".json").write_text(json.dumps({"rows": rows, "population": pop},
-                                                   indent=1, default=float))
+    write_json(args.out + ".json", {"rows": rows, "population": pop}, args_config(args))
     Path(args.out + ".md").write_text(table + "\n\n" + pop_text + "\n")
 
 

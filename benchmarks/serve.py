@@ -33,6 +33,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import requests  # noqa: E402
+from provenance import write_json  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -361,7 +362,7 @@ def main(argv=None) -> dict:
 
     def save():
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.with_suffix(".json").write_text(json.dumps(res, indent=1, default=str))
+        write_json(out.with_suffix(".json"), res)
         out.with_suffix(".md").write_text(to_markdown(res))
 
     init_ray(None)  # shut down when the process exits

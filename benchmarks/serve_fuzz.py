@@ -31,6 +31,7 @@ import requests  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from provenance import args_config, write_json  # noqa: E402
 from serve import _rss_mib  # noqa: E402
 
 KEY = "fuzz-key-" + "0" * 16
@@ -139,7 +140,7 @@ def main(argv=None) -> int:
            "good_p95_s": good_s[int(0.95 * (len(good_s) - 1))] if good_s else None,
            "good_budget_s": a.budget_s, "rss_start_mib": rss0, "rss_end_mib": rss1,
            "rss_growth": growth}
-    Path(a.out).write_text(json.dumps(res, indent=1))
+    write_json(a.out, res, args_config(a))
     print(json.dumps({k: v for k, v in res.items() if k != "server_error_examples"}, indent=1))
     return 0 if not five and not good_bad else 1
 

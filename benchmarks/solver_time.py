@@ -12,7 +12,6 @@ energy against the best fixed bit-width that meets the same deadline and varianc
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from statistics import median
 
 import numpy as np
+from provenance import args_config, write_json  # noqa: E402
 
 from ssdiff_ray import codec, energy
 from ssdiff_ray.devices import local_steps, make_population
@@ -133,8 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "numpy": np.__version__, "cpus": os.cpu_count()},
         "rows": rows,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.out, result, args_config(args))
     print(f"wrote {args.out}")
     return result
 

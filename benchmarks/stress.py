@@ -9,11 +9,12 @@ benchmarks/results/stress.json (per count + fits + targets) and stress.parquet /
 """
 
 import argparse
-import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from provenance import args_config, write_json  # noqa: E402
 
 from ssdiff_ray.driver.session import ray_session
 from ssdiff_ray.driver.stress import run_stress
@@ -47,7 +48,7 @@ def main() -> None:
         "rss_kib_per_client": 1024 * mem["slope"],
         "targets": {"overhead_ms_per_selected_client_lt": 20, "rss_mib_per_idle_client_lt": 2},
     }
-    (out / "stress.json").write_text(json.dumps(result, indent=2, default=float))
+    write_json(out / "stress.json", result, args_config(args))
     cols = ["clients", "selected", "wall_s", "compute_s", "overhead_ms_per_client",
             "total_rss_mib", "object_store_mib"]
     print(per[cols].to_string(index=False, float_format=lambda v: f"{v:.3g}"))

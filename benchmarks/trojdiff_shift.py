@@ -31,6 +31,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from provenance import write_json  # noqa: E402
+
 from ssdiff_ray.attacks import AttackSpec  # noqa: E402
 from ssdiff_ray.attacks.base import target_images  # noqa: E402
 from ssdiff_ray.attacks.metrics import attack_metrics  # noqa: E402
@@ -122,9 +124,8 @@ def main(runs: list[str], n: int = 500, iters: int = 5, n_clean: int = 2000) -> 
         print(Path(run).name, json.dumps(row["oracle"]),
               {k: v[-1] for k, v in row.items() if k not in ("oracle", "by_sampler")}, flush=True)
     dest = ROOT / "benchmarks" / "results" / "trojdiff_shift.json"
-    dest.write_text(json.dumps({"command": "python benchmarks/trojdiff_shift.py " + " ".join(runs),
-                                "n": n, "iters": iters, "n_clean": n_clean,
-                                "runs": out}, indent=2))
+    write_json(dest, {"n": n, "iters": iters, "n_clean": n_clean, "runs": out},
+               {"runs": list(runs), "n": n, "iters": iters, "n_clean": n_clean})
     return out
 
 

@@ -13,12 +13,13 @@ Writes benchmarks/results/tuning_overhead.json.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import time
 import tomllib
 from pathlib import Path
+
+from provenance import write_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -66,8 +67,7 @@ def main() -> None:
            "cpu_count": os.cpu_count(),
            "mean_overhead_frac": sum(r["overhead_frac"] for r in rows) / max(1, len(rows)),
            "command": "python benchmarks/tuning_overhead.py"}
-    (HERE / "results").mkdir(exist_ok=True)
-    (HERE / "results" / "tuning_overhead.json").write_text(json.dumps(rec, indent=2))
+    write_json(HERE / "results" / "tuning_overhead.json", rec)
     for r in rows:
         print(f"trial {r['number']} ({r['policy']}): trial {r['trial_s']:.1f} s, plain run "
               f"{r['plain_run_s']:.1f} s, overhead {r['overhead_s']:+.1f} s "

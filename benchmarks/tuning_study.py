@@ -20,6 +20,8 @@ import shutil
 import time
 from pathlib import Path
 
+from provenance import write_json  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
@@ -92,7 +94,7 @@ def main() -> None:
     shutil.copy(out / "trials.parquet", RESULTS / "tuning_study_trials.parquet")
     if (out / "pareto.png").exists():
         shutil.copy(out / "pareto.png", RESULTS / "tuning_study_pareto.png")
-    (RESULTS / "tuning_study.json").write_text(json.dumps(record, indent=2, default=float))
+    write_json(RESULTS / "tuning_study.json", record)
     print(json.dumps({k: record[k] for k in ("complete", "study_wall_s", "reference",
                                              "front_dominates_reference", "best")},
                      indent=2, default=float))
