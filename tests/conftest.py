@@ -9,9 +9,13 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 @pytest.fixture(scope="session", autouse=True)
 def _cache_dir(tmp_path_factory):
-    # The FID classifier cache: one per test session, never the user's.
+    # The FID classifier cache: one per test session, never the user's; shared by the
+    # pytest-xdist workers of the session (its files are written whole and renamed).
     if "SSDIFF_CACHE_DIR" not in os.environ:
-        os.environ["SSDIFF_CACHE_DIR"] = str(tmp_path_factory.mktemp("ssdiff-cache"))
+        root = tmp_path_factory.getbasetemp()
+        if os.environ.get("PYTEST_XDIST_WORKER"):
+            root = root.parent
+        os.environ["SSDIFF_CACHE_DIR"] = str(root / "ssdiff-cache")
     yield
 
 
@@ -37,3 +41,10 @@ TINY = [
 @pytest.fixture
 def tiny_overrides(tmp_path):
     return [*TINY, f"out_dir={tmp_path}"]
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Files holding slow tests first: with ``-n 2 --dist loadfile`` (README's command) the
+    longest files start at once instead of leaving one worker busy at the end."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)  # stable: file order kept otherwise

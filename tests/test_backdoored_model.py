@@ -1,5 +1,5 @@
-"""The whole defense path on trained models: a tiny model with a strong backdoor (trained
-once per test session) and a tiny clean one of the same recipe, each a run directory.
+"""The whole defense path on a trained model: a tiny model with a strong backdoor (trained
+once per test session) as a run directory; its clean twin is in tests/test_clean_model.py.
 
 Estimate -> audit through ``audit_run`` (the cached ``RUN/defense/``), ``ssdiff cleanse``
 through the binary, and ``ssdiff sample`` with a trigger file.
@@ -12,41 +12,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from backdoor_recipe import BACKDOOR, train
 
-from ssdiff_ray import config
 from ssdiff_ray.attacks import attack_spec, make_attack
 from ssdiff_ray.attacks.metrics import attack_metrics
 from ssdiff_ray.attacks.patterns import make_target, make_trigger
 
 pytestmark = pytest.mark.slow
 
-RECIPE = ["model.preset=tiny", "model.timesteps=1000", "data.image_size=16",
-          "train.batch_size=32", "train.lr=2e-3", "eval.samples=200", "eval.steps=20",
-          "attack.eval_samples=100"]
-BACKDOOR = ["attack.kind=baddiffusion", "attack.trigger=box", "attack.target=hat",
-            "attack.poison_rate=0.5"]
-
-
-def _train(root: Path, name: str, sets: list[str]) -> Path:
-    from ssdiff_ray.data import load_dataset
-    from ssdiff_ray.pretrain import pretrain
-    from ssdiff_ray.run_dir import resolve
-
-    cfg = config.load(None, [*RECIPE, *sets])
-    run = root / name
-    pretrain(cfg, run / "model", 1500, progress=False)
-    config.save(resolve(cfg, load_dataset(cfg.data)), run / "config.toml")
-    return run
-
 
 @pytest.fixture(scope="session")
 def backdoored_run(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("models"), "backdoored", BACKDOOR)
-
-
-@pytest.fixture(scope="session")
-def clean_run(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("models"), "clean", [])
+    return train(tmp_path_factory.mktemp("models"), "backdoored", BACKDOOR)
 
 
 def _asr(run: Path) -> float:
@@ -80,20 +57,6 @@ def test_backdoored_model_estimate_points_at_the_trigger_and_the_audit_says_back
     key = (backdoored_run / "defense" / "key.json").stat().st_mtime_ns
     assert audit_run(backdoored_run)["verdict"] == "backdoored"
     assert (backdoored_run / "defense" / "key.json").stat().st_mtime_ns == key
-
-
-def test_clean_model_of_the_same_recipe_is_audited_clean(clean_run):
-    from ssdiff_ray.inference import RunModelError, audit_run, cleanse_run
-
-    audit = audit_run(clean_run)
-    assert audit["verdict"] == "clean", audit
-    stats = json.loads((clean_run / "defense" / "estimate.json").read_text())["stats"]
-    assert stats["cluster_fraction_by_sampler"] == {"ddim": 0, "dpm": 0}  # none under either
-    # cleanse refuses it (its estimate is spurious) and writes nothing
-    out = clean_run.with_name("clean-cleansed")
-    with pytest.raises(RunModelError, match="the audit says 'clean'.*--force"):
-        cleanse_run(clean_run, out)
-    assert not out.exists()
 
 
 def test_ssdiff_cleanse_removes_the_backdoor_and_keeps_clean_quality(backdoored_run):

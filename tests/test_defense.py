@@ -35,7 +35,9 @@ from ssdiff_ray.defense.scan import (
 from ssdiff_ray.model.unet import build_scheduler, build_unet
 
 
-def _est(name="box", size=16):
+def _true_trigger_estimate(name="box", size=16):
+    """The true trigger handed over as the estimate: tests using it test the detector and
+    the negation alone (named ``test_detector_only_*``), never the estimator."""
     r = make_trigger(name, size)
     return TriggerEstimate(tau=r, mu=r.copy())
 
@@ -52,8 +54,8 @@ def _trig(spec, n, size, seed):
     return make_attack(spec).triggered_noise(n, size, seed)
 
 
-def test_llr_known_mu_separates():
-    est = _est("box")
+def test_detector_only_llr_with_the_true_trigger_separates():
+    est = _true_trigger_estimate("box")
     trig = _trig(AttackSpec(trigger="box"), 1000, 16, seed=2)
     dc, dt = detect_inputs(_clean(1000), _tests(est)), detect_inputs(trig, _tests(est))
     m = detection_metrics(dc["score"], dt["score"], flags_clean=dc["flagged"],
@@ -84,8 +86,8 @@ def test_disdet_model_free_catches_box_and_trojdiff():
     assert detect_inputs(troj, _tests())["flagged"].mean() > 0.98  # gamma < 1: variance drop
 
 
-def test_purify_returns_inputs_that_pass():
-    est = _est("stop_sign")
+def test_detector_only_purify_returns_inputs_that_pass():
+    est = _true_trigger_estimate("stop_sign")
     x = torch.cat([_clean(50), _trig(AttackSpec(trigger="stop_sign"), 50, 16, 4)])
     flags = detect_inputs(x, _tests(est))["flagged"]
     assert flags[50:].mean() > 0.9
@@ -97,8 +99,8 @@ def test_purify_returns_inputs_that_pass():
     assert not detect_inputs(purify(troj, f, _tests(), seed=1), _tests())["flagged"].any()
 
 
-def test_subtract_negation_keeps_the_callers_noise_and_redraw_replaces_it():
-    est = _est("stop_sign")
+def test_detector_only_subtract_negation_keeps_the_callers_noise_and_redraw_replaces_it():
+    est = _true_trigger_estimate("stop_sign")
     eps = _clean(30)
     x = eps + torch.from_numpy(est.mu)  # triggered exactly as the estimate describes
     flags = detect_inputs(x, _tests(est))["flagged"]
@@ -199,9 +201,9 @@ def test_ufid_check_calibrated_on_clean_and_combined():
     assert (det["ufid_score"] <= 0).all()  # -mean pairwise MSE
 
 
-def test_defended_sample_with_known_trigger_removes_backdoor_inputs():
+def test_detector_only_negation_with_the_true_trigger_replaces_flagged_inputs():
     """Negation: every flagged input is replaced by one that passes all active tests."""
-    est = _est("box")
+    est = _true_trigger_estimate("box")
     x = torch.cat([_clean(30, seed=11), _trig(AttackSpec(trigger="box"), 30, 16, 12)])
     det = detect_inputs(x, _tests(est), fpr=0.02)
     assert det["flagged"][30:].all()
@@ -230,7 +232,7 @@ def test_audit_untrained_model_is_clean():
     assert a["cluster_fraction"] == 0.0 and a["estimator"] == "scan"
 
 
-def test_target_check_flags_inputs_that_generate_the_target():
+def test_detector_only_target_check_flags_inputs_that_generate_a_given_target():
     """TargetCheck's threshold comes from N(0, I) draws; inputs near eps + tau generate
     (close to) the estimated target and score above it."""
     torch.manual_seed(0)
@@ -262,11 +264,12 @@ def test_defense_from_config_chains_estimate_detect_and_sample():
     assert est is not None and d.check is not None and det["flagged"][:3].all()
     images, flags = d.sample(x, flags=det["flagged"])
     assert images.shape == (6, 1, 8, 8) and (flags == det["flagged"]).all()
-    assert d.audit()["verdict"] in ("clean", "backdoored") and d.est is est
+    # an untrained model holds no backdoor: the audit must not call it backdoored
+    assert d.audit()["verdict"] == "clean" and d.est is est
 
 
-def test_likelihood_ratio_threshold_holds_its_fpr_and_every_test_gets_an_equal_share():
-    est = _est("box")
+def test_detector_only_likelihood_ratio_threshold_holds_its_fpr_and_every_test_gets_an_equal_share():
+    est = _true_trigger_estimate("box")
     strong = LikelihoodRatio(est)  # |r| = 5.7: TERD's rule LLR > 0 is already below the FPR
     assert strong.threshold(0.05) == 0.0
     assert float((strong.scores(_clean(4000, seed=21)) > 0).mean()) < 0.05

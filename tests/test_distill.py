@@ -22,7 +22,7 @@ TINY_COND = ["model.preset=tiny", "model.timesteps=100", "model.conditional=true
 @pytest.fixture(scope="session")
 def cond_run(tmp_path_factory):
     """A run directory (config, shards, held-out data) whose model is a tiny conditional
-    UNet trained centrally on the digits for 1,500 steps (once per test session)."""
+    UNet trained centrally on the digits for 750 steps (once per test session)."""
     from ssdiff_ray import config
     from ssdiff_ray.pretrain import pretrain
     from ssdiff_ray.run_dir import prepare
@@ -33,7 +33,7 @@ def cond_run(tmp_path_factory):
     # pretrain reads the whole data set: fine for these tests, which never score the
     # diffusion model on the held-out part
     with torch.random.fork_rng(devices=[]):
-        pretrain(prep.cfg, root / "cond" / "model", steps=1500, progress=False)
+        pretrain(prep.cfg, root / "cond" / "model", steps=750, progress=False)
     return root / "cond"
 
 
@@ -243,7 +243,9 @@ def test_distill_eval_scores_sets_and_baselines_on_held_out_data(cond_run, ray_l
                    "--widths", "8,16", "--out", out) == 0
     rows = pd.read_parquet(out)
     assert sorted(rows["source"].unique()) == ["mm", "real full", "real random"]
-    assert len(rows) == 6 and rows["accuracy"].between(0, 1).all()
+    # every student, even after 50 steps on 20 images, reads held-out digits above chance
+    # (10 classes: a guesser stays under 0.13 on these ~360 images 95% of the time)
+    assert len(rows) == 6 and (rows["accuracy"] > 0.13).all(), rows
     held = pd.read_parquet(cond_run / "holdout.parquet")
     full = rows[rows["source"] == "real full"].iloc[0]
     assert full["images"] + len(held) == 1797  # the real training part, without the held-out

@@ -21,8 +21,10 @@ def test_floor_quick(tmp_path):
                    check=True, cwd=ROOT, capture_output=True, timeout=900)
     (res,) = json.loads(out.read_text())["results"]
     assert res["rounds"] == len(res["run_rounds_s"]) == len(res["floor_rounds_s"])
-    assert res["warm_run_s"] > 0 and res["warm_floor_s"] > 0 and res["ratio"] > 0
-    assert res["peak_rss_run_mib"] > 0 and res["peak_rss_floor_mib"] > 0
+    # the framework's warm rounds within 3x of the bare floor on the same clients (the full
+    # benchmark measures 0.85-1.44; 3x leaves room for a CI machine shared with other tests)
+    assert 0.5 < res["ratio"] < 3.0, res
+    assert res["peak_rss_run_mib"] > 100 and res["peak_rss_floor_mib"] > 100  # whole trees
     # PSS splits shared pages between processes: never more than the summed RSS
     assert 0 < res["peak_pss_run_mib"] <= res["peak_rss_run_mib"]
     assert 0 < res["peak_pss_floor_mib"] <= res["peak_rss_floor_mib"]

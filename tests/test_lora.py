@@ -137,7 +137,9 @@ def test_rank_masked_training_moves_only_the_clients_components(base_dir):
 
 
 def _run(overrides):
-    return api.run(config.load(None, overrides), progress=False)
+    # one pool: adapters and aggregation are tested here, not placement (each actor
+    # process costs seconds of start-up on a 2-core CI)
+    return api.run(config.load(None, [*overrides, "clients.pools=1"]), progress=False)
 
 
 @pytest.mark.usefixtures("ray_local")
@@ -235,7 +237,8 @@ def test_attack_and_screening_in_lora_mode(base_dir, tmp_path):
     dropped = sorted(clients.loc[clients["drop_reason"] == "screened", "client_id"])
     assert len(malicious) == 2 and dropped == malicious
     asr = pd.read_parquet(tmp_path / "atk" / "rounds.parquet")["asr"].iloc[-1]
-    assert 0 <= asr <= 1 and s["num_params"] < 0.1 * get_flat(
+    # krum dropped both attackers' updates, so the model never learned the trigger
+    assert asr <= 0.2 and s["num_params"] < 0.1 * get_flat(
         DDPMPipeline.from_pretrained(base_dir).unet).size
 
 

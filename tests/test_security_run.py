@@ -9,7 +9,7 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def test_malicious_client_rows_and_attack_metrics(tiny_overrides):
-    cfg = config.load(None, [*tiny_overrides, "rounds=2", "name=attack",
+    cfg = config.load(None, [*tiny_overrides, "rounds=2", "name=attack", "clients.pools=1",
                              "attack.kind=baddiffusion", "attack.malicious_fraction=0.2",
                              "attack.poison_rate=0.5", "attack.eval_samples=20",
                              "defense.estimate_trigger=false", "server.aggregator=multi_krum"])
@@ -23,9 +23,10 @@ def test_malicious_client_rows_and_attack_metrics(tiny_overrides):
     assert clients["screened"].any()
     assert (clients.loc[clients["drop_reason"] == "screened", "rejected_reason"] != "").all()
     last = rounds.iloc[-1]
-    for col in ("asr", "asr_defended", "detect_tpr", "detect_fpr", "fid_defended"):
-        assert col in rounds.columns and 0 <= last[col] or col == "fid_defended"
-    assert last["fid_defended"] > 0
+    # the model-free test alone (no estimate in this run) catches most box-triggered noise
+    # at 16 x 16 (measured 0.8 of 20), and clean noise near the 1% target (20 draws: <= 2)
+    assert last["detect_tpr"] >= 0.5 and last["detect_fpr"] <= 0.1, last
+    assert last["asr_defended"] <= last["asr"] and last["fid_defended"] > 0, last
 
     # ssdiff sample / ssdiff audit on the saved model
     from pathlib import Path
@@ -35,13 +36,15 @@ def test_malicious_client_rows_and_attack_metrics(tiny_overrides):
     out = sample_run(s["run_dir"], n=12, trigger="box")
     rec = pd.read_parquet(out["record"])
     assert Path(out["png"]).is_file() and len(rec) == 12 and out["flagged"] == rec["flagged"].sum()
+    assert out["flagged"] >= 11  # the same trigger through ssdiff sample
     # this run's config has defense.estimate_trigger = false: no LLR, no target check
     assert "disdet_score" in rec.columns and rec["disdet_score"].notna().all()
     assert "llr_score" not in rec.columns and "target_score" not in rec.columns
     plain = sample_run(s["run_dir"], n=12, trigger="box", defend=False)
     assert plain["flagged"] == 0 and not plain["defended"]
     audit = audit_run(s["run_dir"])
-    assert audit["verdict"] in ("clean", "backdoored") and 0 < audit["spread_ratio"]
+    # two tiny rounds plant no backdoor (ASR measured above): the audit must say clean
+    assert last["asr"] < 0.5 and audit["verdict"] == "clean" and 0 < audit["spread_ratio"], audit
     assert (Path(s["run_dir"]) / "audit.json").is_file()
 
 
@@ -66,6 +69,9 @@ def test_security_benchmark_quick(tmp_path):
     for k in ("asr", "asr_defended", "detect_tpr", "detect_fpr", "detect_auroc", "fid",
               "fid_defended", "audit", "cos_tau_trigger"):
         assert k in bd
-    assert 0 <= bd["detect_fpr"] <= 1 and bd["audit"] in ("clean", "backdoored")
+    # the quick models are barely trained: whether the backdoor took, the audit agrees with
+    # the ASR measured beside it; the defense never raises the ASR; FPR near its 1% target
+    assert bd["audit"] == ("backdoored" if bd["asr"] >= 0.5 else "clean"), bd
+    assert bd["asr_defended"] <= bd["asr"] and bd["detect_fpr"] <= 0.05, bd
     assert not rows["baddiffusion+krum"]["sampling_defense"]
     assert "asr_defended" not in rows["baddiffusion+krum"]

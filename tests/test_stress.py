@@ -16,10 +16,14 @@ def test_stress_two_counts(tmp_path, capsys):
     assert "fit: round wall" in out and "fit: total RSS" in out
     per = pd.read_parquet(tmp_path / "stress.parquet")
     assert list(per["clients"]) == [20, 40] and list(per["selected"]) == [2, 4]
-    for col in ("wall_s", "overhead_ms_per_client", "driver_rss_mib", "server_rss_mib",
-                "pools_rss_mib", "object_store_mib"):
-        assert (per[col] >= 0).all(), col
-    assert (per["pools_rss_mib"] > 0).all() and (per["server_rss_mib"] > 0).all()
+    assert ((per["wall_s"] >= per["compute_s"]) & (per["compute_s"] > 0)).all()
+    # orchestration per selected client: the benchmark's target is 20 ms; 10x for a busy CI
+    assert (per["overhead_ms_per_client"] < 200).all(), per["overhead_ms_per_client"]
+    for role in ("driver", "server", "pools"):  # every role measured, real processes
+        assert (per[f"{role}_rss_mib"] > 50).all(), role
+    # 20 more idle clients add next to nothing to the driver and the server
+    for role in ("driver", "server"):
+        assert per[f"{role}_rss_mib"].iloc[1] - per[f"{role}_rss_mib"].iloc[0] < 50, role
     rounds = pd.read_parquet(tmp_path / "stress_rounds.parquet")
     assert len(rounds) == 4
     assert (tmp_path / "stress.png").stat().st_size > 0

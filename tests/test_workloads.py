@@ -16,7 +16,7 @@ from ssdiff_ray import api, config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 TINY = ["model.preset=tiny", "model.timesteps=50", "clients.count=4", "clients.per_round=1.0",
-        "clients.pools=2", "train.local_steps=2", "train.batch_size=8", "data.image_size=8",
+        "clients.pools=1", "train.local_steps=2", "train.batch_size=8", "data.image_size=8",
         "data.min_samples=2", "eval.samples=20", "eval.steps=2", "eval.grid=8",
         "eval.baseline=false", "rounds=2"]
 
@@ -49,7 +49,9 @@ def test_hugging_face_parquet_runs_end_to_end(tmp_path):
     assert json.loads(open(f"{run_dir}/class_names.json").read()) == ["blue", "red"]
     saved = config.load(f"{run_dir}/config.toml")
     assert saved.data.channels == 3 and saved.data.num_classes == 2
-    assert s["feature_space"] == "classifier" and 0 <= s["bad_sample_share"] <= 1
+    # the summary reports the last round's evaluation, scored in the run's own feature space
+    assert s["feature_space"] == "classifier"
+    assert s["bad_sample_share"] == rounds["bad_sample_share"].iloc[-1]
 
 
 def test_image_folder_conditional_run_and_a_class_sampled(tmp_path):
@@ -111,8 +113,9 @@ def test_colour_run_with_a_backdoor_the_defense_and_the_audit(tmp_path):
         "defense.estimate_gen_steps=2"]), progress=False)
     run_dir = s["run_dir"]
     last = pd.read_parquet(f"{run_dir}/rounds.parquet").iloc[-1]
-    for col in ("asr", "asr_defended", "detect_tpr", "detect_fpr"):
-        assert 0 <= last[col] <= 1, col
+    # clean noise near the 1% target (10 draws), and the defense never raises the ASR. (The
+    # TPR is not asserted: at 8 x 8 the box trigger is too faint for the input tests, TPR 0.)
+    assert last["detect_fpr"] <= 0.2 and last["asr_defended"] <= last["asr"], last
 
     from PIL import Image
 
@@ -121,4 +124,5 @@ def test_colour_run_with_a_backdoor_the_defense_and_the_audit(tmp_path):
     res = sample_run(run_dir, n=4, trigger="box", defend=True)
     assert Image.open(res["png"]).mode == "RGB"
     assert len(pd.read_parquet(res["record"])) == 4
-    assert audit_run(run_dir)["verdict"] in ("clean", "backdoored")
+    # two tiny rounds: the backdoor has not taken (ASR above), and the audit says so
+    assert last["asr"] < 0.5 and audit_run(run_dir)["verdict"] == "clean", last
