@@ -57,8 +57,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", default=str(RESULTS / "main_job.json"))
     args = ap.parse_args(argv)
     runs = Path(args.runs_dir or tempfile.mkdtemp(prefix="ssdiff-main-job-"))
+    seeds = [int(s) for s in args.seeds.split(",")]
+    # `ssdiff run` names a run seedN-1 when seedN exists: the summary read back would be
+    # another run's (or none)
+    if taken := [f"seed{s}" for s in seeds if (runs / f"seed{s}").exists()]:
+        raise SystemExit(f"main_job: {runs} already holds {', '.join(taken)}; "
+                         "pass an empty --runs-dir")
     rows = []
-    for seed in (int(s) for s in args.seeds.split(",")):
+    for seed in seeds:
         rows.append(run_one(seed, args.config, args.set, runs))
         r = rows[-1]
         print(f"seed {seed}: wall {r['wall_s']:.0f} s, clients {r['clients']}, FID {r['fid']:.1f} "
