@@ -57,6 +57,26 @@ def load(run_dir: Path) -> dict:
     from safetensors.numpy import load_file
 
     path = run_dir / CHECKPOINT
+    for attempt in range(3):
+        named = _named(path)
+        try:
+            return _load_once(run_dir, path, SafetensorError, load_file)
+        except CheckpointError:
+            # a reader racing a live run: the writer committed a newer checkpoint (and removed
+            # the file the JSON we read named) while we read; read the new one
+            if attempt == 2 or _named(path) in (None, named):
+                raise
+
+
+def _named(path: Path):
+    try:
+        name = json.loads(path.read_text()).get("tensors")
+        return name if isinstance(name, str) and Path(name).name == name else None
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _load_once(run_dir: Path, path: Path, SafetensorError, load_file) -> dict:
     try:
         meta = json.loads(path.read_text())
         name = meta["tensors"]

@@ -37,6 +37,36 @@ def test_roundtrip_keeps_arrays_int_keys_and_nan(tmp_path):
     assert len(names) == 2 and names[0].startswith("checkpoint-r3-") and names[1] == "checkpoint.json"
 
 
+def test_a_reader_beside_a_live_run_always_gets_a_whole_checkpoint(tmp_path):
+    # a status poll reads while the run commits newer checkpoints and removes the older files
+    # (CI once saw the JSON it had read name a file already gone)
+    import threading
+    import time
+
+    checkpoint.save(tmp_path, {"round": 0, "w": np.zeros(100_000)}, 0)
+    done = threading.Event()
+
+    def run():
+        for r in range(1, 10_000):
+            if done.is_set():
+                return
+            checkpoint.save(tmp_path, {"round": r, "w": np.full(100_000, float(r))}, r)
+            time.sleep(0.005)
+
+    writer = threading.Thread(target=run)
+    writer.start()
+    try:
+        rounds = []
+        for _ in range(200):
+            state = checkpoint.load(tmp_path)
+            assert (state["w"] == state["round"]).all()
+            rounds.append(state["round"])
+    finally:
+        done.set()
+        writer.join()
+    assert rounds[-1] > rounds[0]   # it did read while the writer went on
+
+
 def test_a_changed_tensor_file_or_a_path_outside_the_run_is_refused(tmp_path):
     checkpoint.save(tmp_path, {"w": np.zeros(4, dtype=np.float32)}, 1)
     (f,) = tmp_path.glob("checkpoint-r1-*.safetensors")
