@@ -106,6 +106,17 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from ssdiff_ray.evaluate_model import evaluate_model, table
+
+    res = evaluate_model(args.model, args.like, args.out, args.seed)
+    print(f"{res['model']} scored like {res['like']} ({res['n']} samples, {res['sampler']}, "
+          f"seed {res['seed']}, {res['feature_space']} space):")
+    print(table(res))
+    print(f"grid: {res['grid']}\nrecord: {res['out']}")
+    return 0
+
+
 def cmd_cleanse(args) -> int:
     from ssdiff_ray.defense.cleanse import CleanseOptions
     from ssdiff_ray.inference import cleanse_run
@@ -338,7 +349,7 @@ def _trigger_arg(value: str) -> str:
 
 
 def _add_model_commands(sub) -> None:
-    """Commands on a finished run's model: sample, audit."""
+    """Commands on a finished run's model: sample, audit, evaluate, cleanse."""
     smp = sub.add_parser("sample", help="sample a run's model, with the backdoor defense")
     smp.add_argument("run_dir")
     smp.add_argument("--n", type=int, default=64)
@@ -362,6 +373,17 @@ def _add_model_commands(sub) -> None:
     aud.add_argument("--refresh", action="store_true",
                      help="estimate and audit anew (default: reuse RUN_DIR/defense/)")
     aud.set_defaults(func=cmd_audit)
+
+    ev = sub.add_parser("evaluate", help="score a saved diffusers model (centralized, "
+                        "pretrained, cleansed, downloaded) in a run's quality space")
+    ev.add_argument("model", help="a diffusers pipeline or UNet directory (or a run's model/)")
+    ev.add_argument("--like", required=True, metavar="RUN",
+                    help="the run whose data, feature space, sampler and seed score it")
+    ev.add_argument("--out", help="JSON path (default RUN/evaluations/<model>.json; the grid "
+                    "goes beside it)")
+    ev.add_argument("--seed", type=int, default=None,
+                    help="sampling seed (default: the run's final evaluation's)")
+    ev.set_defaults(func=cmd_evaluate)
 
     cl = sub.add_parser("cleanse", help="fine-tune the backdoor out of a run's model "
                         "(Elijah-style, with its estimated trigger); writes a new run directory")
