@@ -441,6 +441,8 @@ def _check_cross(cfg: Config) -> None:
     if cfg.devices.class_mix and sum(cfg.devices.class_mix.values()) <= 0:
         raise ConfigError("devices.class_mix: weights must not all be 0")
     _check_lora(cfg)
+    if msg := load_registered(AGGREGATORS[cfg.server.aggregator]).check_config(cfg.server):
+        raise ConfigError(msg)
     if cfg.data.classes:
         try:
             parse_classes(cfg.data.classes)

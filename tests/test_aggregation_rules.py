@@ -14,6 +14,9 @@ from ssdiff_ray.aggregation.multi_krum import MultiKrum, krum_scores
 from ssdiff_ray.aggregation.norm_bound import NormBound
 
 
+ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
+
+
 def _updates(k=10, d=200, seed=0):
     rng = np.random.default_rng(seed)
     base = rng.standard_normal(d).astype(np.float32)
@@ -31,7 +34,8 @@ def _round(agg, deltas, weights=None, w0=None, order=None):
 
 @pytest.mark.parametrize("name", list(AGGREGATORS))
 def test_every_registered_rule_is_constructible_from_config(name):
-    cfg = config.load(None, [f"server.aggregator={name}"])
+    lr = ["server.lr=0.01"] if name in ADAPTIVE else []   # their lr is a per-weight step
+    cfg = config.load(None, [f"server.aggregator={name}", *lr])
     agg = make_aggregator(cfg.server, 200, 3)
     assert isinstance(agg, Aggregator) and agg.name == name
     res = _round(agg, _updates())
@@ -107,3 +111,49 @@ def test_krum_scores_outlier_highest():
     u = _updates()
     u[5] += 20
     assert krum_scores(u, 1).argmax() == 5
+
+
+def _adaptive(name, lr=0.01):
+    return make_aggregator(config.load(None, [f"server.aggregator={name}", f"server.lr={lr}"]
+                                       ).server, 2, 3)
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_adaptive_server_rules_move_small_and_large_coordinates_alike(name):
+    # one layer's updates 100x smaller than another's: FedAvg moves it 100x less, a server
+    # Adam/Yogi/Adagrad about server.lr each (what they are for)
+    deltas = np.array([[1e-2, 1.0]] * 4, np.float32)
+    w = np.zeros(2, np.float32)
+    agg, steps = _adaptive(name), []
+    for _ in range(5):
+        new = _round(agg, deltas, w0=w).weights
+        steps.append(new - w)
+        w = new
+    first = steps[0]
+    assert 0.3 < first[0] / first[1] <= 1 and 0 < first[1] <= 0.0101   # tau: small moves less
+    plain = _round(FedAvg(2, 3, lr=1.0), deltas).weights
+    assert plain[0] / plain[1] == pytest.approx(0.01)
+    if name == "fedadagrad":   # v sums d^2: under the same update its step stays well below lr
+        assert steps[-1][1] < 0.5 * 0.01
+    else:                      # bias-corrected: the same update keeps the same step
+        assert steps[-1][1] == pytest.approx(steps[0][1], rel=0.02)
+
+
+@pytest.mark.parametrize("name", ADAPTIVE)
+def test_adaptive_server_state_survives_a_checkpoint(name):
+    rng = np.random.default_rng(1)
+    rounds = [rng.standard_normal((3, 2)).astype(np.float32) for _ in range(4)]
+    a, w = _adaptive(name), np.zeros(2, np.float32)
+    for d in rounds[:3]:
+        w = _round(a, d, w0=w).weights
+    b = _adaptive(name)
+    b.load_state_dict({k: (v.copy() if isinstance(v, np.ndarray) else v)
+                       for k, v in a.state_dict().items()})
+    assert np.array_equal(_round(a, rounds[3], w0=w).weights, _round(b, rounds[3], w0=w).weights)
+    fresh = _round(_adaptive(name), rounds[3], w0=w).weights   # the state mattered
+    assert not np.allclose(fresh, _round(b, rounds[3], w0=w).weights)
+
+
+def test_adaptive_rule_with_a_fedavg_sized_lr_stops_before_ray():
+    with pytest.raises(config.ConfigError, match="server.lr = 1.0: fedadam moves every weight"):
+        config.load(None, ["server.aggregator=fedadam"])

@@ -11,6 +11,9 @@ from ssdiff_ray.registry import load
 AGGREGATORS = {
     "fedavg": "ssdiff_ray.aggregation.fedavg:FedAvg",
     "fedavgm": "ssdiff_ray.aggregation.fedavgm:FedAvgM",
+    "fedadam": "ssdiff_ray.aggregation.fedadam:FedAdam",
+    "fedyogi": "ssdiff_ray.aggregation.fedyogi:FedYogi",
+    "fedadagrad": "ssdiff_ray.aggregation.fedadagrad:FedAdagrad",
     "norm_bound": "ssdiff_ray.aggregation.norm_bound:NormBound",
     "multi_krum": "ssdiff_ray.aggregation.multi_krum:MultiKrum",
     "flame": "ssdiff_ray.aggregation.flame:Flame",

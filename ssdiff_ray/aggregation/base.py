@@ -43,6 +43,12 @@ class Aggregator:
         """Build from the ``[server]`` config section."""
         raise NotImplementedError
 
+    @classmethod
+    def check_config(cls, server) -> str | None:
+        """Why the ``[server]`` section does not suit this rule (checked before Ray starts),
+        or None."""
+        return None
+
     def begin_round(self, weights: np.ndarray) -> None:
         raise NotImplementedError
 
