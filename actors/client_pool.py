@@ -52,9 +52,10 @@ class ClientPool:
         self.uplink_part = RankParts(param_layout(unet, trainable_only=True), cfg.lora.rank)
         _, self.num_params, self.layout = self.uplink_part(None)
         t = cfg.train
-        self.trainer = LocalTrainer(unet, sched.alphas_cumprod, t.lr, t.grad_clip, t.label_dropout)
+        self.trainer = LocalTrainer(unet, sched.alphas_cumprod, t.lr, t.grad_clip, t.label_dropout,
+                                    t.warmup_steps)
         self.batched = BatchedTrainer(unet, sched.alphas_cumprod, t.lr, t.grad_clip,
-                                      label_dropout=t.label_dropout)
+                                      label_dropout=t.label_dropout, warmup_steps=t.warmup_steps)
         self.conditional = cfg.model.conditional
         self.shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # loaded on first use
         self.residuals: dict[int, np.ndarray] = {}  # error feedback, only after a first upload

@@ -18,7 +18,7 @@ from torch.func import functional_call, grad_and_value, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ssdiff_ray.model.unet import null_label, set_flat
-from ssdiff_ray.train import noisy_batch
+from ssdiff_ray.train import noisy_batch, warmup_lr
 
 
 def use_batched(mode: str, device: str, steps: np.ndarray) -> bool:
@@ -33,12 +33,12 @@ class BatchedTrainer:
 
     def __init__(self, unet: torch.nn.Module, alphas_cumprod: torch.Tensor, lr: float,
                  grad_clip: float = 1.0, betas=(0.9, 0.999), eps: float = 1e-8,
-                 max_clients: int = 128, label_dropout: float = 0.0):
+                 max_clients: int = 128, label_dropout: float = 0.0, warmup_steps: int = 0):
         self.unet = unet
         self.alphas_cumprod = alphas_cumprod.float()
         self.null_label, self.label_dropout = null_label(unet), label_dropout
         self.lr, self.grad_clip, self.betas, self.eps = lr, grad_clip, betas, eps
-        self.max_clients = max_clients
+        self.max_clients, self.warmup_steps = max_clients, warmup_steps
         self.names = [n for n, _ in unet.named_parameters()]
         self.buffers = dict(unet.named_buffers())
 
@@ -111,6 +111,7 @@ class BatchedTrainer:
             with sdpa_kernel(SDPBackend.MATH):  # the fused attention kernels have no vmap rule
                 grads, loss = self.step_fn(params, *batch)
             total += loss.detach()
+            lr_k = warmup_lr(self.lr, k, self.warmup_steps)
             with torch.no_grad():
                 if self.grad_clip > 0:  # clip_grad_norm_ per client: one norm over all its grads
                     norm = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], 1).norm(dim=1)
@@ -122,6 +123,6 @@ class BatchedTrainer:
                     m[name].lerp_(g, 1 - b1)
                     v[name].mul_(b2).addcmul_(g, g, value=1 - b2)
                     denom = (v[name].sqrt() / (1 - b2 ** k) ** 0.5).add_(self.eps)
-                    params[name].addcdiv_(m[name], denom, value=-self.lr / (1 - b1 ** k))
+                    params[name].addcdiv_(m[name], denom, value=-lr_k / (1 - b1 ** k))
         flat = torch.cat([(params[k] - base[k]).flatten(1) for k in self.names], 1)
         return flat.cpu().numpy(), (total / steps).cpu().numpy().astype(np.float64)

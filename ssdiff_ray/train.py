@@ -63,13 +63,21 @@ def round_lr(lr: float, lr_final: float, schedule: str, round_: int, rounds: int
     return lr_final + (lr - lr_final) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
+def warmup_lr(lr: float, step: int, warmup_steps: int) -> float:
+    """The lr of local step ``step`` (1-based): rising linearly to ``lr`` over the first
+    ``warmup_steps`` steps. Every client starts Adam with fresh moments, and Adam's first steps
+    move every weight by about lr, signal or not; the warm-up keeps those noise steps small."""
+    return lr if warmup_steps <= 0 else lr * min(1.0, step / warmup_steps)
+
+
 class LocalTrainer:
     """One model and one optimizer, reused for every client a pool trains (no re-creation).
     Only the trainable parameters (the adapters in LoRA mode) are optimised and returned."""
 
     def __init__(self, unet: torch.nn.Module, alphas_cumprod: torch.Tensor, lr: float,
-                 grad_clip: float = 1.0, label_dropout: float = 0.0):
+                 grad_clip: float = 1.0, label_dropout: float = 0.0, warmup_steps: int = 0):
         self.unet = unet
+        self.lr, self.warmup_steps = lr, warmup_steps
         self.alphas_cumprod = alphas_cumprod.float()
         self.grad_clip = grad_clip
         self.label_dropout = label_dropout
@@ -98,16 +106,16 @@ class LocalTrainer:
         class-conditional model; ``rank`` trains only the first ``rank`` components of every
         LoRA adapter (mixed ranks): the others get no gradient, so Adam leaves them be."""
         set_flat(self.unet, global_flat)
-        if lr is not None:
-            for group in self.opt.param_groups:
-                group["lr"] = lr
+        lr = self.lr if lr is None else lr
         self.opt.state.clear()  # fresh Adam moments per client: each starts from the global model
         self.unet.train()
         gen = torch.Generator().manual_seed(seed)
         data = torch.from_numpy(images)
         classes = None if labels is None else torch.from_numpy(np.asarray(labels, np.int64))
         total = 0.0
-        for _ in range(steps):
+        for step in range(1, steps + 1):
+            for group in self.opt.param_groups:
+                group["lr"] = warmup_lr(lr, step, self.warmup_steps)
             idx = torch.randint(0, len(data), (min(batch_size, len(data)),), generator=gen)
             loss = ddpm_loss(self.unet, data[idx], self.alphas_cumprod, gen, poison,
                              None if classes is None else classes[idx], self.label_dropout)

@@ -35,6 +35,7 @@ TINY = [
     "clients.pools=2", "train.local_steps=2", "train.batch_size=8", "data.image_size=16",
     "eval.samples=40", "eval.steps=4", "eval.grid=16", "eval.baseline=false",
     "defense.estimate_gen_steps=2",
+    "train.warmup_steps=0",   # 2 local steps: the default warm-up would keep them at lr / 4
 ]
 
 

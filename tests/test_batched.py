@@ -22,8 +22,8 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
-@pytest.mark.parametrize("grad_clip", [1.0, 0.0])
-def test_batched_matches_sequential(grad_clip, device, monkeypatch):
+@pytest.mark.parametrize("grad_clip,warmup", [(1.0, 0), (0.0, 0), (1.0, 2)])
+def test_batched_matches_sequential(grad_clip, warmup, device, monkeypatch):
     """The same deltas on the CPU and, where there is one, on a GPU (auto batches there)."""
     torch.set_num_threads(1)
     # cuDNN's default TF32 convolutions round differently in the two paths: 1 % of the
@@ -36,10 +36,11 @@ def test_batched_matches_sequential(grad_clip, device, monkeypatch):
     # one client smaller than the batch: the batched path pads and masks it
     images = [rng.uniform(-1, 1, (n, 1, 16, 16)).astype(np.float32) for n in (20, 5, 12, 9)]
     seeds = [11, 12, 13, 14]
-    seq = LocalTrainer(unet, ac, 1e-3, grad_clip)
+    seq = LocalTrainer(unet, ac, 1e-3, grad_clip, warmup_steps=warmup)
     expect = [seq.train(start, x, 3, 8, s) for x, s in zip(images, seeds)]
     # max_clients=3 also covers training the clients in two chunks
-    deltas, losses = BatchedTrainer(unet, ac, 1e-3, grad_clip, max_clients=3).train(
+    deltas, losses = BatchedTrainer(unet, ac, 1e-3, grad_clip, max_clients=3,
+                                   warmup_steps=warmup).train(
         start, images, 3, 8, seeds)
     assert deltas.shape == (4, len(start))
     for i, (d, loss) in enumerate(expect):

@@ -25,6 +25,7 @@ GOLDEN = [
     "eval.steps=4", "eval.grid=16", "eval.baseline=false", "eval.every=1", "rounds=3",
     "server.aggregator=fedavgm", "server.momentum=0.5", "quant.policy=doubly_adaptive",
     "quant.bits=4", "quant.convergence_window=1",
+    "train.warmup_steps=0",   # the recorded run had no local warm-up (added after d43ed39)
 ]
 
 

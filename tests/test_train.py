@@ -40,6 +40,28 @@ def test_trainer_uses_the_round_lr(batched):
     np.testing.assert_allclose(delta(1e-3, None), big, rtol=1e-4, atol=1e-9)
 
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_local_warmup_makes_the_fresh_adams_first_steps_small(batched):
+    # a fresh Adam's first step moves every weight by about lr whatever the gradient; with a
+    # warm-up of 4 steps the first moves lr / 4, and a run of 8 steps moves less in all
+    torch.set_num_threads(1)
+    unet = build_unet("tiny", 16, seed=3)
+    ac = build_scheduler(100).alphas_cumprod
+    start = get_flat(unet)
+    x = np.random.default_rng(0).uniform(-1, 1, (16, 1, 16, 16)).astype(np.float32)
+
+    def delta(steps, warmup):
+        if batched:
+            return BatchedTrainer(unet, ac, 1e-3, 1.0, warmup_steps=warmup).train(
+                start, [x], steps, 8, [5])[0][0]
+        return LocalTrainer(unet, ac, 1e-3, 1.0, warmup_steps=warmup).train(
+            start, x, steps, 8, 5)[0]
+
+    assert np.abs(delta(1, 4)).max() == pytest.approx(2.5e-4, rel=0.05)
+    assert np.abs(delta(1, 0)).max() == pytest.approx(1e-3, rel=0.05)
+    assert np.linalg.norm(delta(8, 4)) < 0.8 * np.linalg.norm(delta(8, 0))
+
+
 @pytest.mark.parametrize("sampler", ["dpm", "ddim"])
 def test_sampling_in_batches_equals_one_batch(sampler):
     # DPM-Solver++ is a multistep solver with per-run state: each batch needs its own
