@@ -33,6 +33,8 @@ DEFENSE = ["ssdiff_ray/attacks", "ssdiff_ray/defense", "ssdiff_ray/attack_eval.p
 # benchmark (script stem) -> the code its figures measure: a change there makes them stale.
 MEASURES: dict[str, list[str]] = {
     "batched": ["ssdiff_ray/batched.py", "ssdiff_ray/train.py", *MODEL],
+    "centralized_gap": [*DRIVER, *MODEL, *QUALITY, "ssdiff_ray/policies", "ssdiff_ray/config.py",
+                        "ssdiff_ray/pretrain.py", "ssdiff_ray/evaluate_model.py"],
     "codec_throughput": ["ssdiff_ray/codec.py"],
     "config_walk": ["ssdiff_ray/config.py", "ssdiff_ray/cli.py", *DRIVER],
     "distill": ["ssdiff_ray/distill", *MODEL, *DEFENSE, *QUALITY],
