@@ -72,7 +72,7 @@ def _named(path: Path):
     try:
         name = json.loads(path.read_text()).get("tensors")
         return name if isinstance(name, str) and Path(name).name == name else None
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # any unreadable JSON
         return None
 
 
