@@ -53,14 +53,11 @@ def save(run_dir: Path, state: dict, round_: int, before_commit=None) -> None:
 
 def load(run_dir: Path) -> dict:
     """The state ``save`` wrote; a CheckpointError for anything else."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-
     path = run_dir / CHECKPOINT
     for attempt in range(3):
         named = _named(path)
         try:
-            return _load_once(run_dir, path, SafetensorError, load_file)
+            return _load_once(run_dir, path)
         except CheckpointError:
             # a reader racing a live run: the writer committed a newer checkpoint (and removed
             # the file the JSON we read named) while we read; read the new one
@@ -76,7 +73,10 @@ def _named(path: Path):
         return None
 
 
-def _load_once(run_dir: Path, path: Path, SafetensorError, load_file) -> dict:
+def _load_once(run_dir: Path, path: Path) -> dict:
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+
     try:
         meta = json.loads(path.read_text())
         name = meta["tensors"]

@@ -19,43 +19,35 @@ def test_round_lr_cosine_ends_at_lr_final():
     assert round_lr(3e-3, 2e-4, "cosine", 1, 1) == 3e-3  # a one-round run trains at lr
 
 
-@pytest.mark.parametrize("batched", [False, True])
-def test_trainer_uses_the_round_lr(batched):
+def _one_client_delta(batched, lr_ctor, lr_round=None, steps=1, warmup=0):
+    """One client's update from a tiny UNet, sequential or batched (vmap)."""
     torch.set_num_threads(1)
     unet = build_unet("tiny", 16, seed=3)
     ac = build_scheduler(100).alphas_cumprod
     start = get_flat(unet)
     x = np.random.default_rng(0).uniform(-1, 1, (16, 1, 16, 16)).astype(np.float32)
+    if batched:
+        return BatchedTrainer(unet, ac, lr_ctor, 1.0, warmup_steps=warmup).train(
+            start, [x], steps, 8, [5], None, lr_round)[0][0]
+    return LocalTrainer(unet, ac, lr_ctor, 1.0, warmup_steps=warmup).train(
+        start, x, steps, 8, 5, None, lr_round)[0]
 
-    def delta(lr_ctor, lr_round):
-        if batched:
-            return BatchedTrainer(unet, ac, lr_ctor, 1.0).train(start, [x], 1, 8, [5], None,
-                                                               lr_round)[0][0]
-        return LocalTrainer(unet, ac, lr_ctor, 1.0).train(start, x, 1, 8, 5, None, lr_round)[0]
 
+@pytest.mark.parametrize("batched", [False, True])
+def test_trainer_uses_the_round_lr(batched):
     # One Adam step moves each weight by about lr: the round's lr, not the constructor's.
-    small, big = delta(1e-3, 1e-4), delta(1e-4, 1e-3)
+    small, big = _one_client_delta(batched, 1e-3, 1e-4), _one_client_delta(batched, 1e-4, 1e-3)
     assert np.abs(big).max() == pytest.approx(1e-3, rel=0.05)
     assert np.abs(small).max() == pytest.approx(1e-4, rel=0.05)
-    np.testing.assert_allclose(delta(1e-3, None), big, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(_one_client_delta(batched, 1e-3), big, rtol=1e-4, atol=1e-9)
 
 
 @pytest.mark.parametrize("batched", [False, True])
 def test_local_warmup_makes_the_fresh_adams_first_steps_small(batched):
     # a fresh Adam's first step moves every weight by about lr whatever the gradient; with a
     # warm-up of 4 steps the first moves lr / 4, and a run of 8 steps moves less in all
-    torch.set_num_threads(1)
-    unet = build_unet("tiny", 16, seed=3)
-    ac = build_scheduler(100).alphas_cumprod
-    start = get_flat(unet)
-    x = np.random.default_rng(0).uniform(-1, 1, (16, 1, 16, 16)).astype(np.float32)
-
     def delta(steps, warmup):
-        if batched:
-            return BatchedTrainer(unet, ac, 1e-3, 1.0, warmup_steps=warmup).train(
-                start, [x], steps, 8, [5])[0][0]
-        return LocalTrainer(unet, ac, 1e-3, 1.0, warmup_steps=warmup).train(
-            start, x, steps, 8, 5)[0]
+        return _one_client_delta(batched, 1e-3, steps=steps, warmup=warmup)
 
     assert np.abs(delta(1, 4)).max() == pytest.approx(2.5e-4, rel=0.05)
     assert np.abs(delta(1, 0)).max() == pytest.approx(1e-3, rel=0.05)
