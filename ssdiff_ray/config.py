@@ -39,6 +39,9 @@ class ConfigError(UserError):
     """A config value a user can fix; the message is one line."""
 
 
+# tracking URI schemes MLflow's client opens (mysql+pymysql: and the like count as mysql:)
+MLFLOW_SCHEMES = ("sqlite", "file", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+
 # A section's rule and the registry of its choices: the keys of the section are its own
 # fields plus the fields of every registered rule's ``Options`` (in ``section.options``).
 RULE_SECTIONS = {"server": ("aggregator", AGGREGATORS), "quant": ("policy", POLICIES)}
@@ -231,6 +234,18 @@ class FaultsConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = _f(False, doc="write round scalars and sample grids for TensorBoard "
+                           "(tensorboard --logdir RUN/tb)")
+    tensorboard_dir: str = _f("", doc="TensorBoard log folder ('' = RUN/tb)")
+    mlflow_uri: str = _f("", doc="MLflow tracking URI: sqlite:///mlflow.db, file:./mlruns, "
+                         "http://HOST:5000 ('' = off)")
+    mlflow_experiment: str = _f("ssdiff", doc="MLflow experiment the run is logged under")
+    mlflow_parent_run: str = _f("", doc="MLflow run id this run nests under (ssdiff tune "
+                                "sets it to the study's run)")
+
+
+@dataclass
 class Config:
     seed: int = _f(0, lo=0, hi=2**31 - 1)
     rounds: int = _f(24, lo=1, hi=1_000_000)
@@ -249,6 +264,7 @@ class Config:
     attack: AttackConfig = field(default_factory=AttackConfig)
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Nested dicts, as the TOML file holds them: rule options are keys of their section."""
@@ -444,6 +460,10 @@ def _check_cross(cfg: Config) -> None:
     if cfg.devices.class_mix and sum(cfg.devices.class_mix.values()) <= 0:
         raise ConfigError("devices.class_mix: weights must not all be 0")
     _check_lora(cfg)
+    uri = cfg.log.mlflow_uri
+    if uri and uri.partition(":")[0].partition("+")[0] not in MLFLOW_SCHEMES:
+        raise ConfigError(f"log.mlflow_uri = {uri[:80]!r}: must start with "
+                          f"{', '.join(s + ':' for s in MLFLOW_SCHEMES)} (a folder is file:PATH)")
     if msg := load_registered(AGGREGATORS[cfg.server.aggregator]).check_config(cfg.server):
         raise ConfigError(msg)
     if cfg.data.classes:

@@ -13,7 +13,6 @@ from ssdiff_ray.aggregation.flame import Flame
 from ssdiff_ray.aggregation.multi_krum import MultiKrum, krum_scores
 from ssdiff_ray.aggregation.norm_bound import NormBound
 
-
 ADAPTIVE = ("fedadam", "fedyogi", "fedadagrad")
 
 

@@ -102,18 +102,22 @@ def test_pool_killed_mid_round_run_survives(tiny_overrides):
 
 
 @pytest.mark.slow
-def test_driver_never_imports_torch(tiny_overrides):
+def test_driver_never_imports_torch(tiny_overrides, tmp_path):
     """torch lives in the actors: a driver that imported it would hold ~330 MB and spend
-    seconds importing for nothing (the floor benchmark's memory budget counts it)."""
+    seconds importing for nothing (the floor benchmark's memory budget counts it). The
+    TensorBoard and MLflow loggers run in the driver, so they are on here."""
     import subprocess
     import sys
 
+    logs = ["log.tensorboard=true", f"log.mlflow_uri='sqlite:///{tmp_path}/mlflow.db'"]
     code = (
         "import sys; from ssdiff_ray import api, config; "
-        f"api.run(config.load(None, {[*tiny_overrides, 'rounds=1', 'name=notorch']!r}), "
+        f"api.run(config.load(None, {[*tiny_overrides, 'rounds=1', 'name=notorch', *logs]!r}), "
         "progress=False); print('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "NO-TORCH"
+    assert list((tmp_path / "notorch" / "tb").glob("events.out.tfevents.*"))
+    assert (tmp_path / "notorch" / "mlflow_run.json").is_file()

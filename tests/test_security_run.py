@@ -12,7 +12,8 @@ def test_malicious_client_rows_and_attack_metrics(tiny_overrides):
     cfg = config.load(None, [*tiny_overrides, "rounds=2", "name=attack", "clients.pools=1",
                              "attack.kind=baddiffusion", "attack.malicious_fraction=0.2",
                              "attack.poison_rate=0.5", "attack.eval_samples=20",
-                             "defense.estimate_trigger=false", "server.aggregator=multi_krum"])
+                             "defense.estimate_trigger=false", "server.aggregator=multi_krum",
+                             "log.tensorboard=true"])
     s = api.run(cfg, progress=False)
     clients = pd.read_parquet(f"{s['run_dir']}/clients.parquet")
     rounds = pd.read_parquet(f"{s['run_dir']}/rounds.parquet")
@@ -27,6 +28,13 @@ def test_malicious_client_rows_and_attack_metrics(tiny_overrides):
     # at 16 x 16 (measured 0.8 of 20), and clean noise near the 1% target (20 draws: <= 2)
     assert last["detect_tpr"] >= 0.5 and last["detect_fpr"] <= 0.1, last
     assert last["asr_defended"] <= last["asr"] and last["fid_defended"] > 0, last
+    # TensorBoard shows the attack's figures too (test_tracking reads the others)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(f"{s['run_dir']}/tb")
+    ea.Reload()
+    for k in ("asr", "asr_defended", "detect_tpr"):
+        assert [e.value for e in ea.Scalars(f"eval/{k}")] == pytest.approx([last[k]]), k
 
     # ssdiff sample / ssdiff audit on the saved model
     from pathlib import Path

@@ -247,17 +247,40 @@ def test_journal_storage_resumes_and_records_constraints(ray_local, tmp_path):
     study and in trials.parquet; with the journal storage, a resumed study keeps them."""
     out = tmp_path / "tune"
     storage = f"journal:///{tmp_path / 'study.log'}"
-    opts = TuneOptions(overrides=BASE, space=_space(tmp_path), trials=2, parallel=1,
+    mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    logs = ["log.tensorboard=true", f"log.mlflow_uri='{mlflow_uri}'"]
+    opts = TuneOptions(overrides=[*BASE, *logs], space=_space(tmp_path), trials=2, parallel=1,
                        storage=storage, study="s", out=str(out), objectives=["energy"],
                        constraints=["energy<=1e-9"], sampler="random")
     res = run_study(opts, progress=False)
     assert res["complete"] == 2
+    _mlflow_trials(mlflow_uri, out, storage_url(storage))
     study = optuna.load_study(study_name="s", storage=storage_url(storage))
     for t in study.get_trials():
         assert t.constraints == {"energy<=1e-09": pytest.approx(t.values[0] - 1e-9)}
     df = pd.read_parquet(out / "trials.parquet")
     assert not df["feasible"].any() and "best" not in res  # nothing feasible to export
     _resume_adds_trials(opts, storage_url(storage), 2)
+    _mlflow_trials(mlflow_uri, out, storage_url(storage))  # the resumed study found its run
+
+
+def _mlflow_trials(uri: str, out: Path, storage: str) -> None:
+    """One MLflow run for the study and every trial a run nested under it: complete trials
+    FINISHED with their round metrics, pruned ones KILLED; a TensorBoard folder per trial."""
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("ssdiff").experiment_id])
+    studies = [r for r in runs if r.data.tags.get("ssdiff.study") == "s"]
+    assert len(studies) == 1 and studies[0].info.status == "FINISHED"
+    trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == studies[0].info.run_id]
+    assert len(trials) == len(runs) - 1
+    state = {f"t{t.number:04d}": t.state.name
+             for t in optuna.load_study(study_name="s", storage=storage).get_trials()}
+    assert {r.info.run_name: r.info.status for r in trials} == {
+        name: {"COMPLETE": "FINISHED", "PRUNED": "KILLED"}[s] for name, s in state.items()}
+    assert all("round/energy_j" in r.data.metrics for r in trials)
+    assert sorted(state) == sorted(p.name for p in (out / "trials").iterdir() if (p / "tb").is_dir())
 
 
 def _trial_states(db: Path) -> list[str]:

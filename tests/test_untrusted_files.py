@@ -191,7 +191,7 @@ def test_an_image_struct_path_stays_in_the_tables_folder(tmp_path):
 
 
 def test_a_storage_url_is_shown_without_its_password():
-    from tuning.storage import redact
+    from ssdiff_ray.errors import redact
 
     assert redact("postgresql+psycopg://me:s3cret@db:5432/x") == "postgresql+psycopg://me:***@db:5432/x"
     assert redact("sqlite:////tmp/study.db") == "sqlite:////tmp/study.db"

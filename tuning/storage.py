@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ssdiff_ray.config import ConfigError
+from ssdiff_ray.errors import redact
 
 
 def absolute_url(url: str) -> str:
@@ -50,14 +51,3 @@ def trial_id(storage, study_name: str, number: int) -> int:
     """The storage's id of trial ``number`` of ``study_name`` (Optuna's public storage API)."""
     return storage.get_trial_id_from_study_id_trial_number(
         storage.get_study_id_from_name(study_name), number)
-
-
-def redact(url: str) -> str:
-    """Hide a password in ``scheme://user:pw@host``."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        cred, host = rest.split("@", 1)
-        if ":" in cred:
-            cred = cred.split(":", 1)[0] + ":***"
-        return f"{scheme}://{cred}@{host}"
-    return url

@@ -17,10 +17,11 @@ from typing import Any
 
 from ssdiff_ray import config as config_mod
 from ssdiff_ray.config import Config, ConfigError
+from ssdiff_ray.errors import redact
 from tuning.choices import OBJECTIVES, PRUNER_CHOICES, PRUNERS, SAMPLERS, one_of
 from tuning.recovery import HEARTBEAT, OWNER, owner_of_this_process, recover_interrupted
 from tuning.space import Space, load_space, overrides
-from tuning.storage import absolute_url, open_storage, redact
+from tuning.storage import absolute_url, open_storage
 
 
 @dataclass
@@ -69,6 +70,7 @@ class StudySetup:
     constraints: list[tuple[str, str, float]]
     reference: dict[str, Any] | None
     pruner: str
+    mlflow_parent_run: str = ""         # the study's MLflow run, that trials nest under
 
 
 def setup_study(opts: TuneOptions) -> StudySetup:
@@ -137,6 +139,8 @@ def trial_config(setup: StudySetup, params: dict, number: int, cpus: float, gpus
     o = setup.opts
     sets = [*o.overrides, *overrides(params), f"out_dir={json.dumps(str(setup.out / 'trials'))}",
             f"name=\"t{number:04d}\""]
+    if setup.mlflow_parent_run:
+        sets.append(f"log.mlflow_parent_run={json.dumps(setup.mlflow_parent_run)}")
     cfg = config_mod.load(o.config, sets)
     pools = cfg.clients.pools or max(1, int(cpus // o.parallel))
     pools = min(pools, cfg.clients.count)
@@ -227,6 +231,8 @@ def _run_study(opts: TuneOptions, progress: bool, log) -> dict:
     if recovered:
         log(f"resumed: trials {', '.join(map(str, recovered))} were interrupted; retrying them")
     _enqueue_reference(study, setup)
+    if setup.base.log.mlflow_uri:
+        setup.mlflow_parent_run = _mlflow_study_run(setup, log)
     with ray_session(opts.address):
         loop = _StudyLoop(opts, setup, study)
         try:
@@ -235,8 +241,26 @@ def _run_study(opts: TuneOptions, progress: bool, log) -> dict:
             loop.requeue_running()
             raise
     result = export(study, setup)
+    if setup.mlflow_parent_run:
+        from ssdiff_ray.tracking.mlflow_run import end_run
+
+        end_run(setup.base.log.mlflow_uri, setup.mlflow_parent_run)
     result.update(study=opts.study, storage=redact(setup.storage_url), out=str(setup.out))  # no password
     return result
+
+
+def _mlflow_study_run(setup: StudySetup, log) -> str:
+    """The study's MLflow run (found again on --resume), or '' if MLflow cannot be reached:
+    trials then log as top-level runs, or warn and log nothing, as a plain run would."""
+    from ssdiff_ray.tracking import warn
+    from ssdiff_ray.tracking.mlflow_run import study_run
+
+    try:
+        return study_run(setup.base.log.mlflow_uri, setup.base.log.mlflow_experiment,
+                         setup.opts.study, setup.storage_url)
+    except Exception as e:  # noqa: BLE001 - logging must never stop the study
+        warn(f"MLflow: no study run ({redact(str(e)).splitlines()[0][:200]}); trials log unnested")
+        return ""
 
 
 def _enqueue_reference(study, setup: StudySetup) -> None:

@@ -15,8 +15,12 @@ import traceback
 import ray
 
 from ssdiff_ray.config import Config
-from ssdiff_ray.errors import UserError
+from ssdiff_ray.errors import RunStopped, UserError
 from tuning.choices import OBJECTIVES, PRUNERS
+
+
+class Pruned(RunStopped):
+    """Stops a trial's run at a round the pruner gave up on (its tracked run: KILLED)."""
 
 
 def _clean(v):
@@ -67,11 +71,11 @@ def run_trial_local(cfg: Config, info: dict) -> dict:
         if value is not None and math.isfinite(value):
             trial.report(value, r)
             if trial.should_prune():
-                raise optuna.TrialPruned(f"pruned at round {r}")
+                raise Pruned(f"pruned at round {r}")
 
     try:
         summary = run(cfg, progress=False, on_round=on_round)
-    except optuna.TrialPruned:
+    except Pruned:
         return {"status": "pruned", "step": rows[-1]["round"] if rows else 0,
                 "rounds": [{k: _clean(v) for k, v in x.items()} for x in rows],
                 "run_s": time.perf_counter() - t0}

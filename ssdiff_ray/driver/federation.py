@@ -114,8 +114,9 @@ class Federation:
                 "pool_nodes": [node_of(p) for p in self.pools]}
 
     # --- the run --------------------------------------------------------------------------
-    def fit(self, start: int = 1, progress: bool = True, on_round=None) -> None:
-        """Run rounds ``start``..``rounds``; ``on_round(federation, round, row)`` after each."""
+    def fit(self, start: int = 1, progress: bool = True, on_round=None, trackers=None) -> None:
+        """Run rounds ``start``..``rounds``; ``on_round(federation, round, row)`` after each,
+        and each round's row to ``trackers`` (TensorBoard, MLflow) if given."""
         cfg = self.cfg
         if cfg.eval.baseline and start == 1:
             self.baseline = {"fid_untrained": self.evaluate(0, untrained=True)["fid"],
@@ -133,10 +134,15 @@ class Federation:
             timings.update(wall_s=time.perf_counter() - t0, train_wall_s=t_train - t0,
                            pool_failures=failures)
             row = self.record(plan, results, outcome, downlink_bytes, timings)
+            evaluated = {}
             if r == cfg.rounds or _due(r, cfg.eval.every):
-                row.update(self.evaluate(r))
+                evaluated = self.evaluate(r)
+                row.update(evaluated)
             if _due(r, cfg.server.checkpoint_every):
                 self.checkpoint()
+            if trackers:
+                grid = self.prep.run_dir / "samples" / f"round_{r:04d}.png"
+                trackers.log_round(r, row, evaluated, grid if evaluated else None)
             bar.set_postfix(loss=f"{row['loss']:.4f}", fid=f"{row.get('fid', math.nan):.2f}",
                             refresh=False)
             bar.update(1)

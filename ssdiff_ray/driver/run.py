@@ -16,7 +16,9 @@ from ssdiff_ray import checkpoint
 from ssdiff_ray.config import Config
 from ssdiff_ray.driver.federation import Federation
 from ssdiff_ray.driver.session import check_address, ray_session
+from ssdiff_ray.errors import RunStopped
 from ssdiff_ray.run_dir import prepare, write_summary
+from ssdiff_ray.tracking import open_trackers
 
 
 def run(cfg: Config, *, address: str | None = None, resume: str | Path | None = None,
@@ -33,14 +35,22 @@ def run(cfg: Config, *, address: str | None = None, resume: str | Path | None = 
     prep = prepare(cfg, resume)  # shards and population are rebuilt identically on resume
     with ray_session(address):
         fed = Federation(prep)
+        trackers = None
         try:
             start = 1
             if resume and (prep.run_dir / checkpoint.CHECKPOINT).exists():
                 start = fed.restore(prep.run_dir) + 1
-            fed.fit(start, progress, on_round)
+            trackers = open_trackers(cfg, prep.run_dir, start)
+            fed.fit(start, progress, on_round, trackers)
             summary = summarize(fed, time.perf_counter() - t_start)
             write_summary(prep.run_dir, summary)
+            trackers.finish(prep.run_dir, "FINISHED")
             return summary
+        except BaseException as e:
+            if trackers:
+                stopped = isinstance(e, (RunStopped, KeyboardInterrupt))
+                trackers.finish(prep.run_dir, "KILLED" if stopped else "FAILED")
+            raise
         finally:
             fed.shutdown()
 
