@@ -15,6 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 pytestmark = pytest.mark.usefixtures("ray_local")
+KEY = "k" * 24  # the API key of the keyed redeploy (test_api_keys_and_hidden_flags on)
+CHROMIUM = "/usr/bin/chromium"  # Debian's; CI installs it (Playwright's own download is offline here)
 
 
 def _free_port() -> int:
@@ -203,6 +205,96 @@ def test_fuzzed_bodies_never_answer_5xx(service, body):
     assert r.status_code == 200 or "error" in r.json()
 
 
+@pytest.fixture(scope="module")
+def browser():
+    """Headless Chromium driven by Playwright (the flags keep it off the closed network)."""
+    import os
+
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("SSDIFF_REQUIRE_BROWSER"):  # CI installs it: never skip there
+            pytest.fail(f"{CHROMIUM} missing (apt-get install chromium)")
+        pytest.skip(f"{CHROMIUM} missing (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    """A fresh page; fails the test on any script error or console error (a CSP
+    violation included)."""
+    pg = browser.new_page()
+    problems: list[str] = []
+    pg.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
+    pg.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
+    yield pg
+    pg.close()
+    # Chromium logs every 4xx answer as a console error: those are the API's, by design
+    assert not [p for p in problems if "responded with a status of 4" not in p], problems
+
+
+def _open(page, url):
+    from playwright.sync_api import expect
+
+    page.goto(f"{url}/")
+    # locator waits, not wait_for_function: the page's CSP forbids evaluating strings
+    expect(page.locator("#model")).not_to_have_text("loading the model card...", timeout=60_000)
+
+
+def _wait_for_error(page):
+    from playwright.sync_api import expect
+
+    expect(page.locator("#error")).not_to_be_empty(timeout=120_000)
+
+
+def test_page_generates_and_shows_images_with_costs_and_verdicts(service, page):
+    _open(page, service)
+    assert "parameters" in page.text_content("#model") and "audit: clean" in page.text_content("#model")
+    assert page.is_visible("#class-field")  # a conditional model
+    assert page.locator("#class option").count() == 11  # "any" + the 10 classes
+    page.fill("#n", "3")
+    page.select_option("#class", "7")
+    page.select_option("#sampler", "ddim")
+    page.fill("#steps", "2")
+    page.click("#generate")
+    page.wait_for_selector("#images figure", timeout=120_000)
+    figures = page.locator("#images figure")
+    assert figures.count() == 3
+    sizes = page.eval_on_selector_all("#images img", "els => els.map(e => [e.naturalWidth, e.complete])")
+    assert sizes == [[16, True]] * 3  # real 16 x 16 PNGs decoded by the browser
+    caption = figures.first.text_content()
+    assert "class 7" in caption and "ddim 2 steps" in caption
+    assert "latency" in caption and "energy" in caption
+    assert page.locator("#images .verdict").count() == 3  # --show-flags: the operator's view
+    assert page.text_content("#error") == ""
+    assert page.text_content("#status").startswith("3 images in")
+
+
+def test_page_shows_the_apis_error_for_a_bad_value(service, page):
+    _open(page, service)
+    page.fill("#n", "17")  # over the service's max_n = 16
+    page.click("#generate")
+    _wait_for_error(page)
+    api = _post(service, {"n": 17, "seed": 0})
+    assert page.text_content("#error") == f"422: {api.json()['error']}"
+    assert page.locator("#images figure").count() == 0
+
+
+def test_page_files_come_from_the_service_alone(service):
+    r = requests.get(f"{service}/", timeout=30)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in r.headers["content-security-policy"]
+    assert "http" not in r.text.replace("http-equiv", "")  # nothing loaded from elsewhere
+    js = requests.get(f"{service}/page.js", timeout=30)
+    assert js.status_code == 200 and "fetch(\"/generate\"" in js.text
+    assert requests.post(f"{service}/", timeout=30).status_code == 405
+
+
 def test_api_keys_and_hidden_flags(service, tiny_run, tmp_path):
     """Redeployed with an API key and without the operator's flags (the last tests before
     the service stops)."""
@@ -210,7 +302,7 @@ def test_api_keys_and_hidden_flags(service, tiny_run, tmp_path):
 
     from ssdiff_ray.service import app
 
-    key = "k" * 24
+    key = KEY
     app.start(tiny_run, port=int(service.rsplit(":", 1)[1]), max_n=16,
               api_key_sha256=(hashlib.sha256(key.encode()).hexdigest(),))
     assert requests.get(f"{service}/health", timeout=30).status_code == 200  # no key needed
@@ -222,6 +314,24 @@ def test_api_keys_and_hidden_flags(service, tiny_run, tmp_path):
     r = _post(service, body, headers={"Authorization": f"Bearer {key}"})
     assert r.status_code == 200, r.text
     assert all("flagged" not in im and "negated" not in im for im in r.json()["images"])
+
+
+def test_page_asks_for_the_api_key_and_hides_the_flags(service, page):
+    """On the keyed redeploy of the test before: the page asks for the key, a request
+    without it shows the API's 401 message, with it images come without verdicts."""
+    _open(page, service)
+    assert page.is_visible("#key-field") and "API key" in page.text_content("#model")
+    page.fill("#n", "2")
+    page.fill("#steps", "2")
+    page.click("#generate")
+    _wait_for_error(page)
+    assert page.text_content("#error").startswith("401: ") and "Bearer" in page.text_content("#error")
+    page.fill("#api-key", KEY)
+    page.click("#generate")
+    page.wait_for_selector("#images figure", timeout=120_000)
+    assert page.locator("#images figure").count() == 2
+    assert page.locator("#images .verdict").count() == 0
+    assert page.text_content("#error") == ""
 
 
 def test_stop_releases_the_port_and_the_actors(service):

@@ -1,6 +1,7 @@
 """The Ray Serve application: one ``GenerationService`` deployment (HTTP ingress) whose
 replicas each hold a ``ssdiff_ray.service.Generator``.
 
+    GET  /          -> a page to try the service (page.html + page.js: no build, no CDN)
     GET  /health    -> {"status": "ok", ...}
     GET  /model     -> what is served, its audit verdict, limits and profile
     POST /generate  -> {"images": [{"png": base64, "flagged", "negated", "sampler", "steps",
@@ -29,7 +30,7 @@ import time
 
 from ray import serve
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 
 DEFAULTS = {"defend": True, "allow_backdoored": False, "max_batch_size": 32,
             "batch_wait_timeout_s": 0.05, "max_n": 64, "max_image_steps": 64 * 50,
@@ -39,6 +40,22 @@ DEFAULTS = {"defend": True, "allow_backdoored": False, "max_batch_size": 32,
 
 def _error(status: int, message: str, **extra) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+# The page may load nothing but itself: its script from here, images from data: URLs.
+PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'self'; "
+                "connect-src 'self'; img-src data:; style-src 'unsafe-inline'",
+                "X-Content-Type-Options": "nosniff", "Cache-Control": "no-cache"}
+PAGE_FILES = {"/": ("page.html", "text/html; charset=utf-8"),
+              "/page.js": ("page.js", "text/javascript; charset=utf-8")}
+
+
+def _page_files() -> dict[str, tuple[bytes, str]]:
+    from importlib.resources import files
+
+    here = files("ssdiff_ray.service")
+    return {path: (here.joinpath(name).read_bytes(), kind)
+            for path, (name, kind) in PAGE_FILES.items()}
 
 
 @serve.deployment(max_ongoing_requests=128)
@@ -63,9 +80,13 @@ class GenerationService:
         self.generate_batch.set_batch_wait_timeout_s(o["batch_wait_timeout_s"])
         self.queued_images = 0
         self.served = 0
+        self.page = _page_files()
 
     async def __call__(self, request: Request):
         path, method = request.url.path.rstrip("/") or "/", request.method
+        if path in self.page and method == "GET":
+            body, kind = self.page[path]
+            return Response(body, media_type=kind, headers=PAGE_HEADERS)
         if path == "/health" and method == "GET":
             return {"status": "ok", "served_requests": self.served,
                     "queued_images": self.queued_images, "pid": os.getpid()}
@@ -76,9 +97,10 @@ class GenerationService:
             return self.gen.model_card()
         if path == "/generate" and method == "POST":
             return await self.generate(request)
-        if path in ("/health", "/model", "/generate"):
+        if path in ("/health", "/model", "/generate", *self.page):
             return _error(405, f"{method} {path}: method not allowed")
-        return _error(404, f"{path}: not found (GET /health, GET /model, POST /generate)")
+        return _error(404, f"{path[:60]}: not found (GET /, GET /health, GET /model, "
+                      "POST /generate)")
 
     def _authorized(self, request: Request) -> bool:
         if not self.key_digests:

@@ -151,6 +151,7 @@ class Generator:
         """``GET /model``: what is served, its audit, limits and profile."""
         from dataclasses import asdict
 
+        from ssdiff_ray.devices import DEVICE_CLASSES
         from ssdiff_ray.model import SAMPLERS
 
         prof = None
@@ -165,5 +166,6 @@ class Generator:
                 "defense": self.defend, "audit": self.audit,
                 "defaults": {"sampler": self.info.sampler, "steps": self.info.steps,
                              "guidance": self.info.guidance},
-                "samplers": list(SAMPLERS), "limits": asdict(self.limits),
+                "samplers": list(SAMPLERS), "device_classes": list(DEVICE_CLASSES),
+                "limits": asdict(self.limits),
                 "profile": prof}
