@@ -74,23 +74,27 @@ def cmd_pretrain(args) -> int:
 
 def cmd_report(args) -> int:
     from ssdiff_ray.report import report
+    from ssdiff_ray.report_html import report_html
 
     totals = report(args.run_dir)
+    page = report_html(args.run_dir)
     by_class = totals.pop("energy_by_class_j")
     width = max(len(k) for k in totals)
     for k, v in totals.items():
         print(f"  {k:<{width}}  {v:.4g}" if isinstance(v, float) else f"  {k:<{width}}  {v}")
     print("  energy by device class (J): " + ", ".join(f"{k} {v:.1f}" for k, v in by_class.items()))
-    print(f"  plots: {Path(args.run_dir) / 'report.png'}")
+    print(f"  plots: {Path(args.run_dir) / 'report.png'}\n  page:  {page}")
     return 0
 
 
 def cmd_compare(args) -> int:
     from ssdiff_ray.report import compare
+    from ssdiff_ray.report_html import compare_html
 
     table = compare(args.run_dirs, args.out)
+    page = compare_html(args.run_dirs, table, Path(args.out).with_suffix(".html"))
     print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
-    print(f"plot: {args.out}")
+    print(f"plot: {args.out}\npage: {page}")
     return 0
 
 
@@ -329,13 +333,14 @@ def _add_run_commands(sub) -> None:
     pt.add_argument("--out", required=True, help="directory to save the pipeline to (new)")
     pt.set_defaults(func=cmd_pretrain)
 
-    rep = sub.add_parser("report", help="plots (energy, bits, latency, FID) and totals of a run")
+    rep = sub.add_parser("report", help="plots, totals and a self-contained report.html of a run")
     rep.add_argument("run_dir")
     rep.set_defaults(func=cmd_report)
 
     cmp_ = sub.add_parser("compare", help="overlay runs: energy vs FID")
     cmp_.add_argument("run_dirs", nargs="+")
-    cmp_.add_argument("--out", default="compare.png", help="PNG to write")
+    cmp_.add_argument("--out", default="compare.png", help="PNG to write (and the page beside it, "
+                      ".html)")
     cmp_.set_defaults(func=cmd_compare)
 
 

@@ -48,6 +48,51 @@ def test_two_rounds_ledgers_and_model(tiny_overrides):
     import glob
 
     assert glob.glob(f"{run_dir}/samples/round_0001.png")
+    _report_page_is_whole(run_dir, clients)
+
+
+def _report_page_is_whole(run_dir: str, clients: pd.DataFrame) -> None:
+    """``ssdiff report`` writes report.html with everything inside: the run's grids as
+    they are on disk, a device-class table row per class, the curves, the config."""
+    import base64
+    import re
+    from pathlib import Path
+
+    from ssdiff_ray.cli import main
+
+    assert main(["report", run_dir]) == 0
+    page = (Path(run_dir) / "report.html").read_text()
+    for grid in ("round_0001.png", "round_0002.png"):
+        png = (Path(run_dir) / "samples" / grid).read_bytes()
+        assert base64.b64encode(png).decode() in page, grid
+    rows = re.findall(r"<tr>\s*<td>([^<]+)</td>", page.split("Per device class")[1].split("<h2>")[0])
+    assert sorted(rows) == sorted(clients["device_class"].unique())
+    assert "curves per round" in page and "[train]" in page
+    assert not re.search(r"""(src|href)=(?!['"]?data:)""", page)  # nothing to fetch
+
+
+def test_report_and_compare_pages_open_offline(tiny_overrides, browser):
+    """report.html and compare.html open in a headless browser with no request but the
+    page itself, and every image in them decodes."""
+    from pathlib import Path
+
+    from ssdiff_ray.cli import main
+
+    a = _run([*tiny_overrides, "rounds=1", "name=ra", "eval.samples=10"])["run_dir"]
+    b = _run([*tiny_overrides, "rounds=1", "name=rb", "eval.samples=10", "seed=1"])["run_dir"]
+    assert main(["report", a]) == 0
+    out = Path(a).parent / "both.png"
+    assert main(["compare", a, b, "--out", str(out)]) == 0
+    for path, runs in ((Path(a) / "report.html", ["ra"]), (out.with_suffix(".html"), ["ra", "rb"])):
+        pg = browser.new_page()
+        fetched = []
+        pg.on("request", lambda r, fetched=fetched: fetched.append(r.url))
+        pg.goto(path.as_uri())
+        assert [u for u in fetched if not u.startswith("data:")] == [path.as_uri()]
+        sizes = pg.eval_on_selector_all("img", "els => els.map(e => e.naturalWidth)")
+        assert len(sizes) >= 1 + len(runs) and all(w > 0 for w in sizes), sizes
+        assert all(r in pg.text_content("h1") for r in runs)
+        pg.close()
 
 
 def test_same_seed_same_client_ledger(tiny_overrides):

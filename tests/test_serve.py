@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 KEY = "k" * 24  # the API key of the keyed redeploy (test_api_keys_and_hidden_flags on)
-CHROMIUM = "/usr/bin/chromium"  # Debian's; CI installs it (Playwright's own download is offline here)
 
 
 def _free_port() -> int:
@@ -203,39 +202,6 @@ def test_fuzzed_bodies_never_answer_5xx(service, body):
     r = _post(service, body if isinstance(body, bytes) else json.dumps(body).encode())
     assert r.status_code < 500, (body, r.text)
     assert r.status_code == 200 or "error" in r.json()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    """Headless Chromium driven by Playwright (the flags keep it off the closed network)."""
-    import os
-
-    if not os.path.exists(CHROMIUM):
-        if os.environ.get("SSDIFF_REQUIRE_BROWSER"):  # CI installs it: never skip there
-            pytest.fail(f"{CHROMIUM} missing (apt-get install chromium)")
-        pytest.skip(f"{CHROMIUM} missing (apt-get install chromium)")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync"])
-        yield b
-        b.close()
-
-
-@pytest.fixture
-def page(browser):
-    """A fresh page; fails the test on any script error or console error (a CSP
-    violation included)."""
-    pg = browser.new_page()
-    problems: list[str] = []
-    pg.on("pageerror", lambda e: problems.append(f"pageerror: {e}"))
-    pg.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
-    yield pg
-    pg.close()
-    # Chromium logs every 4xx answer as a console error: those are the API's, by design
-    assert not [p for p in problems if "responded with a status of 4" not in p], problems
 
 
 def _open(page, url):
