@@ -59,6 +59,7 @@ MEASURES: dict[str, list[str]] = {
     "solver_time": ["ssdiff_ray/policies/energy_optimal.py", "ssdiff_ray/devices.py",
                     "ssdiff_ray/energy.py"],
     "stress": [*DRIVER, "ssdiff_ray/driver/stress.py"],
+    "tracking_overhead": ["ssdiff_ray/tracking", *DRIVER],
     "trojdiff_shift": [*DEFENSE, *MODEL],
     "tuning_overhead": ["tuning", *DRIVER],
     "tuning_study": ["tuning", *DRIVER, *QUALITY, "ssdiff_ray/policies"],

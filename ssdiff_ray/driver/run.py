@@ -43,6 +43,8 @@ def run(cfg: Config, *, address: str | None = None, resume: str | Path | None = 
             trackers = open_trackers(cfg, prep.run_dir, start)
             fed.fit(start, progress, on_round, trackers)
             summary = summarize(fed, time.perf_counter() - t_start)
+            if trackers:
+                summary["log_s"] = trackers.log_s
             write_summary(prep.run_dir, summary)
             trackers.finish(prep.run_dir, "FINISHED")
             return summary

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ssdiff_ray.config import Config
-from ssdiff_ray.tracking import Tracker
+from ssdiff_ray.tracking.base import Tracker
 
 RUN_FILE = "mlflow_run.json"  # in the run directory: which MLflow run a resume continues
 ARTIFACTS = ("config.toml", "summary.json", "rounds.parquet", "clients.parquet")

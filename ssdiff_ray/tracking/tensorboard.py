@@ -11,7 +11,7 @@ import struct
 import time
 from pathlib import Path
 
-from ssdiff_ray.tracking import Tracker
+from ssdiff_ray.tracking.base import Tracker
 
 
 class TensorBoardLog(Tracker):
