@@ -164,8 +164,11 @@ class ClientPool:
             train_s[:] = (time.perf_counter() - t0) / n
         for i, cid in enumerate(client_ids):
             cid = int(cid)
+            if cancelled():  # the round timed out: the rest of the call is dropped anyway
+                failed[i:] = "cancelled"
+                break
             t0 = time.perf_counter()
-            faults.before_training(self.faults.get(cid))
+            faults.before_training(self.faults.get(cid), cancelled)
             if deltas is None:
                 delta, loss[i] = self.trainer.train(global_flat, self.images(cid), int(steps[i]),
                                                     t.batch_size, seeds[i], poisons[i], lr,
@@ -201,6 +204,16 @@ class ClientPool:
         """The process id: after a crash Ray re-runs ``__init__`` in a new process, and the
         driver records that the clients' state (residuals) was reset."""
         return os.getpid()
+
+
+def cancelled() -> bool:
+    """The driver cancelled this call (``ray.cancel``: the round timed out). Ray cannot
+    interrupt a running actor task, so the pool checks between clients. False outside Ray
+    (tests call ``ClientPool`` directly)."""
+    try:
+        return ray.get_runtime_context().is_canceled()
+    except Exception:  # noqa: BLE001 - not inside a Ray task
+        return False
 
 
 ClientPoolActor = ray.remote(ClientPool)

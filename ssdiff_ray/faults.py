@@ -26,9 +26,13 @@ def parse_faults(inject: dict) -> dict[int, tuple[str, float]]:
     return {int(k): parse_fault(v) for k, v in inject.items()}
 
 
-def before_training(fault: tuple[str, float] | None) -> None:
+def before_training(fault: tuple[str, float] | None, cancelled=lambda: False) -> None:
+    """A slow client sleeps its seconds, in slices, so that a call the driver cancelled
+    (``cancelled()`` true: the round timed out) stops sleeping within 0.1 s."""
     if fault and fault[0] == "slow":
-        time.sleep(fault[1])
+        end = time.monotonic() + fault[1]
+        while not cancelled() and (left := end - time.monotonic()) > 0:
+            time.sleep(min(0.1, left))
 
 
 def corrupt_update(delta: np.ndarray, fault: tuple[str, float] | None) -> np.ndarray:

@@ -117,3 +117,20 @@ def test_client_past_the_round_timeout_is_left_out(tmp_path, tmp_path_factory, m
     assert row["clients_aggregated"] == 5 and row["uplink_bytes"] == ref_round["uplink_bytes"]
     _honest_rows_unchanged(clients, ref_clients, k)
     assert _same_weights(weights, ref_weights)
+
+
+def test_timed_out_call_is_cancelled_and_the_next_round_does_not_wait(tmp_path, monkeypatch):
+    """Client 5, the last of pool 1 (1, 3, 5), sleeps 30 s every round against an 8 s round
+    timeout. Its call is cancelled at the timeout, so in round 2 clients 1 and 3 train on
+    time; without the cancel, pool 1 would sleep on into round 2 and they would time out."""
+    from ssdiff_ray.driver import federation
+
+    monkeypatch.setattr(federation, "CHUNK_BYTES", 1)  # one client per call
+    cfg = config.load(None, [*BASE, f"out_dir={tmp_path}", "name=cancel", "rounds=2",
+                             'faults.inject={ 5 = "slow:30" }', "server.round_timeout_s=8"])
+    s = api.run(cfg, progress=False)
+    clients = pd.read_parquet(f"{s['run_dir']}/clients.parquet")
+    for r in (1, 2):
+        dropped = clients[(clients["round"] == r) & clients["dropped"]]
+        assert dropped["client_id"].tolist() == [5], (r, dropped)
+        assert (dropped["drop_reason"] == "timeout").all()

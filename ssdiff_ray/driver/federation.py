@@ -209,8 +209,11 @@ class Federation:
             ranks = None if plan.ranks is None else plan.ranks[idx]
             verdicts.append((idx, self.server.accumulate.remote(slot, report_ref, blob_ref,
                                                                 weights, plan.bits[idx], ranks)))
-        for _, _, idx, _ in [*pending.values(), *(c for q in calls.values() for c in q)]:
+        for report_ref, _, idx, _ in [*pending.values(), *(c for q in calls.values() for c in q)]:
             res.drop_reason[idx] = "timeout"  # past the round timeout
+            # Queued calls are dropped; a running one stops at its next client (the pool
+            # checks), so the next round does not wait behind a straggler's leftovers.
+            ray.cancel(report_ref)
         return res, verdicts, len(failed)
 
     def aggregate(self, plan: RoundPlan, res: ClientResults, verdicts: list
