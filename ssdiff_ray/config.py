@@ -101,7 +101,7 @@ class TrainConfig:
     lr_schedule: str = _f("cosine", choices=("constant", "cosine"),
                           doc="client lr over rounds: constant, or cosine from lr to lr_final")
     lr_final: float = _f(2e-4, lo=0.0, hi=10.0, doc="client lr at the last round (cosine)")
-    warmup_steps: int = _f(8, lo=0, hi=100_000,
+    warmup_steps: int = _f(32, lo=0, hi=100_000,
                            doc="local steps over which each client's lr rises linearly to the "
                            "round's lr (its Adam starts fresh; 0 = none)")
     grad_clip: float = _f(1.0, lo=0.0, hi=1e6, doc="0 = no clipping")
