@@ -261,6 +261,32 @@ def test_page_files_come_from_the_service_alone(service):
     assert requests.post(f"{service}/", timeout=30).status_code == 405
 
 
+def test_health_answers_at_once_while_the_defense_is_estimated(service, tiny_run, tmp_path):
+    """A run whose defense is not cached yet (copied without RUN/defense): /health answers
+    at once, 503 with the stage, /generate a 503 naming it, until the estimate is done;
+    then the same deployment serves. (Redeploys on the module's port: the next test
+    redeploys the module's run.)"""
+    import shutil
+
+    from ssdiff_ray.service import app
+
+    run = tmp_path / "fresh"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("defense"))
+    app.start(str(run), port=int(service.rsplit(":", 1)[1]), max_n=16, wait_s=0, ready_wait_s=0)
+    h = requests.get(f"{service}/health", timeout=30)
+    assert h.status_code == 503, h.text
+    body = h.json()
+    assert body["status"] == "starting" and body["stage"] and body["elapsed_s"] >= 0
+    assert str(tmp_path) not in h.text  # the stage names the run, not its path
+    g = _post(service, {"n": 1, "steps": 2})
+    assert g.status_code == 503 and "not ready" in g.json()["error"]
+    stages = [body["stage"]]
+    app.wait_ready(service, 600, stages.append)
+    assert any("estimating the trigger" in st for st in stages), stages
+    assert _post(service, {"n": 1, "steps": 2}).status_code == 200
+    assert (run / "defense" / "audit.json").is_file()
+
+
 def test_api_keys_and_hidden_flags(service, tiny_run, tmp_path):
     """Redeployed with an API key and without the operator's flags (the last tests before
     the service stops)."""
@@ -317,7 +343,7 @@ def test_stop_releases_the_port_and_the_actors(service):
     assert alive == []
 
 
-def test_service_refuses_a_model_whose_cached_audit_says_backdoored(tiny_run, tmp_path):
+def test_service_refuses_a_model_whose_cached_audit_says_backdoored(tiny_run, tmp_path, capsys):
     """The refusal reads the audit in the run's defense cache (computed for the served
     model); here its statistic is set by hand to a value the audit rule calls backdoored,
     and the cache signed again with this machine's secret."""
@@ -337,6 +363,11 @@ def test_service_refuses_a_model_whose_cached_audit_says_backdoored(tiny_run, tm
     sign(run)  # the operator vouches for the edit (unsigned, it would be computed anew)
     # --for-s: were the refusal to fail, the service stops after 1 s instead of serving on
     assert main(["serve", str(run), "--port", str(_free_port()), "--for-s", "1"]) == 2
+    from ray import serve
+
+    serve.shutdown()  # the command joined this session's Ray and left its Serve (not ours) up
+    refusal = [ln for ln in capsys.readouterr().err.splitlines() if "refusing to serve" in ln]
+    assert len(refusal) == 1 and "backdoored" in refusal[0] and str(tmp_path) not in refusal[0]
     from ssdiff_ray.service.generator import Generator
 
     assert Generator(run, allow_backdoored=True).audit["verdict"] == "backdoored"
@@ -383,6 +414,9 @@ def test_serve_config_file_deploys_through_the_app_builder(tiny_run):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:
         serve.run(build_app(args), name="ssdiff", route_prefix="/")
+        from ssdiff_ray.service.app import wait_ready
+
+        wait_ready(f"http://127.0.0.1:{port}", 120)  # 503 until the replica's model is ready
         card = requests.get(f"http://127.0.0.1:{port}/model", timeout=60).json()
         assert card["limits"]["max_n"] == args["max_n"] and card["defense"] is True
     finally:

@@ -26,7 +26,9 @@ import asyncio
 import hashlib
 import hmac
 import os
+import threading
 import time
+from pathlib import Path
 
 from ray import serve
 from starlette.requests import Request
@@ -35,7 +37,7 @@ from starlette.responses import JSONResponse, Response
 DEFAULTS = {"defend": True, "allow_backdoored": False, "max_batch_size": 32,
             "batch_wait_timeout_s": 0.05, "max_n": 64, "max_image_steps": 64 * 50,
             "torch_threads": 0, "request_timeout_s": 120.0, "api_key_sha256": (),
-            "show_flags": False}
+            "show_flags": False, "ready_wait_s": 30.0}
 
 
 def _error(status: int, message: str, **extra) -> JSONResponse:
@@ -61,26 +63,60 @@ def _page_files() -> dict[str, tuple[bytes, str]]:
 @serve.deployment(max_ongoing_requests=128)
 class GenerationService:
     def __init__(self, run_dir: str, options: dict):
-        import torch
-
-        from ssdiff_ray.service.generator import Generator
-        from ssdiff_ray.service.request import Limits
-
         o = DEFAULTS | options
-        torch.set_num_threads(o["torch_threads"] or max(1, int(os.environ.get("OMP_NUM_THREADS", 1))))
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.gen = Generator(run_dir, defend=o["defend"], allow_backdoored=o["allow_backdoored"],
-                             limits=Limits(max_n=o["max_n"], max_image_steps=o["max_image_steps"]),
-                             device=device)
+        self.options, self.run_dir, self.run_name = o, run_dir, Path(run_dir).name
         self.timeout_s = float(o["request_timeout_s"])
         self.key_digests = tuple(o["api_key_sha256"])
         self.show_flags = bool(o["show_flags"])
-        self.gen.warm_up(min(8, o["max_batch_size"]))
         self.generate_batch.set_max_batch_size(o["max_batch_size"])
         self.generate_batch.set_batch_wait_timeout_s(o["batch_wait_timeout_s"])
         self.queued_images = 0
         self.served = 0
         self.page = _page_files()
+        # The model, its defense and a warm-up are prepared in a thread, so /health answers
+        # at once (503 with the stage until ready): a model whose trigger estimate is not
+        # cached yet takes minutes on a CPU. A cached one is ready within ready_wait_s, so
+        # a replica Serve adds later (autoscaling) takes traffic only once it is ready.
+        self.gen, self.failure = None, ""
+        self.t0 = time.monotonic()
+        self._stage("loading the model")
+        ready = threading.Event()
+        threading.Thread(target=self._prepare, args=(ready,), daemon=True,
+                         name="prepare-model").start()
+        ready.wait(float(o["ready_wait_s"]))
+
+    def _stage(self, text: str) -> None:
+        self.stage, self.stage_t0 = text.replace(self.run_dir, self.run_name), time.monotonic()
+
+    def _prepare(self, ready: threading.Event) -> None:
+        try:
+            import torch
+
+            from ssdiff_ray.service.generator import Generator
+            from ssdiff_ray.service.request import Limits
+
+            o = self.options
+            torch.set_num_threads(o["torch_threads"] or max(1, int(os.environ.get("OMP_NUM_THREADS", 1))))
+            gen = Generator(self.run_dir, defend=o["defend"], allow_backdoored=o["allow_backdoored"],
+                            limits=Limits(max_n=o["max_n"], max_image_steps=o["max_image_steps"]),
+                            device="cuda" if torch.cuda.is_available() else "cpu", log=self._stage)
+            self._stage("warming up")
+            gen.warm_up(min(8, o["max_batch_size"]))
+            self.gen = gen
+        except Exception as e:  # noqa: BLE001 - reported by /health; the replica stays up
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            self.failure = first.replace(self.run_dir, self.run_name)
+        finally:
+            ready.set()
+
+    def _not_ready(self) -> JSONResponse:
+        """503 while the model is prepared (or when it could not be): stage and seconds."""
+        now = time.monotonic()
+        body = {"status": "failed" if self.failure else "starting", "stage": self.stage,
+                "stage_s": round(now - self.stage_t0, 1), "elapsed_s": round(now - self.t0, 1)}
+        if self.failure:
+            body["error"] = self.failure
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
     async def __call__(self, request: Request):
         path, method = request.url.path.rstrip("/") or "/", request.method
@@ -88,11 +124,18 @@ class GenerationService:
             body, kind = self.page[path]
             return Response(body, media_type=kind, headers=PAGE_HEADERS)
         if path == "/health" and method == "GET":
+            if self.gen is None:
+                return self._not_ready()
             return {"status": "ok", "served_requests": self.served,
                     "queued_images": self.queued_images, "pid": os.getpid()}
         if path in ("/model", "/generate") and not self._authorized(request):
             return JSONResponse({"error": f"{path}: needs Authorization: Bearer <API key>"},
                                 status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        if path in ("/model", "/generate") and self.gen is None:
+            if self.failure:
+                return _error(503, f"the model cannot be served: {self.failure}")
+            return _error(503, f"the model is not ready yet: {self.stage} "
+                          f"({time.monotonic() - self.stage_t0:.0f} s); try again", stage=self.stage)
         if path == "/model" and method == "GET":
             return self.gen.model_card()
         if path == "/generate" and method == "POST":
@@ -208,13 +251,47 @@ def build_app(args: dict):
 
 def start(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
           max_replicas: int = 0, num_cpus: float = 1.0, gpu_fraction: float | None = None,
-          **options) -> str:
-    """Deploy the service on the running Ray (``ray_session`` first); returns its URL."""
+          wait_s: float | None = 600.0, on_stage=None, **options) -> str:
+    """Deploy the service on the running Ray (``ray_session`` first); returns its URL once
+    the model is ready (``wait_ready``; ``wait_s`` 0: at once, None: however long)."""
     serve.start(http_options={"host": host, "port": port})
     opts = deployment_options(replicas, max_replicas, num_cpus, gpu_fraction)
     serve.run(GenerationService.options(**opts).bind(str(run_dir), options), name="ssdiff",
               route_prefix="/", blocking=False)
-    return f"http://{host}:{port}"
+    url = f"http://{host}:{port}"
+    if wait_s != 0:
+        wait_ready(url, wait_s, on_stage)
+    return url
+
+
+def wait_ready(url: str, timeout_s: float | None = 600.0, on_stage=None) -> None:
+    """Poll ``GET /health`` until the model is ready; ``on_stage(text)`` at each new stage.
+    A model the replica cannot serve (a backdoored audit, a broken run) is one UserError."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    from ssdiff_ray.errors import UserError
+
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    seen = None
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=10):
+                return  # 200: ready
+        except urllib.error.HTTPError as e:
+            body = json.loads(e.read() or b"{}") if e.code == 503 else {}
+            if body.get("status") == "failed":
+                raise UserError(body.get("error", "the model cannot be served")) from None
+            if on_stage and body.get("stage") not in (None, seen):
+                seen = body["stage"]
+                on_stage(seen)
+        except (urllib.error.URLError, OSError, ValueError):
+            pass  # the proxy is still starting
+        if deadline is not None and time.monotonic() > deadline:
+            raise UserError(f"{url}: the model was not ready within {timeout_s:g} s "
+                            f"(last stage: {seen or 'none reported'})")
+        time.sleep(0.5)
 
 
 def delete() -> None:

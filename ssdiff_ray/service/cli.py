@@ -22,18 +22,11 @@ def _check_run(run_dir: str) -> Path:
 
 def cmd_serve(args) -> int:
     from ssdiff_ray.driver.session import ray_session
-    from ssdiff_ray.service.generator import Generator
 
     run_dir = _check_run(args.run_dir)
     if not 0 < args.port < 65536:
         raise UserError(f"--port {args.port}: expected 1 to 65535")
     keys = _api_keys(args.api_key_file) if args.api_key_file else ()
-    # The defense's estimate and the audit, once, before Ray: a refusal is one line and
-    # the replicas load the cached result. A backdoored model is refused here, in one line.
-    gen = Generator(run_dir, defend=args.defense, allow_backdoored=args.allow_backdoored,
-                    log=lambda m: print(m, file=sys.stderr))
-    verdict = gen.audit.get("verdict")
-    del gen
     # Our embedded Ray: shutting it down (ray_session) stops Serve, its proxy and replicas.
     with ray_session(args.address) as started:
         from ssdiff_ray.service import app
@@ -47,8 +40,13 @@ def cmd_serve(args) -> int:
                             max_image_steps=args.max_image_steps,
                             batch_wait_timeout_s=args.batch_wait_s,
                             request_timeout_s=args.request_timeout_s, api_key_sha256=keys,
-                            show_flags=args.show_flags)
-            print(f"serving {run_dir} at {url} (audit: {verdict}; defense "
+                            show_flags=args.show_flags, wait_s=0)
+            # /health answers at once: 503 with the stage (the defense's trigger estimate,
+            # minutes on a CPU the first time) until the model is ready. A model the audit
+            # calls backdoored is refused there, in one line (exit 2).
+            print(f"serving {run_dir} at {url}: preparing the model", file=sys.stderr, flush=True)
+            app.wait_ready(url, None, lambda stage: print(f"  {stage}", file=sys.stderr, flush=True))
+            print(f"serving {run_dir} at {url} (audit: {_verdict(run_dir)}; defense "
                   f"{'on' if args.defense else 'off'}; batching up to {args.max_batch_size}); "
                   "Ctrl-C stops", flush=True)
             if args.for_s:
@@ -63,6 +61,17 @@ def cmd_serve(args) -> int:
                 app.delete()
     print("stopped", file=sys.stderr)
     return 0
+
+
+def _verdict(run_dir: Path) -> str:
+    """The audit verdict the replica prepared (RUN/defense/audit.json, under today's rule)."""
+    from ssdiff_ray.defense.cache import rejudge
+
+    try:
+        return (rejudge(json.loads((run_dir / "defense" / "audit.json").read_text())) or {}
+                ).get("verdict", "unknown")
+    except (OSError, ValueError):
+        return "unknown"
 
 
 def _api_keys(path: str) -> tuple[str, ...]:
