@@ -2,7 +2,8 @@
 replicas each hold a ``ssdiff_ray.service.Generator``.
 
     GET  /          -> a page to try the service (page.html + page.js: no build, no CDN)
-    GET  /health    -> {"status": "ok", ...}
+    GET  /health    -> {"status": "ok", ...}; until the model is ready a 503
+                       {"status": "starting" | "failed", "stage", "stage_s", "elapsed_s"}
     GET  /model     -> what is served, its audit verdict, limits and profile
     POST /generate  -> {"images": [{"png": base64, "flagged", "negated", "sampler", "steps",
                                     "where", "predicted_latency_s", "predicted_energy_j", ...}]}
