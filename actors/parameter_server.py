@@ -8,6 +8,7 @@ imported inside the methods: the driver imports this module and never loads torc
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -65,6 +66,13 @@ class ParameterServer:
         # What the clients hold: equals ``weights`` unless the downlink is quantized.
         self.client_view = self.weights.copy()
         self.evaluator = None
+
+    def reset(self, cfg: Config, num_slots: int, device: str = "cpu",
+              threads: int | None = None) -> int:
+        """Become a new server for another run in this process (``driver.warm``): all state
+        is built again as by a fresh actor; only the imports are kept. Returns the pid."""
+        self.__init__(cfg, num_slots, device, threads)
+        return os.getpid()
 
     def model_facts(self) -> tuple[int, float, int]:
         """(uplinked parameters, training FLOPs per sample and local step, downlinked

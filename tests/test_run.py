@@ -1,11 +1,13 @@
 """End to end on a real local Ray: ledgers, saved model, determinism, a killed pool."""
 
+import os
 import time
 
 import numpy as np
 import pandas as pd
 import pytest
 import ray
+from conftest import TWO_POOLS
 
 from ssdiff_ray import api, config
 
@@ -96,11 +98,43 @@ def test_report_and_compare_pages_open_offline(tiny_overrides, browser):
 
 
 def test_same_seed_same_client_ledger(tiny_overrides):
-    a = _run([*tiny_overrides, "rounds=2", "name=a", "eval.samples=10"])
-    b = _run([*tiny_overrides, "rounds=2", "name=b", "eval.samples=10"])
-    ca = pd.read_parquet(f"{a['run_dir']}/clients.parquet").drop(columns=["train_s", "encode_s"])
-    cb = pd.read_parquet(f"{b['run_dir']}/clients.parquet").drop(columns=["train_s", "encode_s"])
-    pd.testing.assert_frame_equal(ca, cb)
+    """Two runs of one seed in one process give the same ledgers and model; the second
+    reuses the first's server process (``driver.warm``) after a run of another shape in
+    between, so nothing a reset server keeps can leak into a run."""
+    from safetensors.numpy import load_file
+
+    from ssdiff_ray.driver import warm
+
+    warm.release()  # this test's first run starts its own server
+    pids = []
+
+    def server_pid(fed, r, row):
+        if r == 1:
+            pids.append(ray.get(fed.server.__ray_call__.remote(lambda _: os.getpid())))
+
+    runs = [_run([*tiny_overrides, "rounds=2", f"name={name}", "eval.samples=10", *extra],
+                 on_round=server_pid)
+            for name, extra in [("a", []), ("other", ["model.preset=small", "seed=5",
+                                                       "server.aggregator=fedavgm"]),
+                                ("b", [])]]
+    assert len(set(pids)) == 1, pids  # one server process served all three
+    a, _, b = (r["run_dir"] for r in runs)
+    for name in ("clients.parquet", "rounds.parquet"):
+        drop = ["train_s", "encode_s"] if name == "clients.parquet" else None
+        ca, cb = pd.read_parquet(f"{a}/{name}"), pd.read_parquet(f"{b}/{name}")
+        if drop is None:  # timings differ; the rest must not
+            drop = [c for c in ca if c.endswith("_s")]
+        pd.testing.assert_frame_equal(ca.drop(columns=drop), cb.drop(columns=drop))
+    wa, wb = (load_file(f"{d}/model/unet/diffusion_pytorch_model.safetensors") for d in (a, b))
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert runs[0]["fid"] == runs[2]["fid"]
+    # a kept server that died meanwhile is replaced by a fresh one
+    (_, _, kept), = warm._idle
+    ray.kill(kept)
+    first = pids.pop()
+    pids.clear()
+    _run([*tiny_overrides, "rounds=1", "name=c", "eval.samples=10"], on_round=server_pid)
+    assert len(pids) == 1 and pids[0] != first
 
 
 def test_pool_killed_mid_round_run_survives(tiny_overrides):
@@ -123,7 +157,7 @@ def test_pool_killed_mid_round_run_survives(tiny_overrides):
             return calls
         fed.dispatch = dispatch_then_kill
 
-    s = _run([*tiny_overrides, "rounds=3", "train.local_steps=20",
+    s = _run([*tiny_overrides, TWO_POOLS, "rounds=3", "train.local_steps=20",
               "train.scale_work_by_device=false", "name=kill"], on_round=on_round)
     assert killed.get("at") == 2
     clients = pd.read_parquet(f"{s['run_dir']}/clients.parquet")

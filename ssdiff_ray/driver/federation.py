@@ -23,6 +23,7 @@ from actors.parameter_server import ParameterServerActor
 from ssdiff_ray import checkpoint
 from ssdiff_ray.attacks import attack_spec
 from ssdiff_ray.config import Config
+from ssdiff_ray.driver import warm
 from ssdiff_ray.images import save_grid
 from ssdiff_ray.ledger import ClientResults, Ledger, client_rows, round_row
 from ssdiff_ray.planner import RoundPlan, RoundPlanner
@@ -63,6 +64,7 @@ class Federation:
         self.cfg = cfg = prep.cfg
         self.prep = prep
         self.num_pools = pool_count(cfg, cfg.clients.count)
+        self.server_key = cfg.ray.server_resource or ray.get_runtime_context().get_node_id()
         self.server, self.pools = self._start_actors()
         # Model facts come from the server: the driver never imports torch (memory, start-up).
         self.num_params, flops, downlink = ray.get(self.server.model_facts.remote())
@@ -83,11 +85,6 @@ class Federation:
         gpu = cfg.ray.num_gpus_per_pool > 0 and ray.available_resources().get("GPU", 0) > 0
         cpus = min(cfg.ray.num_cpus_per_pool,
                    ray.available_resources().get("CPU", 1) / self.num_pools)
-        # The server is idle while pools train, so it asks for no CPU of its own; it
-        # borrows the cores for evaluation, when the pools are idle.
-        server = ParameterServerActor.options(num_cpus=0, num_gpus=0.0, **server_placement(cfg)
-                                              ).remote(cfg, self.num_pools, "cpu",
-                                                       threads=cfg.ray.torch_threads)
         pools = [
             ClientPoolActor.options(
                 num_cpus=cpus, num_gpus=cfg.ray.num_gpus_per_pool if gpu else 0,
@@ -98,6 +95,18 @@ class Federation:
                      threads=cfg.ray.torch_threads)
             for i in range(self.num_pools)
         ]
+        args = (cfg, self.num_pools, "cpu", cfg.ray.torch_threads)
+        server = warm.take(self.server_key)  # a finished run's server, if this process has one
+        if server is not None:
+            try:
+                ray.get(server.reset.remote(*args))
+            except RayError:  # it died meanwhile: start a fresh one
+                server = None
+        if server is None:
+            # The server is idle while pools train, so it asks for no CPU of its own; it
+            # borrows the cores for evaluation, when the pools are idle.
+            server = ParameterServerActor.options(num_cpus=0, num_gpus=0.0,
+                                                  **server_placement(cfg)).remote(*args)
         return server, pools
 
     def _placement(self) -> dict:
@@ -318,8 +327,12 @@ class Federation:
         ray.get(self.server.save_model.remote(str(path)))
         return path
 
-    def shutdown(self) -> None:
-        for a in [self.server, *self.pools]:
+    def shutdown(self, keep_server: bool = False) -> None:
+        """Kill the actors; with ``keep_server`` (the run finished) the server is kept for
+        the next run of this process instead (``driver.warm``)."""
+        if keep_server:
+            warm.give(self.server_key, self.server)
+        for a in ([] if keep_server else [self.server]) + self.pools:
             try:
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - already gone

@@ -35,7 +35,7 @@ def run(cfg: Config, *, address: str | None = None, resume: str | Path | None = 
     prep = prepare(cfg, resume)  # shards and population are rebuilt identically on resume
     with ray_session(address):
         fed = Federation(prep)
-        trackers = None
+        trackers, finished = None, False
         try:
             start = 1
             if resume and (prep.run_dir / checkpoint.CHECKPOINT).exists():
@@ -47,6 +47,7 @@ def run(cfg: Config, *, address: str | None = None, resume: str | Path | None = 
                 summary["log_s"] = trackers.log_s
             write_summary(prep.run_dir, summary)
             trackers.finish(prep.run_dir, "FINISHED")
+            finished = True
             return summary
         except BaseException as e:
             if trackers:
@@ -54,7 +55,7 @@ def run(cfg: Config, *, address: str | None = None, resume: str | Path | None = 
                 trackers.finish(prep.run_dir, "KILLED" if stopped else "FAILED")
             raise
         finally:
-            fed.shutdown()
+            fed.shutdown(keep_server=finished)  # the next run of this process reuses it
 
 
 # the final evaluation's figures that go into the summary when the run measured them

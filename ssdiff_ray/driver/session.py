@@ -27,6 +27,9 @@ def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iter
         yield started
     finally:
         if started:
+            from ssdiff_ray.driver import warm
+
+            warm.release()
             ray.shutdown()
 
 

@@ -17,6 +17,7 @@ import psutil
 import ray
 
 from ssdiff_ray import config as config_mod
+from ssdiff_ray.driver import warm
 from ssdiff_ray.driver.federation import Federation
 from ssdiff_ray.run_dir import prepare
 
@@ -57,6 +58,7 @@ def stress_one(count: int, out_dir: Path, preset: str = "tiny", rounds: int = 3,
     cfg = config_mod.load(None, [*stress_overrides(count, preset, rounds, per_round),
                                  f"out_dir={out_dir}", *extra])
     prep = prepare(cfg, Path(cfg.out_dir) / cfg.name)
+    warm.release()  # a server kept by an earlier run would carry its memory into the figures
     fed = Federation(prep)
     rows = []
     idle = measure(fed)
