@@ -32,11 +32,14 @@ def ray_local():
 
 TINY = [
     "model.preset=tiny", "model.timesteps=100", "clients.count=6", "clients.per_round=1.0",
-    "clients.pools=2", "train.local_steps=2", "train.batch_size=8", "data.image_size=16",
+    "clients.pools=1", "train.local_steps=2", "train.batch_size=8", "data.image_size=16",
     "eval.samples=40", "eval.steps=4", "eval.grid=16", "eval.baseline=false",
     "defense.estimate_gen_steps=2",
     "train.warmup_steps=0",   # 2 local steps: the default warm-up would keep them at lr / 4
 ]
+# One pool: each actor process costs ~6 s of CPU (torch, diffusers) on a 2-core CI; the
+# tests about several pools (a killed pool, chunk order, resume) ask for them.
+TWO_POOLS = "clients.pools=2"
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import TWO_POOLS
 
 from ssdiff_ray import api, config
 
@@ -41,7 +42,8 @@ def test_chunked_rounds_match(ray_local, tiny_overrides, monkeypatch):
     runs = {}
     for chunk in (federation.CHUNK_BYTES, 1):
         monkeypatch.setattr(federation, "CHUNK_BYTES", chunk)
-        cfg = config.load(None, [*tiny_overrides, "rounds=2", f"name=chunk{chunk}", "eval.every=0"])
+        cfg = config.load(None, [*tiny_overrides, TWO_POOLS, "rounds=2", f"name=chunk{chunk}",
+                                 "eval.every=0"])
         summary = api.run(cfg, progress=False)
         runs[chunk] = pd.read_parquet(Path(summary["run_dir"]) / "clients.parquet")
     a, b = runs.values()

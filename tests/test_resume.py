@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
-from conftest import TINY
+from conftest import TINY, TWO_POOLS
 from safetensors.numpy import load_file
 
 from ssdiff_ray import checkpoint
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow
 
 # Quantized uplinks with error feedback, FedAvgM momentum and an adaptive policy: every
 # piece of state a resume must carry over (residuals, velocity, loss history) is in play.
-RESUME = [*TINY, "rounds=5", "server.checkpoint_every=1", "quant.policy=doubly_adaptive",
+RESUME = [*TINY, TWO_POOLS, "rounds=5", "server.checkpoint_every=1", "quant.policy=doubly_adaptive",
           "quant.bits=4", "quant.min_bits=2", "quant.max_bits=8", "server.aggregator=fedavgm",
           "train.local_steps=6", "eval.samples=10"]
 TIMING = ["train_s", "encode_s"]
