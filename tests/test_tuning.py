@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pandas as pd
 import pytest
@@ -148,13 +149,47 @@ def test_three_trials_on_sqlite(ray_local, tmp_path):
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     opts = TuneOptions(overrides=BASE, space=_space(tmp_path), trials=3, parallel=2, storage=storage,
                        study="s", out=str(out), reference=["quant.policy=fixed", "quant.bits=8"],
-                       startup_trials=2)
+                       startup_trials=2, confirm_seeds=1)
     res = run_study(opts, progress=False)
     assert res["complete"] == 3 and res["failed"] == 0
     _study_checks(res, out, storage, 3)
-    # Rerunning the finished study does no more work.
+    _confirm_checks(res, out, storage, 1)
+    # Rerunning with a second confirmation seed runs only that seed's runs; the search
+    # itself does no more work.
+    opts.confirm_seeds = 2
     res2 = run_study(opts, progress=False)
     assert res2["trials"] == 3
+    _confirm_checks(res2, out, storage, 2)
+
+
+def _confirm_checks(res, out, storage, seeds: int):
+    """The reference and each front member ran again on ``seeds`` fresh seeds, each run its
+    own seed's (data split, sampling, init: other figures than the search's)."""
+    from tuning.confirm import verdict
+
+    c = res["confirmed"]
+    members = c["members"]
+    assert members[0]["reference"] and {m["number"] for m in members[1:]} <= {
+        f["number"] for f in res["front"]}
+    conf = optuna.load_study(study_name="s:confirm", storage=storage).trials
+    assert len(conf) == seeds * len(members)  # no run repeated, none missing
+    assert all(t.state.name == "COMPLETE" for t in conf)
+    base = config.load(None, BASE).seed
+    for m in members:
+        assert m["seeds"] == [base + 1000 * (k + 1) for k in range(seeds)]
+        fid = m["objectives"]["fid"]
+        assert len(fid["values"]) == seeds and fid["values"][0] != m["search"]["fid"]
+        if seeds >= 2:
+            assert fid["low"] <= fid["mean"] <= fid["high"]
+            if not m["reference"]:
+                assert set(m["per_objective"]) == {"energy", "fid"}
+                assert m["verdict"] == verdict(m["per_objective"])
+    ran = {config.load(Path(t.user_attrs["run_dir"]) / "config.toml", []).seed for t in conf}
+    assert ran == set(members[0]["seeds"])
+    text = (out / "report.md").read_text()
+    assert f"on {seeds} fresh seeds" in text and all(f"| #{m['number']} |" in text for m in members)
+    if seeds >= 2:
+        assert (out / "pareto_confirmed.png").stat().st_size > 1000
 
 
 def _pg_binaries() -> tuple[str, str] | None:
@@ -218,6 +253,7 @@ def test_trials_on_postgres(ray_local, tmp_path, postgres):
     # here (the SQLite test covers a study of several waves).
     out = tmp_path / "tune"
     opts = TuneOptions(overrides=BASE, space=_space(tmp_path), trials=2, parallel=2, storage=postgres,
+                       confirm_seeds=0,
                        study="s", out=str(out), reference=["quant.policy=fixed", "quant.bits=8"],
                        startup_trials=2)
     res = run_study(opts, progress=False)
@@ -250,6 +286,7 @@ def test_journal_storage_resumes_and_records_constraints(ray_local, tmp_path):
     mlflow_uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     logs = ["log.tensorboard=true", f"log.mlflow_uri='{mlflow_uri}'"]
     opts = TuneOptions(overrides=[*BASE, *logs], space=_space(tmp_path), trials=2, parallel=1,
+                       confirm_seeds=0,
                        storage=storage, study="s", out=str(out), objectives=["energy"],
                        constraints=["energy<=1e-9"], sampler="random")
     res = run_study(opts, progress=False)
@@ -305,7 +342,7 @@ def test_resume_after_killing_the_study_process(tmp_path):
     cmd = [sys.executable, "-m", "ssdiff_ray.cli", "tune", "--space", _space(tmp_path),
            "--trials", "2", "--parallel", "1", "--storage", storage, "--study", "s",
            "--out", str(tmp_path / "tune"), "--quiet", "--startup-trials", "2",
-           *[a for s in [*BASE, "rounds=2"] for a in ("--set", s)]]
+           "--confirm-seeds", "0", *[a for s in [*BASE, "rounds=2"] for a in ("--set", s)]]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     killed = None
@@ -345,6 +382,7 @@ def test_bad_intermediate_values_are_pruned(ray_local, tmp_path):
     space = _space(tmp_path, '[params]\n"train.local_steps" = { choices = [1, 6] }\n')
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     opts = TuneOptions(overrides=[*BASE, "rounds=2", "eval.every=1"], space=space, trials=2,
+                       confirm_seeds=0,
                        parallel=1, storage=storage, study="s", out=str(tmp_path / "tune"),
                        objectives=["energy"], pruner="median", pruner_startup=1, sampler="random")
     study = open_study(setup_study(opts), open_storage(storage))
@@ -359,3 +397,48 @@ def test_bad_intermediate_values_are_pruned(ray_local, tmp_path):
     assert bad.intermediate_values[1] > good.intermediate_values[1]
     assert len(bad.user_attrs["rounds"]) == 1   # the run stopped after round 1
     assert res["best"]["number"] == good.number
+
+
+def _frozen(values, **attrs):
+    from optuna.distributions import CategoricalDistribution
+
+    return optuna.trial.create_trial(values=values, params={"quant.bits": 8},
+                                     distributions={"quant.bits": CategoricalDistribution([4, 8])},
+                                     user_attrs=attrs)
+
+
+def test_confirmation_verdicts_come_from_paired_intervals():
+    """summarize on real Optuna studies: a member better than the reference on energy on
+    every seed and level on fid dominates; one whose fid difference straddles 0 on energy
+    too ties; one worse on fid on every seed is worse; intervals bracket the means."""
+    from tuning import confirm
+
+    search = optuna.create_study(directions=["minimize", "minimize"])
+    search.add_trials([_frozen([100.0, 50.0], reference=True), _frozen([70.0, 50.0]),
+                       _frozen([100.0, 49.0]), _frozen([60.0, 60.0])])
+    conf = optuna.create_study(directions=["minimize", "minimize"])
+    seeds = [1000, 2000, 3000]
+    runs = {0: [(100, 50), (104, 53), (98, 49)],
+            1: [(70, 50.5), (75, 52.5), (68, 49.5)],   # energy -30 on every seed, fid ~level
+            2: [(101, 51), (103, 52), (99, 50)],       # within noise on both
+            3: [(60, 58), (64, 61), (59, 57)]}         # fid +8 on every seed, energy -40
+    for of, vals in runs.items():
+        conf.add_trials([_frozen(list(v), confirm_of=of, confirm_seed=s)
+                         for v, s in zip(vals, seeds)])
+    s = confirm.summarize(search, conf, ["energy", "fid"])
+    by = {r["number"]: r for r in s["members"]}
+    assert by[0]["reference"] and "verdict" not in by[0]
+    for r in s["members"]:
+        for o in ("energy", "fid"):
+            x = r["objectives"][o]
+            assert x["low"] < x["mean"] < x["high"] and len(x["values"]) == 3
+    assert sorted(by) == [0, 1, 2, 3]  # the reference and the search's front (#1, #2, #3)
+    assert by[1]["per_objective"] == {"energy": "better", "fid": "tie"}
+    assert by[1]["verdict"] == "dominates"
+    assert by[2]["verdict"] == "ties", by[2]
+    assert by[3]["per_objective"] == {"energy": "better", "fid": "worse"}
+    assert by[3]["verdict"] == "trade-off"
+    assert confirm.best_confirmed(s, ["energy", "fid"])["number"] == 1
+    z = s["noise"]["energy"]
+    assert z["seed_sd"] == pytest.approx(np.std([100, 104, 98], ddof=1))
+    assert z["trial_spread"] == 40.0 and z["spread_over_noise"] == pytest.approx(40 / z["seed_sd"])

@@ -32,6 +32,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, help="sampler seed (default: the config's seed)")
     t.add_argument("--reference", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="enqueue the base config with these changes as a reference trial")
+    t.add_argument("--confirm-seeds", type=int, default=3, metavar="N",
+                   help="run the reference and the front again on N fresh seeds: report.md "
+                   "gives means, 95%% intervals and the verdict against the reference (0 = off)")
     t.add_argument("--address", default=None, help="Ray cluster to join (default: embedded local Ray)")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.set_defaults(func=cmd_tune)
@@ -47,7 +50,7 @@ def cmd_tune(args) -> int:
         objectives=[o.strip() for o in args.objectives.split(",") if o.strip()],
         constraints=args.constraint, sampler=args.sampler, pruner=args.pruner,
         pruner_startup=args.pruner_startup, startup_trials=args.startup_trials, seed=args.seed,
-        reference=args.reference, address=args.address)
+        reference=args.reference, address=args.address, confirm_seeds=args.confirm_seeds)
     res = run_study(opts, progress=not args.quiet)
     print(f"study {res['study']} ({res['storage']}): {res['complete']} complete, "
           f"{res['pruned']} pruned, {res['failed']} failed")
@@ -58,6 +61,19 @@ def cmd_tune(args) -> int:
         print(f"  #{f['number']:<4} {vals}  policy={f['params'].get('quant.policy', '-')}")
     if "best" in res:
         print(f"best config: {res['best']['config']}  (ssdiff run --config {res['best']['config']})")
+    if "confirmed" in res:
+        _print_confirmed(res["confirmed"], opts.objectives)
     print(f"results: {res['out']} (trials.parquet, pareto.parquet, configs/, "
           f"{', '.join(p.rsplit('/', 1)[-1] for p in res['plots'])})")
     return 0
+
+
+def _print_confirmed(c: dict, objectives: list[str]) -> None:
+    print(f"confirmed on fresh seeds (mean [95% interval]; {c['report']}):")
+    for r in c["members"]:
+        cells = "  ".join(f"{o} {r['objectives'][o]['mean']:.4g} [{r['objectives'][o]['low']:.4g}, "
+                          f"{r['objectives'][o]['high']:.4g}]" for o in objectives)
+        tag = "reference" if r["reference"] else r.get("verdict", "")
+        print(f"  #{r['number']:<4} {cells}  {tag}")
+    if "best_confirmed" in c:
+        print(f"to deploy: ssdiff run --config {c['best_confirmed']}")

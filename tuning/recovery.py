@@ -13,6 +13,7 @@ import time
 
 OWNER = "ssdiff:owner"          # user attr: {"host", "pid", "ctime"} of the driver running it
 HEARTBEAT = "ssdiff:heartbeat"  # user attr: time.time() of the driver's last sign of life
+KEPT = ("reference", "confirm_of", "confirm_seed")  # user attrs a retried trial keeps
 
 
 def owner_of_this_process() -> dict:
@@ -54,8 +55,9 @@ def recover_interrupted(study, storage, stale_after_s: float) -> list[int]:
         params = t.params or t.system_attrs.get("fixed_params", {})
         if params:
             attrs = {"retry_of": t.number}
-            if t.user_attrs.get("reference"):
-                attrs["reference"] = True
+            for k in KEPT:  # what the trial is for survives the retry
+                if k in t.user_attrs:
+                    attrs[k] = t.user_attrs[k]
             study.enqueue_trial(params, user_attrs=attrs)
         done.append(t.number)
     return done

@@ -19,7 +19,8 @@ from ssdiff_ray import config as config_mod
 from ssdiff_ray.config import Config, ConfigError
 from ssdiff_ray.errors import redact
 from tuning.choices import OBJECTIVES, PRUNER_CHOICES, PRUNERS, SAMPLERS, one_of
-from tuning.recovery import HEARTBEAT, OWNER, owner_of_this_process, recover_interrupted
+from tuning.confirm import CONFIRM_SEED
+from tuning.recovery import HEARTBEAT, KEPT, OWNER, owner_of_this_process, recover_interrupted
 from tuning.space import Space, load_space, overrides
 from tuning.storage import absolute_url, open_storage
 
@@ -46,6 +47,7 @@ class TuneOptions:
     stale_after_s: float = 300.0
     heartbeat_s: float = 30.0
     max_failures: int = 5               # consecutive failed trials before giving up
+    confirm_seeds: int = 3              # fresh seeds the reference and the front run again on
 
 
 def parse_constraint(text: str, objectives_ok=OBJECTIVES) -> tuple[str, str, float]:
@@ -81,6 +83,8 @@ def setup_study(opts: TuneOptions) -> StudySetup:
         raise ConfigError(f"--trials {opts.trials}: must be >= 1")
     if opts.parallel < 1:
         raise ConfigError(f"--parallel {opts.parallel}: must be >= 1")
+    if opts.confirm_seeds < 0:
+        raise ConfigError(f"--confirm-seeds {opts.confirm_seeds}: must be >= 0")
     if not opts.objectives or len(set(opts.objectives)) != len(opts.objectives):
         raise ConfigError(f"--objectives {','.join(opts.objectives)}: give distinct objectives")
     for o in opts.objectives:
@@ -129,16 +133,19 @@ def setup_study(opts: TuneOptions) -> StudySetup:
     return StudySetup(opts, base, space, out, url, constraints, reference, pruner)
 
 
-def trial_config(setup: StudySetup, params: dict, number: int, cpus: float, gpus: float) -> Config:
-    """Base config + trial parameters (validated as ``--set`` overrides) + trial resources.
+def trial_config(setup: StudySetup, params: dict, number: int, cpus: float, gpus: float,
+                 seed: int | None = None) -> Config:
+    """Base config + trial parameters (validated as ``--set`` overrides) + trial resources;
+    ``seed``: a confirmation run's fresh seed (its run is ``c<number>``, not ``t<number>``).
 
     Pools are fixed per trial (``clients.pools``; one per ``cpus / P`` if the base leaves it
     to Ray) and each asks for ``cpus / (P * pools)`` CPUs at most, so the pools of P
     concurrent trials fit in the cluster together and none waits for another's CPU.
     """
     o = setup.opts
+    name = f"t{number:04d}" if seed is None else f"c{number:04d}"
     sets = [*o.overrides, *overrides(params), f"out_dir={json.dumps(str(setup.out / 'trials'))}",
-            f"name=\"t{number:04d}\""]
+            f"name=\"{name}\"", *([] if seed is None else [f"seed={seed}"])]
     if setup.mlflow_parent_run:
         sets.append(f"log.mlflow_parent_run={json.dumps(setup.mlflow_parent_run)}")
     cfg = config_mod.load(o.config, sets)
@@ -149,6 +156,12 @@ def trial_config(setup: StudySetup, params: dict, number: int, cpus: float, gpus
     if cfg.ray.num_gpus_per_pool > 0 and gpus > 0:
         res.append(f"ray.num_gpus_per_pool={min(cfg.ray.num_gpus_per_pool, gpus / (o.parallel * pools))!r}")
     return config_mod.load(o.config, [*sets, *res])
+
+
+def _waiting(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
 
 
 def _finished(study) -> int:
@@ -233,6 +246,7 @@ def _run_study(opts: TuneOptions, progress: bool, log) -> dict:
     _enqueue_reference(study, setup)
     if setup.base.log.mlflow_uri:
         setup.mlflow_parent_run = _mlflow_study_run(setup, log)
+    confirm = None
     with ray_session(opts.address):
         loop = _StudyLoop(opts, setup, study)
         try:
@@ -240,13 +254,39 @@ def _run_study(opts: TuneOptions, progress: bool, log) -> dict:
         except BaseException:
             loop.requeue_running()
             raise
+        if opts.confirm_seeds:
+            confirm = _confirm(opts, setup, study, storage, progress, log)
     result = export(study, setup)
+    if confirm is not None:
+        result["confirmed"] = confirm
     if setup.mlflow_parent_run:
         from ssdiff_ray.tracking.mlflow_run import end_run
 
         end_run(setup.base.log.mlflow_uri, setup.mlflow_parent_run)
     result.update(study=opts.study, storage=redact(setup.storage_url), out=str(setup.out))  # no password
     return result
+
+
+def _confirm(opts: TuneOptions, setup: StudySetup, study, storage, progress: bool, log) -> dict:
+    """Run the reference and the front again on fresh seeds (``tuning.confirm``); write the
+    report. A resumed study runs only the confirmation runs not yet done."""
+    from tuning import confirm
+    from tuning.report import write_report
+
+    cstudy = confirm.open_confirm_study(setup, storage)
+    recovered = recover_interrupted(cstudy, storage, opts.stale_after_s)
+    if recovered:
+        log(f"resumed: confirmation runs {', '.join(map(str, recovered))} were interrupted; "
+            "retrying them")
+    confirm.enqueue(cstudy, setup, study)
+    loop = _StudyLoop(opts, setup, cstudy, confirming=True)
+    try:
+        loop.run(progress)
+    except BaseException:
+        loop.requeue_running()
+        raise
+    summary = confirm.summarize(study, cstudy, opts.objectives)
+    return {**summary, **write_report(study, summary, setup, setup.out)}
 
 
 def _mlflow_study_run(setup: StudySetup, log) -> str:
@@ -277,11 +317,12 @@ def _enqueue_reference(study, setup: StudySetup) -> None:
 class _StudyLoop:
     """Keeps ``--parallel`` trials running as Ray tasks until ``--trials`` have finished."""
 
-    def __init__(self, opts: TuneOptions, setup: StudySetup, study):
+    def __init__(self, opts: TuneOptions, setup: StudySetup, study, confirming: bool = False):
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-        self.opts, self.setup, self.study = opts, setup, study
+        # confirming: ``study`` is the confirmation study; run what is queued in it, no more
+        self.opts, self.setup, self.study, self.confirming = opts, setup, study, confirming
         cluster = ray.cluster_resources()
         self.cpus, self.gpus = float(cluster.get("CPU", 1)), float(cluster.get("GPU", 0))
         self.here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
@@ -294,14 +335,18 @@ class _StudyLoop:
         from tqdm import tqdm
 
         opts, study = self.opts, self.study
-        self.bar = tqdm(total=opts.trials, initial=min(_finished(study), opts.trials),
-                        disable=not progress, unit="trial", desc=f"study {opts.study}",
+        total = _finished(study) + _waiting(study) if self.confirming else opts.trials
+        self.bar = tqdm(total=total, initial=min(_finished(study), total),
+                        disable=not progress, unit="run" if self.confirming else "trial",
+                        desc=f"confirm {opts.study}" if self.confirming else f"study {opts.study}",
                         dynamic_ncols=True)
         while True:
             done = _finished(study)
-            self.bar.n = min(done, opts.trials)
-            self.bar.set_postfix_str(best_text(study, opts.objectives), refresh=True)
-            while len(self.running) < opts.parallel and done + len(self.running) < opts.trials:
+            self.bar.n = min(done, total)
+            if not self.confirming:
+                self.bar.set_postfix_str(best_text(study, opts.objectives), refresh=True)
+            while len(self.running) < opts.parallel and (
+                    _waiting(study) > 0 if self.confirming else done + len(self.running) < total):
                 self.launch()
             if not self.running:
                 break
@@ -309,8 +354,9 @@ class _StudyLoop:
             self.heartbeat()
             for ref in ready:
                 self.collect(ref)
-        self.bar.n = min(_finished(study), opts.trials)
-        self.bar.set_postfix_str(best_text(study, opts.objectives), refresh=True)
+        self.bar.n = min(_finished(study), total)
+        if not self.confirming:
+            self.bar.set_postfix_str(best_text(study, opts.objectives), refresh=True)
         self.bar.close()
 
     def launch(self) -> None:
@@ -324,8 +370,9 @@ class _StudyLoop:
         params = setup.space.suggest(trial)
         trial.set_user_attr(OWNER, self.owner)
         trial.set_user_attr(HEARTBEAT, time.time())
+        seed = trial.user_attrs.get(CONFIRM_SEED) if self.confirming else None
         try:
-            cfg = trial_config(setup, params, trial.number, self.cpus, self.gpus)
+            cfg = trial_config(setup, params, trial.number, self.cpus, self.gpus, seed)
         except ConfigError as e:
             # A combination the schema forbids (e.g. min_bits > max_bits): skip it.
             trial.set_user_attr("error", str(e))
@@ -334,7 +381,8 @@ class _StudyLoop:
             return
         trial.set_user_attr("config", config_mod.to_toml(cfg))
         trial.set_user_attr("run_dir", str(Path(cfg.out_dir) / cfg.name))
-        info = {"objectives": opts.objectives, "prune": setup.pruner != "none",
+        info = {"objectives": opts.objectives,
+                "prune": setup.pruner != "none" and not self.confirming,
                 "pruner": setup.pruner, "pruner_startup": opts.pruner_startup,
                 "storage": setup.storage_url, "study": opts.study, "trial_number": trial.number}
         ref = run_trial.options(scheduling_strategy=self.here).remote(cfg, info)
@@ -378,8 +426,8 @@ class _StudyLoop:
             ray.cancel(ref, force=True)
             trial.set_user_attr("error", "interrupted")
             self.study.tell(trial, state=TrialState.FAIL)
-            self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **(
-                {"reference": True} if trial.user_attrs.get("reference") else {})})
+            self.study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, **{
+                k: trial.user_attrs[k] for k in KEPT if k in trial.user_attrs}})
 
 
 def _tell(setup: StudySetup, study, trial, res: dict, trial_s: float) -> bool:
