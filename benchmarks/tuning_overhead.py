@@ -41,7 +41,8 @@ def main() -> None:
             "train.local_steps=4", "train.batch_size=16", "eval.samples=100", "eval.steps=10",
             "eval.baseline=false", "eval.grid=16"]
     opts = TuneOptions(overrides=base, space=str(HERE / "tuning_space.toml"), trials=a.trials,
-                       parallel=1, study="overhead", out=str(out), sampler="random")
+                       parallel=1, study="overhead", out=str(out), sampler="random",
+                       confirm_seeds=0)  # the search's per-trial overhead only
     load0 = os.getloadavg()
     with api.ray_session():
         run_study(opts, progress=False)   # joins this Ray (ray_session yields without starting one)

@@ -1,14 +1,17 @@
-"""Acceptance study of issue 6: >= 12 trials, 2 in parallel, tiny preset, vs fixed 8-bit.
+"""Acceptance study: >= 12 trials, 2 in parallel, tiny preset, vs fixed 8-bit, confirmed on
+fresh seeds.
 
 Runs `ssdiff tune`'s study (energy, FID) with fixed 8-bit (base config, same seed)
-enqueued as the reference trial, checks whether the Pareto front holds a trial that
-dominates it (less energy, FID no worse), and re-runs the exported best config with
-`api.run` (what `ssdiff run --config best.toml` does) to compare its objectives.
+enqueued as the reference trial, then its confirmation (``--confirm-seeds``, default 3):
+the reference and every front member again on fresh seeds, with the paired verdicts of
+``report.md``. Also re-runs the exported best config with `api.run` (what
+`ssdiff run --config best.toml` does) to compare its objectives with the trial's.
 
-    python benchmarks/tuning_study.py [--trials 12] [--parallel 2] [--rounds 8] --fresh
+    python benchmarks/tuning_study.py [--trials 12] [--parallel 2] [--rounds 8] [--confirm-seeds 3] --fresh
 
-Writes benchmarks/results/tuning_study.json, tuning_study_trials.parquet and
-tuning_study_pareto.png (the study itself, with its runs, stays in runs/tune-accept/).
+Writes benchmarks/results/tuning_study.json, tuning_study.md (the study's report.md),
+tuning_study_trials.parquet, tuning_study_pareto.png and tuning_study_confirmed.png (the
+study itself, with its runs, stays in runs/tune-accept/).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ def main() -> None:
     ap.add_argument("--trials", type=int, default=12)
     ap.add_argument("--parallel", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--confirm-seeds", type=int, default=3)
     ap.add_argument("--fresh", action="store_true", help="delete an earlier study first")
     a = ap.parse_args()
     out = HERE.parent / "runs" / "tune-accept"
@@ -50,7 +54,7 @@ def main() -> None:
     opts = TuneOptions(overrides=base_overrides(a.rounds, out / "runs"),
                        space=str(HERE / "tuning_space.toml"), trials=a.trials, parallel=a.parallel,
                        study="accept", out=str(out), reference=["quant.policy=fixed", "quant.bits=8"],
-                       startup_trials=4)
+                       startup_trials=4, confirm_seeds=a.confirm_seeds)
     load0 = os.getloadavg()
     t0 = time.perf_counter()
     res = run_study(opts)
@@ -89,15 +93,45 @@ def main() -> None:
                  "energy_rel_diff": abs(rep["energy_j"] - trial["energy"]) / trial["energy"],
                  "fid_rel_diff": abs(rep["fid"] - trial["fid"]) / trial["fid"]},
         "command": "python benchmarks/tuning_study.py --fresh",
+        "confirmed": confirmed_record(res.get("confirmed")),
     }
     RESULTS.mkdir(exist_ok=True)
     shutil.copy(out / "trials.parquet", RESULTS / "tuning_study_trials.parquet")
     if (out / "pareto.png").exists():
         shutil.copy(out / "pareto.png", RESULTS / "tuning_study_pareto.png")
+    if (out / "pareto_confirmed.png").exists():
+        shutil.copy(out / "pareto_confirmed.png", RESULTS / "tuning_study_confirmed.png")
+    if (out / "report.md").exists():
+        shutil.copy(out / "report.md", RESULTS / "tuning_study.md")
     write_json(RESULTS / "tuning_study.json", record)
     print(json.dumps({k: record[k] for k in ("complete", "study_wall_s", "reference",
-                                             "front_dominates_reference", "best")},
+                                             "front_dominates_reference", "best", "confirmed")},
                      indent=2, default=float))
+
+
+def confirmed_record(c: dict | None) -> dict | None:
+    """The confirmation's figures: each member's means and intervals, its verdict, the seed
+    noise against the spread between trials, and the energy saved by the best confirmed."""
+    if c is None:
+        return None
+    ref = next((m for m in c["members"] if m["reference"]), None)
+    members = [{"number": m["number"], "reference": m["reference"], "params": m["params"],
+                "seeds": m["seeds"], "verdict": m.get("verdict"),
+                "per_objective": m.get("per_objective"), "objectives": m["objectives"]}
+               for m in c["members"]]
+    rec = {"members": members, "noise": c["noise"], "report": "results/tuning_study.md"}
+    if ref is not None:
+        e_ref = ref["objectives"]["energy"]["mean"]
+        dom = [m for m in c["members"] if m.get("verdict") == "dominates"]
+        if dom:
+            best = min(dom, key=lambda m: m["objectives"]["energy"]["mean"])
+            rec["best_confirmed"] = {
+                "number": best["number"],
+                "energy_saving": 1 - best["objectives"]["energy"]["mean"] / e_ref,
+                "fid_diff": best["objectives"]["fid"].get("diff"),
+                "fid_diff_interval": [best["objectives"]["fid"].get("diff_low"),
+                                      best["objectives"]["fid"].get("diff_high")]}
+    return rec
 
 
 if __name__ == "__main__":
