@@ -32,6 +32,7 @@ DEFENSE = ["ssdiff_ray/attacks", "ssdiff_ray/defense", "ssdiff_ray/attack_eval.p
 
 # benchmark (script stem) -> the code its figures measure: a change there makes them stale.
 MEASURES: dict[str, list[str]] = {
+    "actor_startup": [*DRIVER, *MODEL],
     "batched": ["ssdiff_ray/batched.py", "ssdiff_ray/train.py", *MODEL],
     "centralized_gap": [*DRIVER, *MODEL, *QUALITY, "ssdiff_ray/policies", "ssdiff_ray/config.py",
                         "ssdiff_ray/pretrain.py", "ssdiff_ray/evaluate_model.py"],
