@@ -13,12 +13,13 @@ Writes benchmarks/results/actor_startup.json.
 from __future__ import annotations
 
 import argparse
-import math
 import tempfile
 import time
 from pathlib import Path
 
 from provenance import write_json
+
+from tuning.confirm import interval  # mean and 95% t-interval
 
 HERE = Path(__file__).resolve().parent
 TINY = ["model.preset=tiny", "model.timesteps=100", "clients.count=6", "clients.per_round=1.0",
@@ -40,17 +41,6 @@ def measured(fn) -> dict:
     c0, t0 = cpu_s(), time.perf_counter()
     fn()
     return {"cpu_s": cpu_s() - c0, "wall_s": time.perf_counter() - t0}
-
-
-def interval(x: list[float]) -> list[float]:
-    from scipy import stats
-
-    m = sum(x) / len(x)
-    if len(x) < 2:
-        return [m, math.nan, math.nan]
-    sd = math.sqrt(sum((v - m) ** 2 for v in x) / (len(x) - 1))
-    h = stats.t.ppf(0.975, len(x) - 1) * sd / math.sqrt(len(x))
-    return [m, m - h, m + h]
 
 
 def main() -> None:

@@ -112,6 +112,8 @@ def main() -> None:
 def confirmed_record(c: dict | None) -> dict | None:
     """The confirmation's figures: each member's means and intervals, its verdict, the seed
     noise against the spread between trials, and the energy saved by the best confirmed."""
+    from tuning.confirm import best_confirmed
+
     if c is None:
         return None
     ref = next((m for m in c["members"] if m["reference"]), None)
@@ -120,17 +122,15 @@ def confirmed_record(c: dict | None) -> dict | None:
                 "per_objective": m.get("per_objective"), "objectives": m["objectives"]}
                for m in c["members"]]
     rec = {"members": members, "noise": c["noise"], "report": "results/tuning_study.md"}
-    if ref is not None:
+    best = best_confirmed(c, ["energy", "fid"])  # what best_confirmed.toml holds
+    if ref is not None and best is not None:
         e_ref = ref["objectives"]["energy"]["mean"]
-        dom = [m for m in c["members"] if m.get("verdict") == "dominates"]
-        if dom:
-            best = min(dom, key=lambda m: m["objectives"]["energy"]["mean"])
-            rec["best_confirmed"] = {
-                "number": best["number"],
-                "energy_saving": 1 - best["objectives"]["energy"]["mean"] / e_ref,
-                "fid_diff": best["objectives"]["fid"].get("diff"),
-                "fid_diff_interval": [best["objectives"]["fid"].get("diff_low"),
-                                      best["objectives"]["fid"].get("diff_high")]}
+        rec["best_confirmed"] = {
+            "number": best["number"],
+            "energy_saving": 1 - best["objectives"]["energy"]["mean"] / e_ref,
+            "fid_diff": best["objectives"]["fid"].get("diff"),
+            "fid_diff_interval": [best["objectives"]["fid"].get("diff_low"),
+                                  best["objectives"]["fid"].get("diff_high")]}
     return rec
 
 
