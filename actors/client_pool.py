@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +26,22 @@ from ssdiff_ray.model.lora_ranks import RankParts
 from ssdiff_ray.round_results import TrainedChunk
 
 
+@dataclass(frozen=True)
+class PoolSetup:
+    """What a pool is built from; ``token`` names the run it serves (``driver.warm``)."""
+    cfg: Config
+    shard_dir: str
+    device: str = "cpu"
+    reuse_blob: bool = False
+    threads: int | None = None
+    token: str = ""
+
+
 class ClientPool:
     """The clients one pool hosts. One model + optimizer serve them all in turn."""
 
     def __init__(self, cfg: Config, shard_dir: str | Path, device: str = "cpu",
-                 reuse_blob: bool = False, threads: int | None = None):
+                 reuse_blob: bool = False, threads: int | None = None, token: str = ""):
         from ssdiff_ray.batched import BatchedTrainer
         from ssdiff_ray.model.unet import build_scheduler, param_layout, unet_for
         from ssdiff_ray.threads import set_threads
@@ -38,6 +50,7 @@ class ClientPool:
         if threads is not None:
             set_threads(threads)
         self.cfg = cfg
+        self.token = token
         # A Ray actor copies its result into the object store as it returns, so it can
         # hand every call the same blob buffer (no 64 MB allocation and page faults per
         # chunk); a direct caller that keeps results across calls must not (the default).
@@ -61,6 +74,13 @@ class ClientPool:
         self.residuals: dict[int, np.ndarray] = {}  # error feedback, only after a first upload
         self.attack = self._make_attack(sched.alphas_cumprod)  # None: all clients benign
         self.faults = faults.parse_faults(cfg.faults.inject)  # injected faults (tests, chaos)
+
+    def reset(self, setup: PoolSetup) -> int:
+        """Become a pool of another run (``driver.warm``): all state is built again as by a
+        fresh actor; only the imports are kept. Returns the pid."""
+        self.__init__(setup.cfg, setup.shard_dir, setup.device, setup.reuse_blob, setup.threads,
+                      setup.token)
+        return os.getpid()
 
     def _make_attack(self, alphas_cumprod):
         spec = attack_spec(self.cfg)
@@ -136,14 +156,17 @@ class ClientPool:
         return ""
 
     def train_round(self, global_flat: np.ndarray, round_: int, client_ids: np.ndarray,
-                    bits: np.ndarray, steps: np.ndarray, ranks: np.ndarray | None = None
-                    ) -> tuple[TrainedChunk, np.ndarray]:
+                    bits: np.ndarray, steps: np.ndarray, ranks: np.ndarray | None = None,
+                    setup: PoolSetup | None = None) -> tuple[TrainedChunk, np.ndarray]:
         """Train, encode and pack every listed client: (report, blob of all payloads).
         ``ranks``: each client's LoRA rank (LoRA mode). With ``reuse_blob`` the blob is only
-        valid until the next call."""
+        valid until the next call. ``setup``: the run this call belongs to; a pool set up for
+        another (a kept pool that Ray restarted with its first run's arguments) resets first."""
         from ssdiff_ray.batched import use_batched
         from ssdiff_ray.train import client_seed, round_lr
 
+        if setup is not None and setup.token != self.token:
+            self.reset(setup)
         cfg, t = self.cfg, self.cfg.train
         n = len(client_ids)
         loss, norm, train_s, encode_s = np.zeros(n), np.zeros(n), np.zeros(n), np.zeros(n)

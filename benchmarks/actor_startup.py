@@ -1,9 +1,9 @@
-"""What an actor process costs before it works, and what the kept server (driver/warm.py) saves.
+"""What an actor process costs before it works, and what kept actors (driver/warm.py) save.
 
 In one embedded Ray (2 CPUs): the CPU seconds (all processes, from /proc/stat) and wall
-seconds of starting a pool actor, a parameter-server actor and resetting a kept server; then
-tiny 2-round runs in this process, alternately cold (the kept server released first) and
-warm (the last run's server reset), ``--pairs`` times each, with mean and 95% t-interval.
+seconds of starting a pool actor and a parameter-server actor, and of resetting each; then
+tiny 2-round runs in this process, alternately cold (kept actors released first) and warm
+(the last run's server and pool reset), ``--pairs`` times each, with mean and 95% t-interval.
 
     python benchmarks/actor_startup.py [--pairs 3]
 
@@ -49,7 +49,7 @@ def main() -> None:
     a = ap.parse_args()
     import ray
 
-    from actors.client_pool import ClientPoolActor
+    from actors.client_pool import ClientPoolActor, PoolSetup
     from actors.parameter_server import ParameterServerActor
     from ssdiff_ray import api, config
     from ssdiff_ray.driver import warm
@@ -76,6 +76,8 @@ def main() -> None:
         res["pool_start"] = measured(start_pool)
         res["server_start"] = measured(start_server)
         res["server_reset"] = measured(lambda: ray.get(server.reset.remote(cfg, 1, "cpu", 1)))
+        setup = PoolSetup(cfg, str(prep.shard_dir), "cpu", token="again")
+        res["pool_reset"] = measured(lambda: ray.get(pool.reset.remote(setup)))
         ray.kill(pool)
         ray.kill(server)
         runs = {"cold": [], "warm": []}
@@ -93,13 +95,13 @@ def main() -> None:
     res["cpu_s_saved_per_run"] = interval(saved)
     res["warm_over_cold_cpu"] = res["run_warm"]["cpu_s"][0] / res["run_cold"]["cpu_s"][0]
     write_json(HERE / "results" / "actor_startup.json", res, {"overrides": TINY})
-    for k in ("pool_start", "server_start", "server_reset"):
+    for k in ("pool_start", "pool_reset", "server_start", "server_reset"):
         print(f"{k}: {res[k]['cpu_s']:.1f} CPU-s, {res[k]['wall_s']:.1f} s wall")
     for kind in ("cold", "warm"):
         m, lo, hi = res[f"run_{kind}"]["cpu_s"]
-        print(f"tiny run, {kind} server: {m:.1f} CPU-s [{lo:.1f}, {hi:.1f}]")
+        print(f"tiny run, {kind} actors: {m:.1f} CPU-s [{lo:.1f}, {hi:.1f}]")
     m, lo, hi = res["cpu_s_saved_per_run"]
-    print(f"saved per run by the kept server: {m:.1f} CPU-s [{lo:.1f}, {hi:.1f}]")
+    print(f"saved per run by the kept server and pool: {m:.1f} CPU-s [{lo:.1f}, {hi:.1f}]")
 
 
 if __name__ == "__main__":

@@ -186,6 +186,8 @@ class RayConfig:
     num_gpus_per_pool: float = _f(0.0, lo=0.0, hi=64.0)
     torch_threads: int = _f(1, lo=1, hi=1024, doc="torch threads per pool actor")
     max_restarts: int = _f(3, lo=-1, hi=1000, doc="pool actor restarts (-1 = unlimited)")
+    keep_pools_s: float = _f(15.0, lo=0.0, hi=86400.0, doc="seconds a finished run's pools "
+                             "wait, holding their CPUs, for this process's next run (0 = never)")
     batched_clients: str = _f("auto", choices=("auto", "on", "off"), doc="vmap clients (GPU)")
     server_resource: str = _f("", doc="custom Ray resource that pins the parameter server to a "
                               "node (e.g. 'ps'); '' = the driver's node")

@@ -99,18 +99,19 @@ def test_report_and_compare_pages_open_offline(tiny_overrides, browser):
 
 def test_same_seed_same_client_ledger(tiny_overrides):
     """Two runs of one seed in one process give the same ledgers and model; the second
-    reuses the first's server process (``driver.warm``) after a run of another shape in
-    between, so nothing a reset server keeps can leak into a run."""
+    reuses the first's server and pool processes (``driver.warm``) after a run of another
+    shape in between, so nothing a reset actor keeps can leak into a run."""
     from safetensors.numpy import load_file
 
     from ssdiff_ray.driver import warm
 
-    warm.release()  # this test's first run starts its own server
-    pids = []
+    warm.release()  # this test's first run starts its own actors
+    pids, pool_pids = [], []
 
     def server_pid(fed, r, row):
         if r == 1:
             pids.append(ray.get(fed.server.__ray_call__.remote(lambda _: os.getpid())))
+            pool_pids.append(ray.get(fed.pools[0].ping.remote()))
 
     runs = [_run([*tiny_overrides, "rounds=2", f"name={name}", "eval.samples=10", *extra],
                  on_round=server_pid)
@@ -118,6 +119,7 @@ def test_same_seed_same_client_ledger(tiny_overrides):
                                                        "server.aggregator=fedavgm"]),
                                 ("b", [])]]
     assert len(set(pids)) == 1, pids  # one server process served all three
+    assert len(set(pool_pids)) == 1, pool_pids  # and one pool process
     a, _, b = (r["run_dir"] for r in runs)
     for name in ("clients.parquet", "rounds.parquet"):
         drop = ["train_s", "encode_s"] if name == "clients.parquet" else None
@@ -129,12 +131,51 @@ def test_same_seed_same_client_ledger(tiny_overrides):
     assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
     assert runs[0]["fid"] == runs[2]["fid"]
     # a kept server that died meanwhile is replaced by a fresh one
-    (_, _, kept), = warm._idle
+    (_, _, kept), = warm._servers
     ray.kill(kept)
-    first = pids.pop()
+    (_, _, kept_pool), = warm._pools
+    ray.kill(kept_pool)
+    first, first_pool = pids.pop(), pool_pids.pop()
     pids.clear()
+    pool_pids.clear()
     _run([*tiny_overrides, "rounds=1", "name=c", "eval.samples=10"], on_round=server_pid)
     assert len(pids) == 1 and pids[0] != first
+    assert len(pool_pids) == 1 and pool_pids[0] != first_pool
+
+
+def test_kept_pool_that_ray_restarts_trains_for_the_current_run(tiny_overrides):
+    """Ray restarts a crashed pool with the arguments it was *created* with: for a kept pool,
+    an earlier run's config. Its next call carries the current run's setup, so it trains
+    for this run (another model here: the first run's would not even fit the weights);
+    and a restarted pool is not kept afterwards."""
+    import signal
+
+    from ssdiff_ray.driver import warm
+
+    warm.release()
+    _run([*tiny_overrides, "rounds=1", "name=first", "eval.samples=10"])
+    assert warm.kept()["pools"] == 1
+    pids = []
+
+    def kill_pool(fed, r, row):
+        pids.append(ray.get(fed.pools[0].ping.remote()))
+        if r == 1:
+            os.kill(pids[-1], signal.SIGKILL)  # the process dies; Ray restarts the actor
+            while True:  # back, in a new process (a call sent before that would just fail)
+                try:
+                    if ray.get(fed.pools[0].ping.remote(), timeout=60) != pids[-1]:
+                        break
+                except ray.exceptions.RayError:
+                    time.sleep(0.2)
+
+    s = _run([*tiny_overrides, "rounds=3", "name=second", "model.preset=small",
+              "eval.samples=10"], on_round=kill_pool)
+    assert pids[1] != pids[0] and pids[2] == pids[1], pids
+    clients = pd.read_parquet(f"{s['run_dir']}/clients.parquet")
+    later = clients[clients["round"] > 1]
+    assert (later["drop_reason"] == "").all(), later["drop_reason"].value_counts()
+    assert later.query("round == 2")["state_reset"].all()
+    assert warm.kept() == {"servers": 1, "pools": 0}
 
 
 def test_pool_killed_mid_round_run_survives(tiny_overrides):

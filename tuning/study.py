@@ -152,7 +152,8 @@ def trial_config(setup: StudySetup, params: dict, number: int, cpus: float, gpus
     pools = cfg.clients.pools or max(1, int(cpus // o.parallel))
     pools = min(pools, cfg.clients.count)
     cpp = min(cfg.ray.num_cpus_per_pool, cpus / (o.parallel * pools))
-    res = [f"clients.pools={pools}", f"ray.num_cpus_per_pool={cpp!r}"]
+    # keep_pools_s=0: a trial's idle pools would hold CPUs the next (concurrent) trial needs.
+    res = [f"clients.pools={pools}", f"ray.num_cpus_per_pool={cpp!r}", "ray.keep_pools_s=0"]
     if cfg.ray.num_gpus_per_pool > 0 and gpus > 0:
         res.append(f"ray.num_gpus_per_pool={min(cfg.ray.num_gpus_per_pool, gpus / (o.parallel * pools))!r}")
     return config_mod.load(o.config, [*sets, *res])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ import ray
 from ray.exceptions import RayError
 from tqdm import tqdm
 
-from actors.client_pool import ClientPoolActor
+from actors.client_pool import ClientPoolActor, PoolSetup
 from actors.parameter_server import ParameterServerActor
 from ssdiff_ray import checkpoint
 from ssdiff_ray.attacks import attack_spec
@@ -38,12 +39,22 @@ def pool_count(cfg: Config, num_clients: int) -> int:
     """Pools requested, or one per available CPU (or GPU share) of the Ray cluster."""
     if cfg.clients.pools > 0:
         return min(cfg.clients.pools, num_clients)
-    res = ray.available_resources()
-    if cfg.ray.num_gpus_per_pool > 0 and res.get("GPU", 0) > 0:
-        n = int(res["GPU"] / cfg.ray.num_gpus_per_pool)
+    if cfg.ray.num_gpus_per_pool > 0 and _has_gpu():
+        n = int(_free("GPU") / cfg.ray.num_gpus_per_pool)
     else:
-        n = int(res.get("CPU", 1) / max(cfg.ray.num_cpus_per_pool, 1e-3))
+        n = int(_free("CPU") / max(cfg.ray.num_cpus_per_pool, 1e-3))
     return max(1, min(n, num_clients))
+
+
+def _has_gpu() -> bool:
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def _free(resource: str) -> float:
+    """Available ``resource`` ("CPU", "GPU"), counting what this process's kept pools hold
+    (a run takes or kills them before it starts its own)."""
+    held = warm.held()[resource]
+    return ray.available_resources().get(resource, 0 if resource == "GPU" else 1) + held
 
 
 def server_placement(cfg: Config) -> dict:
@@ -74,6 +85,8 @@ class Federation:
         spec = attack_spec(cfg)
         self.malicious_ids = np.array(sorted(spec.malicious_ids) if spec else [], dtype=np.int64)
         self.suspect: set[int] = set()   # pools that failed and may be restarting
+        self.restarted: set[int] = set()  # pools that failed or came back in a new process
+        self.setup_ref = ray.put(self.setup)  # every call names its run (ClientPool.train_round)
         self.pool_pid: dict[int, int] = {}
         self.last_round = 0
         self.baseline: dict = {}         # the untrained model's FID and the real floor
@@ -82,18 +95,29 @@ class Federation:
 
     def _start_actors(self):
         cfg = self.cfg
-        gpu = cfg.ray.num_gpus_per_pool > 0 and ray.available_resources().get("GPU", 0) > 0
-        cpus = min(cfg.ray.num_cpus_per_pool,
-                   ray.available_resources().get("CPU", 1) / self.num_pools)
-        pools = [
+        device = "cuda" if _has_gpu() and cfg.ray.num_gpus_per_pool > 0 else "cpu"
+        cpus = min(cfg.ray.num_cpus_per_pool, _free("CPU") / self.num_pools)
+        gpus = cfg.ray.num_gpus_per_pool if device == "cuda" else 0
+        resources = dict(cfg.ray.pool_resources)
+        # reuse_blob: the actor's results are copied into the object store (ClientPool)
+        self.setup = PoolSetup(cfg, str(self.prep.shard_dir), device, reuse_blob=True,
+                               threads=cfg.ray.torch_threads, token=uuid.uuid4().hex)
+        self.pool_key = (cpus, gpus, tuple(sorted(resources.items())), cfg.ray.max_restarts,
+                         device)
+        pools = []
+        for pool in warm.take_pools(self.pool_key, self.num_pools):  # a finished run's pools
+            try:
+                ray.get(pool.reset.remote(self.setup))
+                pools.append(pool)
+            except RayError:  # it died meanwhile: start a fresh one instead
+                pass
+        s = self.setup
+        pools += [
             ClientPoolActor.options(
-                num_cpus=cpus, num_gpus=cfg.ray.num_gpus_per_pool if gpu else 0,
-                resources=dict(cfg.ray.pool_resources) or None,
+                num_cpus=cpus, num_gpus=gpus, resources=resources or None,
                 max_restarts=cfg.ray.max_restarts, scheduling_strategy="SPREAD",
-            # reuse_blob: the actor's results are copied into the object store (ClientPool)
-            ).remote(cfg, str(self.prep.shard_dir), "cuda" if gpu else "cpu", reuse_blob=True,
-                     threads=cfg.ray.torch_threads)
-            for i in range(self.num_pools)
+            ).remote(s.cfg, s.shard_dir, s.device, s.reuse_blob, s.threads, s.token)
+            for _ in range(self.num_pools - len(pools))
         ]
         args = (cfg, self.num_pools, "cpu", cfg.ray.torch_threads)
         server = warm.take(self.server_key)  # a finished run's server, if this process has one
@@ -181,7 +205,8 @@ class Federation:
                 idx = idx_all[s:s + per_chunk]
                 report_ref, blob_ref = self.pools[slot].train_round.options(num_returns=2).remote(
                     weights_ref, plan.round, plan.client_ids[idx], plan.bits[idx],
-                    plan.local_steps[idx], None if plan.ranks is None else plan.ranks[idx])
+                    plan.local_steps[idx], None if plan.ranks is None else plan.ranks[idx],
+                    self.setup_ref)
                 calls.setdefault(slot, []).append((report_ref, slot, idx, blob_ref))
         return calls
 
@@ -208,11 +233,14 @@ class Federation:
                 res.drop_reason[idx] = "pool_failed"
                 failed.add(slot)
                 self.suspect.add(slot)
+                self.restarted.add(slot)
                 continue
             for k in ("loss", "update_norm", "uplink_bytes", "train_s", "encode_s"):
                 getattr(res, k)[idx] = getattr(report, k)
             # A new process behind the same actor: its clients' residuals started empty.
             res.state_reset[idx] = self.pool_pid.get(slot, report.pid) != report.pid
+            if res.state_reset[idx].any():
+                self.restarted.add(slot)
             self.pool_pid[slot] = report.pid
             weights = plan.num_samples[idx].astype(np.float64)
             ranks = None if plan.ranks is None else plan.ranks[idx]
@@ -327,12 +355,15 @@ class Federation:
         ray.get(self.server.save_model.remote(str(path)))
         return path
 
-    def shutdown(self, keep_server: bool = False) -> None:
-        """Kill the actors; with ``keep_server`` (the run finished) the server is kept for
-        the next run of this process instead (``driver.warm``)."""
-        if keep_server:
+    def shutdown(self, keep: bool = False) -> None:
+        """Kill the actors; with ``keep`` (the run finished) the server, and the pools Ray
+        never restarted, are kept for the next run of this process instead (``driver.warm``)."""
+        kept = [i for i in range(len(self.pools)) if keep and i not in self.restarted]
+        if keep:
             warm.give(self.server_key, self.server)
-        for a in ([] if keep_server else [self.server]) + self.pools:
+            warm.give_pools(self.pool_key, [self.pools[i] for i in kept], self.cfg.ray.keep_pools_s)
+        dead = [p for i, p in enumerate(self.pools) if i not in kept]
+        for a in ([] if keep else [self.server]) + dead:
             try:
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - already gone

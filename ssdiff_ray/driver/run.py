@@ -55,7 +55,7 @@ def run(cfg: Config, *, address: str | None = None, resume: str | Path | None = 
                 trackers.finish(prep.run_dir, "KILLED" if stopped else "FAILED")
             raise
         finally:
-            fed.shutdown(keep_server=finished)  # the next run of this process reuses it
+            fed.shutdown(keep=finished)  # the next run of this process reuses its actors
 
 
 # the final evaluation's figures that go into the summary when the run measured them

@@ -58,7 +58,7 @@ def stress_one(count: int, out_dir: Path, preset: str = "tiny", rounds: int = 3,
     cfg = config_mod.load(None, [*stress_overrides(count, preset, rounds, per_round),
                                  f"out_dir={out_dir}", *extra])
     prep = prepare(cfg, Path(cfg.out_dir) / cfg.name)
-    warm.release()  # a server kept by an earlier run would carry its memory into the figures
+    warm.release()  # actors kept by an earlier run would carry their memory into the figures
     fed = Federation(prep)
     rows = []
     idle = measure(fed)

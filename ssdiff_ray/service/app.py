@@ -255,6 +255,9 @@ def start(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000, replicas: 
           wait_s: float | None = 600.0, on_stage=None, **options) -> str:
     """Deploy the service on the running Ray (``ray_session`` first); returns its URL once
     the model is ready (``wait_ready``; ``wait_s`` 0: at once, None: however long)."""
+    from ssdiff_ray.driver import warm
+
+    warm.release_pools()  # a finished run's kept pools would hold the CPUs replicas need
     serve.start(http_options={"host": host, "port": port})
     opts = deployment_options(replicas, max_replicas, num_cpus, gpu_fraction)
     serve.run(GenerationService.options(**opts).bind(str(run_dir), options), name="ssdiff",
