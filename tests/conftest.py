@@ -27,6 +27,9 @@ def ray_local():
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     yield ray
+    from ssdiff_ray.driver import warm
+
+    warm.release()  # kept actors, and their timer, go before Ray does
     ray.shutdown()
 
 
