@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,10 +21,13 @@ import ray
 
 from ssdiff_ray import codec, faults
 from ssdiff_ray.attacks import attack_spec, make_attack, target_class
+from ssdiff_ray.client_state import ClientStateStore
 from ssdiff_ray.config import Config
 from ssdiff_ray.data.shards import read_shard, shard_path
 from ssdiff_ray.model.lora_ranks import RankParts
 from ssdiff_ray.round_results import TrainedChunk
+
+SHARD_CACHE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,9 @@ class ClientPool:
         from ssdiff_ray.model.unet import build_scheduler, param_layout, unet_for
         from ssdiff_ray.threads import set_threads
         from ssdiff_ray.train import LocalTrainer
+
+        if getattr(self, "residuals", None) is not None:  # reset: the last run's spill file
+            self.residuals.close()
 
         if threads is not None:
             set_threads(threads)
@@ -70,8 +77,13 @@ class ClientPool:
         self.batched = BatchedTrainer(unet, sched.alphas_cumprod, t.lr, t.grad_clip,
                                       label_dropout=t.label_dropout, warmup_steps=t.warmup_steps)
         self.conditional = cfg.model.conditional
-        self.shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}   # loaded on first use
-        self.residuals: dict[int, np.ndarray] = {}  # error feedback, only after a first upload
+        # Shards are read on first use and kept while they fit SHARD_CACHE_BYTES (least
+        # recently used go): with 100,000 clients, keeping all would grow with the population.
+        self.shards: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._shard_bytes = 0
+        c = cfg.clients  # error feedback, only after a first upload; bounded in RAM
+        self.residuals = ClientStateStore(self.num_params, int(c.state_cache_mib * 2**20),
+                                          c.state_dtype, c.state_dir or None)
         self.attack = self._make_attack(sched.alphas_cumprod)  # None: all clients benign
         self.faults = faults.parse_faults(cfg.faults.inject)  # injected faults (tests, chaos)
 
@@ -100,9 +112,15 @@ class ClientPool:
 
     def shard(self, client_id: int) -> tuple[np.ndarray, np.ndarray]:
         """(images, labels) of a client's shard, read on first use."""
-        if client_id not in self.shards:
-            self.shards[client_id] = read_shard(shard_path(self.shard_dir, client_id))
-        return self.shards[client_id]
+        if client_id in self.shards:
+            self.shards.move_to_end(client_id)
+            return self.shards[client_id]
+        images, labels = self.shards[client_id] = read_shard(shard_path(self.shard_dir, client_id))
+        self._shard_bytes += images.nbytes + labels.nbytes
+        while len(self.shards) > 1 and self._shard_bytes > SHARD_CACHE_BYTES:
+            _, (i, lab) = self.shards.popitem(last=False)
+            self._shard_bytes -= i.nbytes + lab.nbytes
+        return images, labels
 
     def labels(self, client_id: int) -> np.ndarray | None:
         """A client's labels when the model is class-conditional, else None."""
@@ -127,7 +145,7 @@ class ClientPool:
         return sizes, offsets, self._blob[:int(offsets[-1])]
 
     def _encode(self, client_id: int, delta: np.ndarray, bits: int, seed: int,
-                out: np.ndarray, rank: int | None = None) -> str:
+                out: np.ndarray, rank: int | None = None, round_: int = 0) -> str:
         """Quantize ``delta`` (its rank-``rank`` part) into ``out``, with this client's
         error-feedback residual. Returns "" or why nothing was sent: a diverged client
         (NaN, Inf) is rejected alone, its pool's other clients go on."""
@@ -149,8 +167,9 @@ class ClientPool:
             return ""
         # EF diverges at 1 bit (the quantizer's error exceeds ||v||^2), so skip it there.
         if q.error_feedback and 2 <= bits < 32:
-            _, self.residuals[client_id] = codec.quantize_with_feedback(
+            _, residual = codec.quantize_with_feedback(
                 delta, self.residuals.get(client_id), bits, q.block_size, rng, layout, out=out)
+            self.residuals.put(client_id, residual, round_)
         else:
             codec.encode_into(out, delta, bits, q.block_size, rng, layout)
         return ""
@@ -205,7 +224,7 @@ class ClientPool:
             t1 = time.perf_counter()
             norm[i] = float(np.linalg.norm(delta))
             failed[i] = self._encode(cid, delta, int(bits[i]), seeds[i],
-                                     blob[offsets[i]:offsets[i + 1]], ranks[i])
+                                     blob[offsets[i]:offsets[i + 1]], ranks[i], round_)
             encode_s[i] = time.perf_counter() - t1
         sent = np.where(failed == "", sizes, 0)  # a client that failed sent nothing
         report = TrainedChunk(np.asarray(client_ids, dtype=np.int64), loss, norm, sent, offsets,
@@ -216,12 +235,22 @@ class ClientPool:
         """The rank to mask training to, None when the client trains the full rank."""
         return None if rank is None or rank == self.cfg.lora.rank else rank
 
-    def state_dict(self) -> dict:
-        """What must survive a restart: the error-feedback residuals."""
-        return {"residuals": dict(self.residuals)}
+    def state_since(self, round_: int) -> list[tuple[int, int, np.ndarray]]:
+        """What must survive a restart and changed after round ``round_`` (the last
+        checkpoint): (client, round, residual) rows."""
+        return list(self.residuals.changed_since(round_))
 
-    def load_state_dict(self, state: dict) -> None:
-        self.residuals = dict(state.get("residuals", {}))
+    def load_state(self, rows: list[tuple[int, int, np.ndarray]]) -> None:
+        """Take residual rows from a checkpoint."""
+        self.residuals.load(rows)
+
+    def clear_state(self) -> None:
+        """Drop every client's residual and the spill file (resume, shutdown)."""
+        self.residuals.close()
+
+    def state_stats(self) -> dict:
+        """The residual store's entries and bytes in RAM and on disk (``ssdiff stress``)."""
+        return self.residuals.stats()
 
     def ping(self) -> int:
         """The process id: after a crash Ray re-runs ``__init__`` in a new process, and the

@@ -283,7 +283,8 @@ def cmd_stress(args) -> int:
 
     with ray_session(args.address):
         res = run_stress(counts, Path(args.out), preset=args.preset, rounds=args.rounds,
-                         per_round=args.per_round, extra=args.set)
+                         per_round=args.per_round, extra=args.set,
+                         checkpoint_every=args.checkpoint_every)
     per = res["per_count"]
     cols = ["clients", "selected", "wall_s", "overhead_ms_per_client", "driver_rss_mib",
             "server_rss_mib", "pools_rss_mib", "object_store_mib"]
@@ -294,6 +295,16 @@ def cmd_stress(args) -> int:
           f"(R^2 {t['r2']:.3f})")
     print(f"fit: total RSS = {m['intercept']:.0f} MiB + {1024 * m['slope']:.1f} KiB x clients "
           f"(R^2 {m['r2']:.3f}, quadratic share {m.get('quadratic_share', 0):.3f})")
+    if "idle_bytes_per_client_after_rounds" in f:
+        print(f"idle client: {f['idle_bytes_per_client_registered']:.0f} bytes of RAM registered, "
+              f"{f['idle_bytes_per_client_after_rounds']:.0f} after the rounds (less the "
+              "residual caches)")
+    for r in per.itertuples():
+        print(f"{r.clients} clients: peak RSS {r.peak_rss_total_mib:.0f} MiB (PSS "
+              f"{r.peak_pss_total_mib:.0f}), residuals {r.state_entries} ({r.state_ram_bytes_mib:.0f}"
+              f" MiB RAM, {r.state_disk_bytes_mib:.0f} MiB disk), checkpoint "
+              f"{r.checkpoint_s:.2f} s = {r.checkpoint_over_round:.2f} x a round, "
+              f"{r.checkpoint_bytes_mib:.0f} MiB")
     print("files: " + ", ".join(res["files"]))
     return 0
 
@@ -485,6 +496,8 @@ def _add_cluster_commands(sub) -> None:
     ss.add_argument("--preset", default="tiny", choices=tuple(PRESETS))
     ss.add_argument("--rounds", type=int, default=3, help="rounds per count (first one warms up)")
     ss.add_argument("--per-round", type=float, default=0.1, help="fraction selected per round")
+    ss.add_argument("--checkpoint-every", type=int, default=0,
+                    help="rounds between checkpoints, each timed (0 = only the final one)")
     ss.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     ss.add_argument("--address", default=None, help="Ray cluster to join (default: embedded)")
     ss.add_argument("--out", default="stress", help="directory for Parquet, PNG and runs")

@@ -81,6 +81,11 @@ class ClientsConfig:
     count: int = _f(100, lo=1, hi=1_000_000)
     per_round: float = _f(0.04, lo=0.0, lo_open=True, hi=1.0, doc="fraction selected each round")
     pools: int = _f(0, lo=0, hi=10_000, doc="ClientPool actors; 0 = one per CPU (or GPU)")
+    state_cache_mib: float = _f(256.0, lo=0.0, hi=1e7, doc="per pool: error-feedback residuals "
+                                "kept in RAM; the rest spill to disk (clients.state_dir)")
+    state_dtype: str = _f("float32", choices=("float32", "float16"),
+                          doc="precision residuals are held at, in RAM, on disk and in checkpoints")
+    state_dir: str = _f("", doc="where pools spill residuals ('' = the system's temp dir)")
 
 
 @dataclass

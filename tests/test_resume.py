@@ -24,7 +24,8 @@ pytestmark = pytest.mark.slow
 # piece of state a resume must carry over (residuals, velocity, loss history) is in play.
 RESUME = [*TINY, TWO_POOLS, "rounds=5", "server.checkpoint_every=1", "quant.policy=doubly_adaptive",
           "quant.bits=4", "quant.min_bits=2", "quant.max_bits=8", "server.aggregator=fedavgm",
-          "train.local_steps=6", "eval.samples=10"]
+          "train.local_steps=6", "eval.samples=10",
+          "clients.state_cache_mib=0.5"]  # most residuals spilled to disk, checkpointed from there
 TIMING = ["train_s", "encode_s"]
 
 

@@ -106,26 +106,34 @@ def test_resume_with_another_pool_count_hands_each_client_its_residual(tmp_path)
     import ray
 
     from ssdiff_ray import checkpoint
+    from ssdiff_ray.client_state_file import ClientStateFile
 
-    cfg = config.load(None, [*BASE, f"out_dir={tmp_path}", "name=r", "server.checkpoint_every=1"])
+    # a small RAM cache: most residuals are spilled to disk, in the pools and after resume
+    cfg = config.load(None, [*BASE, f"out_dir={tmp_path}", "name=r", "server.checkpoint_every=1",
+                             "clients.state_cache_mib=0.5"])
     with pytest.raises(Stop):
         api.run(cfg, progress=False, on_round=_stop_after(2))
     run_dir = tmp_path / "r"
-    saved = {c: v for s in checkpoint.load(run_dir)["pools"] for c, v in s["residuals"].items()}
+    ckpt = checkpoint.load(run_dir)
+    state = ClientStateFile(run_dir, ckpt["run_id"], None, None, create=False)
+    saved = {c: v.copy() for c, _, v in state.read(ckpt["round"])}
+    state.close()
     assert saved  # quantized uploads with error feedback left residuals
     seen = {}
 
     def on_round(fed, r, row):
         if r == 3:
-            states = ray.get([p.state_dict.remote() for p in fed.pools])
+            states = ray.get([p.state_since.remote(0) for p in fed.pools])
+            stats = ray.get([p.state_stats.remote() for p in fed.pools])
             trained = set(fed.ledger.clients().query("round == 3")["client_id"])
-            seen.update(trained=trained, states=states)
+            seen.update(trained=trained, states=states, stats=stats)
 
     api.run(config.load(run_dir / "config.toml", ["clients.pools=3"]), progress=False,
             resume=run_dir, on_round=on_round)
-    for i, state in enumerate(seen["states"]):
-        assert all(int(c) % 3 == i for c in state["residuals"])
-    held = {c: v for s in seen["states"] for c, v in s["residuals"].items()}
+    for i, rows in enumerate(seen["states"]):
+        assert all(int(c) % 3 == i for c, _, _ in rows)
+    assert sum(s["on_disk"] for s in seen["stats"]) > 0  # spilled, and read back below
+    held = {c: v for rows in seen["states"] for c, _, v in rows}
     assert set(saved) <= set(held)
     for c in set(saved) - seen["trained"]:  # untouched since the checkpoint
         assert np.array_equal(held[c], saved[c])

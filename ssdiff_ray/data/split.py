@@ -28,12 +28,16 @@ def dirichlet_split(
     shards = [np.sort(np.concatenate(p)) if p else np.empty(0, np.int64) for p in parts]
     # Top up clients below min_samples: move from the largest shard while it can spare,
     # else sample with replacement from the whole set (more clients than data).
+    # Sizes kept as an array: a list rebuilt per top-up made 100,000 clients quadratic.
+    sizes = np.array([len(s) for s in shards])
     for k in range(num_clients):
-        while len(shards[k]) < min_samples:
-            big = int(np.argmax([len(s) for s in shards]))
-            if len(shards[big]) > min_samples:
+        while sizes[k] < min_samples:
+            big = int(np.argmax(sizes))
+            if sizes[big] > min_samples:
                 take, shards[big] = shards[big][-1], shards[big][:-1]
+                sizes[big] -= 1
             else:
                 take = rng.integers(0, n)
             shards[k] = np.sort(np.append(shards[k], take))
+            sizes[k] += 1
     return [s.astype(np.int64) for s in shards]

@@ -23,6 +23,8 @@ from actors.client_pool import ClientPoolActor, PoolSetup
 from actors.parameter_server import ParameterServerActor
 from ssdiff_ray import checkpoint
 from ssdiff_ray.attacks import attack_spec
+from ssdiff_ray.client_state import ClientStateError
+from ssdiff_ray.client_state_file import ClientStateFile
 from ssdiff_ray.config import Config
 from ssdiff_ray.driver import warm
 from ssdiff_ray.images import save_grid
@@ -31,7 +33,7 @@ from ssdiff_ray.planner import RoundPlan, RoundPlanner
 from ssdiff_ray.round_results import RoundOutcome
 from ssdiff_ray.run_dir import Prepared
 
-CHECKPOINT_FORMAT = 3  # bump when the checkpoint's layout changes
+CHECKPOINT_FORMAT = 4  # bump when the checkpoint's layout changes
 CHUNK_BYTES = 64 << 20  # payload bytes per train_round call (see dispatch)
 
 
@@ -89,6 +91,9 @@ class Federation:
         self.setup_ref = ray.put(self.setup)  # every call names its run (ClientPool.train_round)
         self.pool_pid: dict[int, int] = {}
         self.last_round = 0
+        self.run_id = uuid.uuid4().hex   # names the run's client-state file (a resume keeps it)
+        self.state_file: ClientStateFile | None = None
+        self.state_round = 0             # round of the last checkpoint's client state
         self.baseline: dict = {}         # the untrained model's FID and the real floor
         self.eval_threads = max(1, int(ray.available_resources().get("CPU", 1)))
         self.placement = self._placement()
@@ -148,8 +153,9 @@ class Federation:
 
     # --- the run --------------------------------------------------------------------------
     def fit(self, start: int = 1, progress: bool = True, on_round=None, trackers=None) -> None:
-        """Run rounds ``start``..``rounds``; ``on_round(federation, round, row)`` after each,
-        and each round's row to ``trackers`` (TensorBoard, MLflow) if given."""
+        """Run rounds ``start``..``rounds``; ``on_round(federation, round, row)`` after each
+        (the ledger's row, the round's time split and a checkpoint's cost), and each round's
+        row to ``trackers`` (TensorBoard, MLflow) if given."""
         cfg = self.cfg
         if cfg.eval.baseline and start == 1:
             self.baseline = {"fid_untrained": self.evaluate(0, untrained=True)["fid"],
@@ -159,20 +165,27 @@ class Federation:
         for r in range(start, cfg.rounds + 1):
             t0 = time.perf_counter()
             plan = self.planner.plan(r)
+            t_plan = time.perf_counter()
             weights_ref, downlink_bytes = self.publish(r)
             calls = self.dispatch(plan, weights_ref)
+            t_dispatch = time.perf_counter()
             results, verdicts, failures = self.collect(plan, calls, t0 + cfg.server.round_timeout_s)
             t_train = time.perf_counter()
             outcome, timings = self.aggregate(plan, results, verdicts)
-            timings.update(wall_s=time.perf_counter() - t0, train_wall_s=t_train - t0,
-                           pool_failures=failures)
+            t_agg = time.perf_counter()
+            timings.update(wall_s=t_agg - t0, train_wall_s=t_train - t0, pool_failures=failures)
             row = self.record(plan, results, outcome, downlink_bytes, timings)
+            split = {"plan_s": t_plan - t0, "dispatch_s": t_dispatch - t_plan,  # on_round only
+                     "collect_s": t_train - t_dispatch, "finish_s": t_agg - t_train,
+                     "record_s": time.perf_counter() - t_agg}
             evaluated = {}
             if r == cfg.rounds or _due(r, cfg.eval.every):
                 evaluated = self.evaluate(r)
                 row.update(evaluated)
             if _due(r, cfg.server.checkpoint_every):
-                self.checkpoint()
+                t1 = time.perf_counter()
+                # a copy: the ledger's row stays the same whether or not a checkpoint ran
+                row = {**row, **self.checkpoint(), "checkpoint_s": time.perf_counter() - t1}
             if trackers:
                 grid = self.prep.run_dir / "samples" / f"round_{r:04d}.png"
                 trackers.log_round(r, row, evaluated, grid if evaluated else None)
@@ -180,7 +193,7 @@ class Federation:
                             refresh=False)
             bar.update(1)
             if on_round is not None:
-                on_round(self, r, row)
+                on_round(self, r, {**row, **split})
         bar.close()
         self.checkpoint()
         self.save_model()
@@ -229,7 +242,9 @@ class Federation:
                 pending[nxt[0]] = nxt
             try:
                 report = ray.get(report_ref)
-            except RayError:
+            except RayError as e:
+                if isinstance(getattr(e, "cause", None), ClientStateError):
+                    raise e.cause from None  # a full disk: stop, resetting no client's state
                 res.drop_reason[idx] = "pool_failed"
                 failed.add(slot)
                 self.suspect.add(slot)
@@ -316,15 +331,27 @@ class Federation:
             self.ledger.update_last_round(**metrics)
         return metrics
 
-    def checkpoint(self) -> None:
-        """Server, pools' client state, planner memory and ledger, as of ``last_round``."""
+    def checkpoint(self) -> dict:
+        """Server, pools' client state, planner memory and ledger, as of ``last_round``.
+        Client state is written incrementally: only what changed since the last checkpoint.
+        Returns what the client-state part wrote (rows, bytes)."""
+        if self.state_file is None:  # a fresh run's first checkpoint
+            self.state_file = ClientStateFile(self.prep.run_dir, self.run_id, self.num_params,
+                                              self.cfg.clients.state_dtype, create=True)
+        rows = nbytes = 0
+        for pool in self.pools:  # one pool's rows in the driver at a time
+            n, b = self.state_file.write(_get_while_restarting(
+                lambda p=pool: p.state_since.remote(self.state_round)))
+            rows, nbytes = rows + n, nbytes + b
         state = {
-            "format": CHECKPOINT_FORMAT, "round": self.last_round,
+            "format": CHECKPOINT_FORMAT, "round": self.last_round, "run_id": self.run_id,
             "server": ray.get(self.server.state_dict.remote()),
-            "pools": _get_while_restarting(lambda: [p.state_dict.remote() for p in self.pools]),
             "planner": self.planner.state_dict(), "baseline": self.baseline,
         }
         checkpoint.save(self.prep.run_dir, state, self.last_round, before_commit=self.ledger.flush)
+        self.state_file.prune(self.last_round)
+        self.state_round = self.last_round
+        return {"state_rows": rows, "state_bytes": nbytes}
 
     def restore(self, run_dir: Path) -> int:
         """Load the last checkpoint; returns its round (the run continues after it)."""
@@ -334,21 +361,36 @@ class Federation:
                 f"{run_dir / checkpoint.CHECKPOINT}: written by another version of ssdiff "
                 "(checkpoint format differs); start the run again")
         ray.get(self.server.load_state_dict.remote(state["server"]))
-        # Client i lives in pool i % num_pools; the cluster may give a resumed run a different
-        # pool count, so hand each client's residual to the pool that now hosts it.
-        residuals: dict = {}
-        for s in state["pools"]:
-            residuals.update(s.get("residuals", {}))
-        n = len(self.pools)
-        ray.get([p.load_state_dict.remote(
-            {"residuals": {c: v for c, v in residuals.items() if int(c) % n == i}})
-            for i, p in enumerate(self.pools)])
+        self.run_id = state["run_id"]
+        self.state_file = ClientStateFile(run_dir, self.run_id, self.num_params,
+                                          self.cfg.clients.state_dtype, create=False)
+        self._load_client_state(state["round"])
         self.planner.load_state_dict(state["planner"])
         self.baseline = state.get("baseline", {})
         self.ledger = Ledger.load(run_dir)
         self.ledger.truncate(state["round"])
         self.last_round = state["round"]
         return state["round"]
+
+    def _load_client_state(self, through: int) -> None:
+        """Hand each client's residual to the pool that now hosts it (client i lives in pool
+        i % num_pools; a resumed run may get another pool count), in batches."""
+        n = len(self.pools)
+        ray.get([p.clear_state.remote() for p in self.pools])
+        batches: list[list] = [[] for _ in range(n)]
+        sizes = [0] * n
+        pending: list = []
+        for cid, r, value in self.state_file.read(through):
+            i = cid % n
+            batches[i].append((cid, r, value))
+            sizes[i] += value.nbytes
+            if sizes[i] >= CHUNK_BYTES:
+                pending.append(self.pools[i].load_state.remote(batches[i]))
+                batches[i], sizes[i] = [], 0
+                if len(pending) > 2 * n:  # bounded: the object store need not hold it all
+                    _, pending = ray.wait(pending, num_returns=len(pending) - n)
+        ray.get(pending + [p.load_state.remote(b) for p, b in zip(self.pools, batches) if b])
+        self.state_round = through
 
     def save_model(self) -> Path:
         path = self.prep.run_dir / "model"
@@ -363,6 +405,10 @@ class Federation:
             warm.give(self.server_key, self.server)
             warm.give_pools(self.pool_key, [self.pools[i] for i in kept], self.cfg.ray.keep_pools_s)
         dead = [p for i, p in enumerate(self.pools) if i not in kept]
+        try:  # their spill files now, not at the next pool's start-up sweep
+            ray.get([p.clear_state.remote() for p in dead], timeout=30)
+        except Exception:  # noqa: BLE001 - a dead or busy pool: the sweep removes it later
+            pass
         for a in ([] if keep else [self.server]) + dead:
             try:
                 ray.kill(a)
