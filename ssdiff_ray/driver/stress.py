@@ -45,7 +45,7 @@ def _rss(actor) -> int:
     return ray.get(actor.__ray_call__.remote(lambda self: psutil.Process().memory_info().rss))
 
 
-def _pid(actor) -> int:
+def actor_pid(actor) -> int:
     return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()))
 
 
@@ -105,7 +105,7 @@ def stress_one(count: int, out_dir: Path, preset: str = "tiny", rounds: int = 3,
     warm.release()  # actors kept by an earlier run would carry their memory into the figures
     fed = Federation(prep)
     setup_s = time.perf_counter() - t0
-    pids = (_pid(fed.server), {_pid(p) for p in fed.pools})
+    pids = (actor_pid(fed.server), {actor_pid(p) for p in fed.pools})
     rows = []
     idle = measure(fed, pids)
 
