@@ -25,7 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 DRIVER = ["ssdiff_ray/driver", "actors", "ssdiff_ray/train.py", "ssdiff_ray/codec.py",
-          "ssdiff_ray/aggregation", "ssdiff_ray/planner.py"]
+          "ssdiff_ray/aggregation", "ssdiff_ray/planner.py", "ssdiff_ray/client_state.py",
+          "ssdiff_ray/client_state_file.py"]
 MODEL = ["ssdiff_ray/model"]
 QUALITY = ["ssdiff_ray/metrics", "ssdiff_ray/evaluation.py", "ssdiff_ray/data"]
 DEFENSE = ["ssdiff_ray/attacks", "ssdiff_ray/defense", "ssdiff_ray/attack_eval.py"]
@@ -36,6 +37,7 @@ MEASURES: dict[str, list[str]] = {
     "batched": ["ssdiff_ray/batched.py", "ssdiff_ray/train.py", *MODEL],
     "centralized_gap": [*DRIVER, *MODEL, *QUALITY, "ssdiff_ray/policies", "ssdiff_ray/config.py",
                         "ssdiff_ray/pretrain.py", "ssdiff_ray/evaluate_model.py"],
+    "client_state": [*DRIVER, "ssdiff_ray/driver/stress.py"],
     "codec_throughput": ["ssdiff_ray/codec.py"],
     "config_walk": ["ssdiff_ray/config.py", "ssdiff_ray/cli.py", *DRIVER],
     "distill": ["ssdiff_ray/distill", *MODEL, *DEFENSE, *QUALITY],

@@ -9,6 +9,7 @@ counts shared pages once), sampled by a thread.
 
     python benchmarks/floor.py                 # workloads A and B, small model
     python benchmarks/floor.py --workload A    # one of them
+    python benchmarks/floor.py --workload 1k,10k --out benchmarks/results/floor_10k.json
     python benchmarks/floor.py --quick         # tiny model, few clients (CI)
     python benchmarks/floor.py --repeat 3      # each workload 3 times, median ratios
 """
@@ -35,6 +36,9 @@ OUT = Path(__file__).parent / "results" / "floor.json"
 WORKLOADS = {  # name -> (clients, per_round fraction, local steps, rounds)
     "A": (100, 0.1, 5, 5),
     "B": (1000, 0.1, 1, 5),
+    # many registered clients, 1% a round: the same work at 1,000 and 10,000 (issue 41)
+    "1k": (1000, 0.01, 5, 6),
+    "10k": (10000, 0.01, 5, 6),
 }
 QUICK = ["model.preset=tiny", "model.timesteps=100", "train.batch_size=8"]
 
@@ -291,7 +295,8 @@ def measure(name: str, count: int, per_round: float, steps: int, rounds: int, se
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--workload", choices=[*WORKLOADS, "all"], default="all")
+    ap.add_argument("--workload", default="A,B",
+                    help=f"comma-separated, of {', '.join(WORKLOADS)}")
     ap.add_argument("--rounds", type=int, default=0, help="override the workload's rounds")
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--quick", action="store_true", help="tiny model, few clients (CI)")
@@ -304,7 +309,10 @@ def main() -> None:
     if args.floor_of:
         floor_main(args.floor_of, args.out)
         return
-    work = dict(WORKLOADS) if args.workload == "all" else {args.workload: WORKLOADS[args.workload]}
+    names = args.workload.split(",")
+    if not set(names) <= set(WORKLOADS):
+        ap.error(f"--workload {args.workload}: expected names of {', '.join(WORKLOADS)}")
+    work = {n: WORKLOADS[n] for n in names}
     sets = list(args.set)
     if args.quick:
         work = {"quick": (12, 0.5, 2, 3)}
