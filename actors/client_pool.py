@@ -235,10 +235,18 @@ class ClientPool:
         """The rank to mask training to, None when the client trains the full rank."""
         return None if rank is None or rank == self.cfg.lora.rank else rank
 
-    def state_since(self, round_: int) -> list[tuple[int, int, np.ndarray]]:
+    def state_since(self, round_: int, after: int = -1, max_bytes: int = 64 << 20
+                    ) -> list[tuple[int, int, np.ndarray]]:
         """What must survive a restart and changed after round ``round_`` (the last
-        checkpoint): (client, round, residual) rows."""
-        return list(self.residuals.changed_since(round_))
+        checkpoint): (client, round, residual) rows of the clients after ``after``, at most
+        ``max_bytes`` of them (at least one row): the caller asks again from the last one."""
+        rows, nbytes = [], 0
+        for row in self.residuals.changed_since(round_, after):
+            rows.append(row)
+            nbytes += row[2].nbytes
+            if nbytes >= max_bytes:
+                break
+        return rows
 
     def load_state(self, rows: list[tuple[int, int, np.ndarray]]) -> None:
         """Take residual rows from a checkpoint."""

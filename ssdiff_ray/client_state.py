@@ -88,10 +88,10 @@ class ClientStateStore:
         self.on_disk.discard(cid)
         self._evict()
 
-    def changed_since(self, round_: int):
+    def changed_since(self, round_: int, after: int = -1):
         """(client id, round, array in the stored dtype) of every entry written after
-        ``round_``, in client order."""
-        for cid in sorted(c for c, r in self.round_of.items() if r > round_):
+        ``round_``, in client order, from client ``after + 1`` on."""
+        for cid in sorted(c for c, r in self.round_of.items() if r > round_ and c > after):
             yield cid, self.round_of[cid], self._stored(cid)
 
     def load(self, rows) -> None:

@@ -45,6 +45,7 @@ def test_store_keeps_ram_bounded_and_gives_back_exact_values(tmp_path):
     store.put(3, -values[3], round_=3)
     assert np.array_equal(store.get(3), -values[3])
     assert [c for c, _, _ in store.changed_since(2)] == [3]
+    assert [c for c, _, _ in store.changed_since(1, after=96)] == [97, 98, 99]
     spill = store._dir
     store.close()
     assert not spill.exists() and len(store) == 0
@@ -110,23 +111,30 @@ def _file(tmp_path, create=True, run_id="run-a", size=SIZE, dtype="float32"):
 def test_run_file_is_incremental_and_reads_the_committed_checkpoint(tmp_path):
     values = _values(6)
     f = _file(tmp_path)
-    f.write((c, 1, v) for c, v in values.items())  # checkpoint of round 1
-    f.prune(1)
-    f.write([(0, 3, -values[0]), (1, 3, -values[1])])  # round 3: only what changed
-    f.prune(3)
-    f.write([(0, 5, 2 * values[0])])  # round 5's rows, its checkpoint.json never committed
+    f.write(((c, 1, v) for c, v in values.items()), committed=0)  # checkpoint of round 1
+    f.write([(0, 3, -values[0]), (1, 3, -values[1])], committed=1)  # round 3: what changed
+    # round 5's checkpoint, whose checkpoint.json never committed: client 0's array goes in
+    # place into the slot round 1 held (no committed checkpoint reads it any more)
+    f.write([(0, 5, 2 * values[0])], committed=3)
     f.close()
-    got = {c: (r, v) for c, r, v in _file(tmp_path, create=False).read(through=3)}
+    f = _file(tmp_path, create=False)
+    got = {c: (r, v) for c, r, v in f.read(through=3)}
     assert sorted(got) == list(range(6))
     assert got[0][0] == 3 and np.array_equal(got[0][1], -values[0])  # not round 5's
     assert got[2][0] == 1 and np.array_equal(got[2][1], values[2])
+    # the resumed run checkpoints round 5 again (committed = 3): it overwrites the leftover
+    f.write([(0, 5, 3 * values[0]), (2, 5, -values[2])], committed=3)
+    got = {c: (r, v) for c, r, v in f.read(through=5)}
+    assert got[0][0] == 5 and np.array_equal(got[0][1], 3 * values[0])
+    assert np.array_equal(got[2][1], -values[2]) and np.array_equal(got[1][1], -values[1])
+    f.close()
     rows = sqlite3.connect(tmp_path / FILE).execute("SELECT COUNT(*) FROM state").fetchone()[0]
-    assert rows == 6  # superseded and uncommitted rows are gone
+    assert rows == 6 + 3  # at most two slots a client: the file does not grow per checkpoint
 
 
 def test_run_file_of_another_run_or_shape_is_refused(tmp_path):
     f = _file(tmp_path)
-    f.write([(0, 1, np.ones(SIZE, np.float32))])
+    f.write([(0, 1, np.ones(SIZE, np.float32))], committed=0)
     f.close()
     for kw, what in [({"run_id": "run-b"}, "another run"), ({"size": 2 * SIZE}, "state length"),
                      ({"dtype": "float16"}, "dtype")]:
@@ -140,7 +148,7 @@ def test_run_file_of_another_run_or_shape_is_refused(tmp_path):
 
 def test_run_file_with_an_edited_or_truncated_row_is_refused(tmp_path):
     f = _file(tmp_path)
-    f.write([(0, 1, np.ones(SIZE, np.float32)), (1, 1, np.ones(SIZE, np.float32))])
+    f.write([(0, 1, np.ones(SIZE, np.float32)), (1, 1, np.ones(SIZE, np.float32))], committed=0)
     f.close()
     db = sqlite3.connect(tmp_path / FILE)
     with db:
@@ -150,8 +158,6 @@ def test_run_file_with_an_edited_or_truncated_row_is_refused(tmp_path):
     with pytest.raises(ClientStateError, match="client 1's state .* corrupt"):
         list(_file(tmp_path, create=False).read(1))
     (tmp_path / FILE).write_bytes(b"this is not a database" * 100)
-    for p in tmp_path.glob(FILE + "-*"):
-        p.unlink()
     with pytest.raises(ClientStateError, match="not a readable client-state file"):
         _file(tmp_path, create=False)
 
@@ -174,4 +180,8 @@ def test_pool_with_a_tiny_cache_trains_exactly_as_one_that_keeps_all_in_ram(tmp_
     assert small.state_stats()["on_disk"] == 6 and big.state_stats()["on_disk"] == 0
     for c in ids:
         assert np.array_equal(small.residuals.get(c), big.residuals.get(c))
+    # a checkpoint reads them in batches of at most max_bytes (at least one row each)
+    assert [r[0] for r in small.state_since(2, max_bytes=1)] == [0]
+    assert [r[0] for r in small.state_since(2, after=0, max_bytes=small.num_params * 8)] == [1, 2]
+    assert small.state_since(3) == []
     small.clear_state()

@@ -339,17 +339,18 @@ class Federation:
             self.state_file = ClientStateFile(self.prep.run_dir, self.run_id, self.num_params,
                                               self.cfg.clients.state_dtype, create=True)
         rows = nbytes = 0
-        for pool in self.pools:  # one pool's rows in the driver at a time
-            n, b = self.state_file.write(_get_while_restarting(
-                lambda p=pool: p.state_since.remote(self.state_round)))
-            rows, nbytes = rows + n, nbytes + b
+        for pool in self.pools:  # at most CHUNK_BYTES of rows in the driver at a time
+            after = -1
+            while batch := _get_while_restarting(
+                    lambda p=pool, a=after: p.state_since.remote(self.state_round, a, CHUNK_BYTES)):
+                n, b = self.state_file.write(batch, committed=self.state_round)
+                rows, nbytes, after = rows + n, nbytes + b, batch[-1][0]
         state = {
             "format": CHECKPOINT_FORMAT, "round": self.last_round, "run_id": self.run_id,
             "server": ray.get(self.server.state_dict.remote()),
             "planner": self.planner.state_dict(), "baseline": self.baseline,
         }
         checkpoint.save(self.prep.run_dir, state, self.last_round, before_commit=self.ledger.flush)
-        self.state_file.prune(self.last_round)
         self.state_round = self.last_round
         return {"state_rows": rows, "state_bytes": nbytes}
 
