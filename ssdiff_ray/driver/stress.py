@@ -89,6 +89,19 @@ def measure(fed: Federation, pids: tuple[int, set[int]]) -> dict:
             "state_precision_loss": max(s["precision_loss"] for s in state)}
 
 
+def release_freed_memory() -> None:
+    """Hand the driver's freed heap back to the OS (glibc keeps it otherwise, so the RSS
+    of a count would include the peak of the counts before it, and of ``prepare``)."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def _checkpoint_bytes(run_dir: Path) -> int:
     return sum(f.stat().st_size for f in run_dir.glob("checkpoint*") if f.is_file()) + sum(
         f.stat().st_size for f in run_dir.glob("client_state.sqlite*"))
@@ -107,6 +120,7 @@ def stress_one(count: int, out_dir: Path, preset: str = "tiny", rounds: int = 3,
     setup_s = time.perf_counter() - t0
     pids = (actor_pid(fed.server), {actor_pid(p) for p in fed.pools})
     rows = []
+    release_freed_memory()  # what earlier counts freed is not what this one holds
     idle = measure(fed, pids)
 
     def on_round(fed, r, row):
