@@ -214,25 +214,31 @@ def summarize(df: pd.DataFrame) -> tuple[pd.DataFrame, dict]:
     return per, fits
 
 
-def plot(per: pd.DataFrame, path: Path) -> None:
+def plot(per: pd.DataFrame, path: Path, per_round: float = 0.1) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.plot(per["clients"], per["wall_ms_per_client"], "o-", label="round wall / selected")
     a.plot(per["clients"], per["overhead_ms_per_client"], "s-", label="orchestration / selected")
     a.axhline(20, color="grey", ls=":", label="20 ms target")
-    a.set_xlabel("clients (10% selected per round)")
+    a.set_xlabel(f"clients ({100 * per_round:g}% selected per round)")
     a.set_ylabel("ms per selected client")
     a.legend()
-    for k, lbl in [("driver_rss_mib", "driver"), ("server_rss_mib", "server"),
-                   ("pools_rss_mib", "pools (all)"), ("object_store_mib", "object store")]:
-        b.plot(per["clients"], per[k], "o-", label=lbl)
+    for k, lbl, style in [
+            ("rss_total_mib", "all processes (RSS)", "o-"), ("pss_total_mib", "all processes (PSS)", "o--"),
+            ("driver_rss_mib", "driver", "o-"), ("server_rss_mib", "server", "o-"),
+            ("pools_rss_mib", "pools (all)", "o-"), ("state_ram_bytes_mib", "residuals in RAM", "s:"),
+            ("object_store_mib", "object store", "o-")]:
+        b.plot(per["clients"], per[k], style, label=lbl)
     b.set_xlabel("clients")
-    b.set_ylabel("MiB")
-    b.legend()
+    b.set_ylabel("MiB (after the last round)")
+    b.legend(fontsize=8)
+    if per["clients"].max() >= 10 * per["clients"].min():  # 1,000 to 100,000: a log axis
+        a.set_xscale("log")
+        b.set_xscale("log")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -257,7 +263,7 @@ def run_stress(counts: list[int], out: Path, *, preset: str = "tiny", rounds: in
     df.to_parquet(out / "stress_rounds.parquet")
     per, fits = summarize(df)
     per.to_parquet(out / "stress.parquet")
-    plot(per, out / "stress.png")
+    plot(per, out / "stress.png", per_round)
     return {"per_count": per, "fits": fits, "files": [str(out / f) for f in
             ("stress_rounds.parquet", "stress.parquet", "stress.png")],
             "cpus": os.cpu_count(), "load_avg": os.getloadavg()}
